@@ -1,0 +1,244 @@
+"""Model configuration: frozen dataclasses, named presets, and readers for HF config.json and GGUF metadata.
+
+The decoder is described per layer (`LayerSpec`) so that families whose layers differ in head size, KV heads or
+KV sharing (Gemma 4) fit the same cache and attention code as Gemma 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding of one layer type. `factor` is linear position scaling (inv_freq / factor)."""
+
+    theta: float
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one decoder layer looks like: attention kind and the K/V geometry its cache stores."""
+
+    sliding: bool
+    head_dim: int
+    num_kv_heads: int
+    rope: Rope
+    window: int | None  # keys seen by a query, itself included (None: all)
+    kv_source: int | None = None  # layer whose cache this layer reads instead of writing its own
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The Gemma 3 text decoder (values as in transformers' Gemma3TextConfig; defaults are its defaults)."""
+
+    vocab_size: int = 262_208
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_layers: int = 26
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int = 256
+    query_pre_attn_scalar: float = 256
+    sliding_window: int = 4096
+    sliding_window_pattern: int = 6
+    layer_types: tuple[str, ...] | None = None  # "sliding_attention" | "full_attention"; None: from the pattern
+    max_position_embeddings: int = 131_072
+    rms_norm_eps: float = 1e-6
+    rope_global: Rope = field(default_factory=lambda: Rope(1_000_000.0))
+    rope_local: Rope = field(default_factory=lambda: Rope(10_000.0))
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    bos_token_id: int = 2
+    stop_token_ids: tuple[int, ...] = (1, 106)  # <eos>, <end_of_turn>
+    name: str = "gemma3"
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "sliding_window", "max_position_embeddings")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config field {key} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            bad = set(self.layer_types) - {"sliding_attention", "full_attention"}
+            if bad:
+                raise ConfigError(f"unknown layer types {sorted(bad)}")
+        if not self.rms_norm_eps > 0 or not self.query_pre_attn_scalar > 0:
+            raise ConfigError("rms_norm_eps and query_pre_attn_scalar must be positive")
+
+    @property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        types = self.layer_types or tuple(
+            "full_attention" if (i + 1) % self.sliding_window_pattern == 0 else "sliding_attention"
+            for i in range(self.num_layers)
+        )
+        return tuple(
+            LayerSpec(sliding=True, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads, rope=self.rope_local,
+                      window=self.sliding_window)
+            if t == "sliding_attention"
+            else LayerSpec(sliding=False, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
+                           rope=self.rope_global, window=None)
+            for t in types
+        )
+
+    def replace(self, **changes: Any) -> TextConfig:
+        return dataclasses.replace(self, **changes)
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, int]:
+        """K and V bytes one token adds to each kind of layer cache (layers that share KV store nothing)."""
+        out = {"sliding": 0, "global": 0}
+        for spec in self.layers:
+            if spec.kv_source is None:
+                out["sliding" if spec.sliding else "global"] += 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
+        return out
+
+    def kv_cache_bytes(self, context: int, dtype_bytes: int = 2) -> int:
+        """Cache size holding `context` tokens: sliding layers keep at most `window` positions, global ones all."""
+        total = 0
+        for spec in self.layers:
+            if spec.kv_source is not None:
+                continue
+            kept = context if spec.window is None else min(context, spec.window)
+            total += kept * 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
+        return total
+
+
+def _gemma3(**kw: Any) -> TextConfig:
+    return TextConfig(**kw)
+
+
+_SCALED = Rope(1_000_000.0, factor=8.0)  # 4B/12B/27B global layers: linear scaling x8
+
+PRESETS: dict[str, TextConfig] = {
+    "gemma-3-270m": _gemma3(name="gemma-3-270m", vocab_size=262_144, hidden_size=640, intermediate_size=2048,
+                            num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                            sliding_window=512, max_position_embeddings=32_768),
+    "gemma-3-1b": _gemma3(name="gemma-3-1b", vocab_size=262_144, hidden_size=1152, intermediate_size=6912,
+                          num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                          sliding_window=512, max_position_embeddings=32_768),
+    "gemma-3-4b": _gemma3(name="gemma-3-4b", vocab_size=262_208, hidden_size=2560, intermediate_size=10240,
+                          num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                          sliding_window=1024, max_position_embeddings=131_072, rope_global=_SCALED),
+    "gemma-3-12b": _gemma3(name="gemma-3-12b", vocab_size=262_208, hidden_size=3840, intermediate_size=15360,
+                           num_layers=48, num_heads=16, num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                           sliding_window=1024, max_position_embeddings=131_072, rope_global=_SCALED),
+    "gemma-3-27b": _gemma3(name="gemma-3-27b", vocab_size=262_208, hidden_size=5376, intermediate_size=21504,
+                           num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168,
+                           sliding_window=1024, max_position_embeddings=131_072, rope_global=_SCALED),
+}
+
+
+def preset(name: str) -> TextConfig:
+    """Exact lookup of a named preset."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+def _rope_from(params: dict[str, Any] | None, default_theta: float) -> Rope:
+    params = params or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ConfigError(f"unsupported rope_type {kind!r} for Gemma 3")
+    factor = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
+    return Rope(float(params.get("rope_theta", default_theta)), factor)
+
+
+def from_hf_config(raw: dict[str, Any]) -> TextConfig:
+    """Read a Gemma 3 text config from an HF `config.json` dict (official files and transformers 5.x dumps).
+
+    Multimodal files nest the text part under `text_config`; unknown keys are ignored on purpose.
+    """
+    top = raw
+    text = dict(raw.get("text_config") or raw)
+    model_type = text.get("model_type") or top.get("model_type", "")
+    if model_type and not model_type.startswith("gemma3"):
+        raise ConfigError(f"model_type {model_type!r} is not a Gemma 3 text model")
+    defaults = TextConfig()
+    kw: dict[str, Any] = {}
+    names = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+             "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+             "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+             "query_pre_attn_scalar": "query_pre_attn_scalar", "sliding_window": "sliding_window",
+             "sliding_window_pattern": "sliding_window_pattern",
+             "max_position_embeddings": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
+             "final_logit_softcapping": "final_logit_softcapping", "attn_logit_softcapping": "attn_logit_softcapping",
+             "pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id"}
+    for hf, ours in names.items():
+        if text.get(hf) is not None:
+            kw[ours] = text[hf]
+    if text.get("layer_types"):
+        kw["layer_types"] = tuple(text["layer_types"])
+    rope = text.get("rope_parameters")
+    if rope and "full_attention" in rope or rope and "sliding_attention" in rope:
+        kw["rope_global"] = _rope_from(rope.get("full_attention"), rope.get("rope_theta", 1_000_000.0))
+        kw["rope_local"] = _rope_from(rope.get("sliding_attention"), 10_000.0)
+    else:  # older files: rope_theta (global), rope_local_base_freq (local), rope_scaling (global only)
+        scaling = dict(text.get("rope_scaling") or rope or {})
+        scaling.setdefault("rope_theta", text.get("rope_theta", defaults.rope_global.theta))
+        kw["rope_global"] = _rope_from(scaling, 1_000_000.0)
+        kw["rope_local"] = Rope(float(text.get("rope_local_base_freq", defaults.rope_local.theta)))
+    eos = top.get("eos_token_id", text.get("eos_token_id"))
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+    if eos_ids:
+        kw["eos_token_id"] = eos_ids[0]
+    kw["stop_token_ids"] = tuple(dict.fromkeys((*eos_ids, 1, 106)))
+    if isinstance(kw.get("query_pre_attn_scalar"), (int, float)):
+        kw["query_pre_attn_scalar"] = float(kw["query_pre_attn_scalar"])
+    try:
+        return TextConfig(**kw)
+    except TypeError as e:
+        raise ConfigError(f"bad config.json value: {e}") from None
+
+
+def from_gguf_metadata(meta: dict[str, Any]) -> TextConfig:
+    """Read a Gemma 3 config from GGUF metadata (llama.cpp keys). The file carries no local RoPE base or layer
+    pattern; the Gemma 3 defaults (10 000, 5 sliding : 1 global) apply, as in transformers and llama.cpp."""
+    arch = meta.get("general.architecture")
+    if arch != "gemma3":
+        raise ConfigError(f"GGUF architecture {arch!r} is not supported (expected 'gemma3')")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"gemma3.{key}", default)
+        if value is None:
+            raise ConfigError(f"GGUF metadata is missing gemma3.{key}")
+        return value
+
+    heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", 256))
+    kw: dict[str, Any] = dict(
+        hidden_size=int(get("embedding_length")), intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")), num_heads=heads, num_kv_heads=int(get("attention.head_count_kv")),
+        head_dim=head_dim, query_pre_attn_scalar=float(head_dim),
+        sliding_window=int(get("attention.sliding_window")), max_position_embeddings=int(get("context_length")),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+    )
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise ConfigError("GGUF key_length and value_length differ; Gemma 3 uses one head_dim")
+    scale_type = meta.get("gemma3.rope.scaling.type")
+    factor = float(meta.get("gemma3.rope.scaling.factor", 1.0)) if scale_type == "linear" else 1.0
+    kw["rope_global"] = Rope(float(get("rope.freq_base", 1_000_000.0)), factor)
+    if "gemma3.final_logit_softcapping" in meta:
+        kw["final_logit_softcapping"] = float(meta["gemma3.final_logit_softcapping"])
+    for ours, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("pad_token_id", "padding_token_id")):
+        if f"tokenizer.ggml.{key}" in meta:
+            kw[ours] = int(meta[f"tokenizer.ggml.{key}"])
+    kw["stop_token_ids"] = tuple(dict.fromkeys((kw.get("eos_token_id", 1), 1, 106)))
+    # 27B uses hidden/heads; every other size uses head_dim (facts 1.7); GGUF has no key for it.
+    if kw["hidden_size"] == 5376 and heads == 32:
+        kw["query_pre_attn_scalar"] = 168.0
+    return TextConfig(**kw)

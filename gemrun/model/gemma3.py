@@ -1,0 +1,102 @@
+"""The Gemma 3 text decoder, as transformers' `modeling_gemma3.py` defines it.
+
+Shapes: B batch, T new tokens, S cached keys, H query heads, KV key/value heads, D head_dim, E hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import make_caches
+from ..config import LayerSpec, TextConfig
+from .layers import GatedMLP, RMSNorm, apply_rope, attend, attention_mask, rope_cos_sin, rope_inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        self.spec, self.heads = spec, cfg.num_heads
+        d, kv = spec.head_dim, spec.num_kv_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # QK-norm over head_dim, before RoPE
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.scale = cfg.query_pre_attn_scalar ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache, positions: torch.Tensor):
+        b, t, _ = x.shape
+        d, kv = self.spec.head_dim, self.spec.num_kv_heads
+        q = self.q_proj(x).view(b, t, self.heads, d).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        k, v, kv_pos = cache.update(k, v, positions)  # (B, KV, S, D), kv_pos (S,)
+        y = attend(q, k, v, attention_mask(positions, kv_pos, self.spec.window), self.scale, self.softcap)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
+
+
+class Block(nn.Module):
+    """Sandwich norms around attention and MLP."""
+
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, x, rope, cache, positions):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, positions))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3(nn.Module):
+    """Token ids in, logits out; the KV caches passed in are updated in place."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.specs = cfg.layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # The scale is rounded to the weight dtype before multiplying (bf16: 62.0 for E=3840), as the reference.
+        self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size**0.5), persistent=False)
+        self.ropes = sorted({(s.head_dim, s.rope) for s in self.specs}, key=repr)
+        for i, (dim, rope) in enumerate(self.ropes):
+            self.register_buffer(f"inv_freq_{i}", rope_inv_freq(dim, rope), persistent=False)
+
+    def make_caches(self, batch: int = 1, capacity: int = 256, spare: int = 0) -> list:
+        w = self.embed_tokens.weight
+        return make_caches(self.specs, batch, w.dtype, w.device, capacity, spare)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        return self.embed_tokens(tokens) * self.embed_scale.to(w.dtype)
+
+    def forward(self, tokens: torch.Tensor, caches: list, embeds: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens: (B, T) continuing the caches -> logits (B, T, V), or (B, 1, V) with `last_only`.
+        `embeds` (B, T, E), when given, replaces the scaled token embeddings (multimodal soft tokens)."""
+        start = caches[0].length
+        x = self.embed(tokens) if embeds is None else embeds  # (B, T, E)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        tables = [rope_cos_sin(positions, getattr(self, f"inv_freq_{i}"), x.dtype) for i in range(len(self.ropes))]
+        by_key = dict(zip(self.ropes, tables))
+        for layer, spec, cache in zip(self.layers, self.specs, caches):
+            x = layer(x, by_key[(spec.head_dim, spec.rope)], cache, positions)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        logits = x @ self.embed_tokens.weight.T  # tied head, (B, T, V)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits

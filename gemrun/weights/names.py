@@ -1,0 +1,62 @@
+"""Checkpoint tensor names -> gemrun parameter names, as data.
+
+gemrun's parameter names follow the HF text model (`layers.N.self_attn.q_proj.weight`, ...), so HF names only
+lose a prefix; GGUF names (llama.cpp's) go through a table.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Prefixes of the text decoder in HF checkpoints: Gemma3ForCausalLM, the original multimodal hub files, and
+# files saved by transformers 5.x (`model.language_model.*`).
+HF_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+# Tensors of other parts (vision tower, projector) and the tied head, which the text model does not read.
+HF_IGNORED_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.",
+                       "model.multi_modal_projector.", "lm_head.", "language_model.lm_head.")
+
+GGUF_GLOBAL = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+}
+GGUF_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+
+
+def hf_to_gemrun(name: str) -> str | None:
+    """The gemrun name of an HF tensor, or None for tensors the text model does not use."""
+    if name.startswith(HF_IGNORED_PREFIXES):
+        return None
+    for prefix in HF_TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def gguf_to_gemrun(name: str) -> str | None:
+    """The gemrun name of a GGUF tensor; None when the name is not part of a Gemma 3 text model."""
+    if name in GGUF_GLOBAL:
+        return GGUF_GLOBAL[name]
+    m = _GGUF_BLOCK.match(name)
+    if m and m.group(2) in GGUF_LAYER:
+        return f"layers.{m.group(1)}.{GGUF_LAYER[m.group(2)]}.weight"
+    return None
+
+
+def is_gemma_norm(name: str) -> bool:
+    """llama.cpp bakes Gemma's (1 + w) into stored norm weights; these get 1 subtracted on load."""
+    return name.endswith("norm.weight")
