@@ -68,10 +68,12 @@ class Gemma3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # The scale is rounded to the weight dtype before multiplying (bf16: 62.0 for E=3840), as the reference.
-        self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size**0.5), persistent=False)
+        # Buffers are computed on the CPU even when the model is built on `meta` for loading.
         self.ropes = sorted({(s.head_dim, s.rope) for s in self.specs}, key=repr)
-        for i, (dim, rope) in enumerate(self.ropes):
-            self.register_buffer(f"inv_freq_{i}", rope_inv_freq(dim, rope), persistent=False)
+        with torch.device("cpu"):
+            self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size**0.5), persistent=False)
+            for i, (dim, rope) in enumerate(self.ropes):
+                self.register_buffer(f"inv_freq_{i}", rope_inv_freq(dim, rope), persistent=False)
 
     def make_caches(self, batch: int = 1, capacity: int = 256, spare: int = 0) -> list:
         w = self.embed_tokens.weight

@@ -1,0 +1,236 @@
+"""Tokenizer loading (tokenizer.json, tokenizer.model, GGUF metadata), special-token safety, streaming decode.
+
+The backend is the `tokenizers` library. Plain text never yields control tokens (`encode_special_tokens`), and
+the media markers are made special too (the reference leaves `<start_of_image>` matchable from text). Only
+templates produce control tokens: user text inside a rendered template is escaped (`escape`) so that a
+spelled-out `<start_of_turn>` in it stays plain text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer as Backend, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from .errors import InputError, TokenizerError
+
+MEDIA_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+CONTROL, USER_DEFINED = 3, 4  # token types shared by GGUF and sentencepiece
+ESC = "\ue000"  # private-use escape: inserted after the first character of a special spelling in user text
+_UNESCAPE = re.compile(ESC + "(" + ESC + "?)")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GEMRUN_CACHE", Path.home() / ".cache" / "gemrun"))
+
+
+def check_text(text: str) -> str:
+    """Refuse text that is not valid Unicode (lone surrogates cannot be encoded as UTF-8)."""
+    if not isinstance(text, str):
+        raise InputError(f"text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"text is not valid UTF-8 (character {e.start}: lone surrogate)") from None
+    return text
+
+
+def derive_merges(tokens: list[str]) -> list[tuple[str, str]]:
+    """BPE merges implied by a vocabulary ranked by file order (Gemma GGUFs store no merges).
+
+    Every split of a token into two known tokens is a merge ranked by the token's position; ties prefer the
+    longer left part. This is the order transformers derives (`generate_merges` with scores = -index).
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, rank in vocab.items():
+        local = [(token[:k], token[k:], -rank) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def build_backend(tokens: list[str], types: Iterable[int], unk: str = "<unk>") -> Backend:
+    """A sentencepiece-style BPE (byte fallback, spaces as '▁', no dummy prefix) from a token list and types."""
+    # Whitespace-only tokens are stored as real spaces; the BPE sees '▁'.
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    types = list(types)
+    backend = Backend(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=derive_merges(tokens),
+                          fuse_unk=True, unk_token=unk, byte_fallback=True, dropout=None))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty == CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, ty in zip(tokens, types) if ty == USER_DEFINED and t not in MEDIA_TOKENS])
+    return backend
+
+
+class Tokenizer:
+    def __init__(self, backend: Backend, bos_id: int = 2, eos_id: int = 1, pad_id: int = 0, add_bos: bool = True,
+                 chat_template: str | None = None):
+        present = [AddedToken(t, special=True, normalized=False) for t in MEDIA_TOKENS
+                   if backend.token_to_id(t) is not None]
+        backend.add_special_tokens(present)
+        backend.encode_special_tokens = True
+        self.backend = backend
+        self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
+        self.chat_template = chat_template
+        self.specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.specials, key=len, reverse=True)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Plain text to ids; control-token spellings in it stay text."""
+        ids = self.backend.encode(check_text(text), add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos else ids
+
+    def escape(self, text: str) -> str:
+        """Make special spellings in user text inert inside a rendered template (undone by encode_template)."""
+        text = check_text(text).replace(ESC, ESC + ESC)
+        return self._special_re.sub(lambda m: m.group(0)[0] + ESC + m.group(0)[1:], text) if self.specials else text
+
+    def encode_template(self, rendered: str) -> list[int]:
+        """A rendered template to ids: its own special spellings become control tokens, escaped user text
+        is plain. The text between specials is tokenized piecewise, as the reference does around added tokens."""
+        ids: list[int] = []
+        pos = 0
+        for m in self._special_re.finditer(rendered) if self.specials else ():
+            ids += self._plain(rendered[pos:m.start()])
+            ids.append(self.specials[m.group(0)])
+            pos = m.end()
+        return ids + self._plain(rendered[pos:])
+
+    def _plain(self, text: str) -> list[int]:
+        return self.backend.encode(_UNESCAPE.sub(r"\1", text), add_special_tokens=False).ids if text else []
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def stream(self, skip_special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special)
+
+
+class StreamDecoder:
+    """Incremental detokenization that never emits a broken UTF-8 character: text is released only once the
+    bytes of a character split across byte-fallback tokens are complete."""
+
+    def __init__(self, tok: Tokenizer, skip_special: bool = True):
+        self.tok, self.skip = tok, skip_special
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        after = self.tok.decode(self.ids[self.prefix:], self.skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """What is left at the end (an incomplete character decodes to U+FFFD, as the full decode would)."""
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        after = self.tok.decode(self.ids[self.prefix:], self.skip)
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+def from_gguf_metadata(meta: dict) -> Tokenizer:
+    """Build the tokenizer a GGUF describes (tokens, types, special ids), caching the result on disk: deriving
+    the merges of a 262k vocabulary takes seconds, loading the cached tokenizer.json much less."""
+    model = meta.get("tokenizer.ggml.model")
+    if model != "llama":
+        raise TokenizerError(f"GGUF tokenizer model {model!r} is not supported (Gemma uses 'llama')")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
+    key = hashlib.sha256(json.dumps([tokens, types]).encode()).hexdigest()[:24]
+    cached = cache_dir() / "tokenizers" / f"{key}.json"
+    backend = None
+    if cached.is_file():
+        try:
+            backend = Backend.from_file(str(cached))
+        except Exception:  # a damaged cache file is rebuilt  # noqa: BLE001
+            backend = None
+    if backend is None:
+        unk = tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 3))]
+        backend = build_backend(tokens, types, unk)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            backend.save(str(tmp))
+            tmp.replace(cached)
+        except OSError:
+            pass  # a read-only home only costs the rebuild next time
+    return Tokenizer(backend, bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+                     eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
+                     pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+                     chat_template=meta.get("tokenizer.chat_template"))
+
+
+def from_sentencepiece(path: Path) -> Backend:
+    """A `tokenizer.model` (sentencepiece protobuf) as the same BPE backend."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2  # parsing only: no pickle, no code
+
+    proto = sp_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as e:  # protobuf raises DecodeError on garbage  # noqa: BLE001
+        raise TokenizerError(f"{path} is not a sentencepiece model ({e})") from None
+    if not proto.pieces:
+        raise TokenizerError(f"{path} has no pieces")
+    pieces = [p.piece for p in proto.pieces]
+    unk = next((p.piece for p in proto.pieces if p.type == 2), "<unk>")  # UNKNOWN
+    return build_backend(pieces, [p.type for p in proto.pieces], unk)
+
+
+def from_directory(root: Path) -> Tokenizer:
+    """tokenizer.json (preferred) or tokenizer.model, with tokenizer_config.json / chat_template.jinja."""
+    cfg: dict = {}
+    cfg_path = root / "tokenizer_config.json"
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise TokenizerError(f"{cfg_path} is not valid JSON: {e}") from None
+    if (root / "tokenizer.json").is_file():
+        try:
+            backend = Backend.from_file(str(root / "tokenizer.json"))
+        except Exception as e:  # the library raises its own exception type  # noqa: BLE001
+            raise TokenizerError(f"{root / 'tokenizer.json'} cannot be loaded: {e}") from None
+    elif (root / "tokenizer.model").is_file():
+        backend = from_sentencepiece(root / "tokenizer.model")
+    else:
+        raise TokenizerError(f"{root} has neither tokenizer.json nor tokenizer.model")
+    template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
+    if (root / "chat_template.jinja").is_file():
+        template = (root / "chat_template.jinja").read_text()
+
+    def tid(name: str, default: int) -> int:
+        tok = cfg.get(name)
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        found = backend.token_to_id(tok) if isinstance(tok, str) else None
+        return default if found is None else found
+
+    return Tokenizer(backend, bos_id=tid("bos_token", 2), eos_id=tid("eos_token", 1), pad_id=tid("pad_token", 0),
+                     add_bos=bool(cfg.get("add_bos_token", True)), chat_template=template)

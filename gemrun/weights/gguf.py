@@ -1,0 +1,221 @@
+"""Strict GGUF reading: the header, metadata and tensor table are parsed and validated here, bounds-checked
+against the file, before any tensor is allocated (the `gguf` package's own reader accepts broken files and can
+hang on mutated ones). Tensor data is then dequantized with the `gguf` package's reference code.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from ..errors import WeightsError
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_STRING = 1 << 24  # 16 MiB: no legitimate key, token or template is longer
+MAX_DEPTH = 2  # arrays of arrays, at most
+
+# Tensor types gemrun dequantizes (those real Gemma GGUFs use).
+SUPPORTED = {GGMLQuantizationType[n] for n in (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+          12: "<f8"}
+STRING, ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order (slowest first): reversed GGUF dims
+    qtype: GGMLQuantizationType
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview):
+        self.buf, self.pos = buf, 0
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise WeightsError(f"GGUF truncated or corrupt: {what} needs {n} bytes at offset {self.pos}, "
+                               f"file has {len(self.buf)}")
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", what)
+        if n > MAX_STRING:
+            raise WeightsError(f"GGUF corrupt: {what} declares a string of {n} bytes")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WeightsError(f"GGUF corrupt: {what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _SCALARS:
+            v = self.scalar(_SCALARS[vtype], what)
+            return bool(v) if vtype == 7 else v
+        if vtype == STRING:
+            return self.string(what)
+        if vtype == ARRAY:
+            if depth >= MAX_DEPTH:
+                raise WeightsError(f"GGUF corrupt: {what} nests arrays too deeply")
+            etype = self.scalar("<I", what)
+            count = self.scalar("<Q", what)
+            if etype in _NUMPY:
+                size = np.dtype(_NUMPY[etype]).itemsize
+                self.need(count * size, what)  # count is a Python int: no overflow
+                arr = np.frombuffer(self.buf, dtype=_NUMPY[etype], count=count, offset=self.pos).copy()
+                self.pos += count * size
+                return arr.astype(bool) if etype == 7 else arr
+            if etype in (STRING, ARRAY):
+                self.need(count * 8, what)  # every element has at least an 8-byte length
+                return [self.value(etype, what, depth + 1) for _ in range(count)]
+            raise WeightsError(f"GGUF corrupt: {what} has unknown array element type {etype}")
+        raise WeightsError(f"GGUF corrupt: {what} has unknown value type {vtype}")
+
+
+class GGUFFile:
+    """A validated GGUF file: `metadata` (dict), `tensors` (name -> TensorInfo), `load(name)` -> float32 array."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+            size = self.path.stat().st_size
+            if size < 24:
+                raise WeightsError(f"{self.path}: not a GGUF file (only {size} bytes)")
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise WeightsError(f"cannot read {self.path}: {e.strerror or e}") from None
+        self._buf = memoryview(self._map)
+        self._parse()
+
+    def close(self) -> None:
+        self._buf.release()
+        self._map.close()
+        self._file.close()
+
+    def _parse(self) -> None:
+        c = _Cursor(self._buf)
+        c.need(4, "magic")
+        if bytes(self._buf[:4]) != MAGIC:
+            raise WeightsError(f"{self.path}: not a GGUF file (bad magic)")
+        c.pos = 4
+        version = c.scalar("<I", "version")
+        if version not in (2, 3):
+            raise WeightsError(f"{self.path}: GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = c.scalar("<Q", "tensor count"), c.scalar("<Q", "metadata count")
+        left = len(self._buf) - c.pos
+        if n_kv * 13 > left or n_tensors * 24 > left:  # smallest possible entries: no allocation on a lie
+            raise WeightsError(f"GGUF corrupt: {n_kv} metadata entries / {n_tensors} tensors cannot fit the file")
+        meta: dict[str, Any] = {}
+        for i in range(n_kv):
+            key = c.string(f"metadata key #{i}")
+            if key in meta:
+                raise WeightsError(f"GGUF corrupt: duplicate metadata key {key!r}")
+            meta[key] = c.value(c.scalar("<I", key), key)
+        self.metadata = meta
+        align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise WeightsError(f"GGUF corrupt: general.alignment {align!r} is not a power of two")
+        raw: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]] = []
+        names: set[str] = set()
+        for i in range(n_tensors):
+            name = c.string(f"tensor name #{i}")
+            if name in names:
+                raise WeightsError(f"GGUF corrupt: duplicate tensor {name!r}")
+            names.add(name)
+            n_dims = c.scalar("<I", name)
+            if not 1 <= n_dims <= 4:
+                raise WeightsError(f"GGUF corrupt: tensor {name!r} has {n_dims} dimensions")
+            dims = tuple(c.scalar("<Q", name) for _ in range(n_dims))
+            if any(d < 1 or d > 1 << 40 for d in dims):
+                raise WeightsError(f"GGUF corrupt: tensor {name!r} has dimensions {dims}")
+            t = c.scalar("<I", name)
+            try:
+                qtype = GGMLQuantizationType(t)
+                block, _ = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise WeightsError(f"GGUF corrupt: tensor {name!r} has unknown type {t}") from None
+            if dims[0] % block:
+                raise WeightsError(f"GGUF corrupt: tensor {name!r} row of {dims[0]} is not whole {qtype.name} "
+                                   f"blocks of {block}")
+            raw.append((name, dims, qtype, c.scalar("<Q", name)))
+        data_start = -(-c.pos // align) * align
+        file_size = len(self._buf)
+        self.tensors: dict[str, TensorInfo] = {}
+        spans = []
+        for name, dims, qtype, rel in raw:
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            nbytes = int(np.prod(dims, dtype=object)) // block * type_size
+            start = data_start + rel
+            if rel % align:
+                raise WeightsError(f"GGUF corrupt: tensor {name!r} data offset {rel} is not {align}-aligned")
+            if start + nbytes > file_size:
+                raise WeightsError(f"GGUF truncated: tensor {name!r} ends at byte {start + nbytes}, "
+                                   f"file has {file_size}")
+            spans.append((start, start + nbytes, name))
+            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), qtype, start, nbytes)
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise WeightsError(f"GGUF corrupt: tensors {a!r} and {b!r} overlap")
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes, (rows, bytes per row), without copying."""
+        info = self.tensors[name]
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+        return np.frombuffer(self._buf, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(rows, -1)
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor dequantized to float32, in torch order (slowest dimension first)."""
+        info = self.tensors[name]
+        if info.qtype not in SUPPORTED:
+            raise WeightsError(f"tensor {name!r} has type {info.qtype.name}, which gemrun does not support "
+                               f"(supported: {', '.join(sorted(t.name for t in SUPPORTED))})")
+        data = self.raw(name)
+        if info.qtype == GGMLQuantizationType.F32:
+            out = data.view(np.float32).copy()
+        elif info.qtype == GGMLQuantizationType.F16:
+            out = data.view(np.float16).astype(np.float32)
+        else:
+            out = dequantize(data, info.qtype)
+        return out.reshape(info.shape).astype(np.float32, copy=False)
+
+
+def check_tokenizer_metadata(meta: dict[str, Any]) -> None:
+    """Tokenizer arrays typed and consistent: tokens strings, scores f32 and types i32 of the tokens' length,
+    special ids inside the vocabulary."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise WeightsError("GGUF tokenizer.ggml.tokens is missing or not an array of strings")
+    n = len(tokens)
+    for key, dtype in (("tokenizer.ggml.scores", np.float32), ("tokenizer.ggml.token_type", np.int32)):
+        arr = meta.get(key)
+        if key == "tokenizer.ggml.scores" and arr is None:
+            continue
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != (n,):
+            raise WeightsError(f"GGUF {key} must be {np.dtype(dtype).name}[{n}]")
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and not (isinstance(value, int) and 0 <= value < n):
+            raise WeightsError(f"GGUF tokenizer.ggml.{key} = {value!r} is outside the vocabulary of {n}")

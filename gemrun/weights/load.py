@@ -1,0 +1,121 @@
+"""Build a model from a checkpoint path (GGUF file or HF directory): strict, tensor by tensor, with progress."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TextConfig, from_gguf_metadata, from_hf_config
+from ..errors import WeightsError
+from ..model.gemma3 import Gemma3
+from .gguf import GGUFFile, check_tokenizer_metadata
+from .names import gguf_to_gemrun, hf_to_gemrun, is_gemma_norm
+from .safetensors import SafetensorsCheckpoint
+
+Progress = Callable[[int, int], None]  # (tensors done, tensors total)
+
+
+@dataclass
+class Loaded:
+    model: Gemma3
+    config: TextConfig
+    path: Path
+    format: str  # "gguf" | "safetensors"
+    gguf: GGUFFile | None = None  # kept open for the tokenizer metadata
+    hf_config: dict | None = None
+
+
+def check_names(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[int, ...]]) -> None:
+    """One error naming every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(provided))
+    unexpected = sorted(set(provided) - set(expected))
+    shaped = sorted(f"{n} {tuple(provided[n])} (expected {tuple(expected[n])})"
+                    for n in set(expected) & set(provided) if tuple(expected[n]) != tuple(provided[n]))
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
+        if items:
+            shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise WeightsError("checkpoint does not match the model; " + "; ".join(problems))
+
+
+def _build(config: TextConfig, provided: dict[str, tuple[int, ...]], tensors: Iterator[tuple[str, torch.Tensor]],
+           dtype: torch.dtype, device: torch.device, progress: Progress | None) -> Gemma3:
+    with torch.device("meta"):
+        model = Gemma3(config)
+    check_names({n: tuple(p.shape) for n, p in model.named_parameters()}, provided)
+    state = {}
+    for i, (name, t) in enumerate(tensors):
+        state[name] = t.to(device=device, dtype=dtype)
+        if progress:
+            progress(i + 1, len(provided))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None) -> Loaded:
+    g = GGUFFile(path)
+    check_tokenizer_metadata(g.metadata)
+    config = from_gguf_metadata(g.metadata)
+    names = {}
+    for name in g.tensors:
+        ours = gguf_to_gemrun(name)
+        if ours is None:
+            raise WeightsError(f"GGUF tensor {name!r} is not part of a Gemma 3 text model")
+        names[ours] = name
+    if "embed_tokens.weight" not in names:
+        raise WeightsError("GGUF has no token_embd.weight")
+    config = config.replace(vocab_size=g.tensors[names["embed_tokens.weight"]].shape[0])
+
+    def tensors():
+        for ours, name in names.items():
+            t = torch.from_numpy(g.load(name))
+            yield ours, (t - 1 if is_gemma_norm(name) else t)  # llama.cpp stores Gemma norms as 1 + w
+
+    provided = {ours: g.tensors[name].shape for ours, name in names.items()}
+    model = _build(config, provided, tensors(), dtype, device, progress)
+    return Loaded(model, config, path, "gguf", gguf=g)
+
+
+def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None) -> Loaded:
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise WeightsError(f"{root} has no config.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise WeightsError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{cfg_path} is not a JSON object")
+    config = from_hf_config(raw)  # auto_map / trust_remote_code are never looked at
+    ckpt = SafetensorsCheckpoint(root)
+    names: dict[str, str] = {}
+    for name in ckpt.shapes:
+        ours = hf_to_gemrun(name)
+        if ours is None:
+            continue
+        if ours in names:
+            raise WeightsError(f"tensors {names[ours]!r} and {name!r} both map to {ours!r}")
+        names[ours] = name
+    back = {v: k for k, v in names.items()}
+    provided = {ours: ckpt.shapes[name] for ours, name in names.items()}
+    tensors = ((back[n], t) for n, t in ckpt.tensors(list(names.values())))
+    model = _build(config, provided, tensors, dtype, device, progress)
+    return Loaded(model, config, root, "safetensors", hf_config=raw)
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
+                    progress: Progress | None = None) -> Loaded:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return load_hf(p, dtype, device, progress)
+    if p.is_file():
+        if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+            raise WeightsError(f"{p}: pickled checkpoints are never loaded; use safetensors or GGUF")
+        return load_gguf(p, dtype, device, progress)
+    raise WeightsError(f"model path {p} does not exist")

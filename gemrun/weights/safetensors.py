@@ -1,0 +1,82 @@
+"""HF safetensors checkpoints: one file or shards listed by `model.safetensors.index.json`, memory-mapped by the
+`safetensors` library and read tensor by tensor. Pickled formats are never loaded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import WeightsError
+
+ALLOWED_DTYPES = {"F32", "F16", "BF16"}
+INDEX = "model.safetensors.index.json"
+
+
+def _inside(root: Path, name: str) -> Path:
+    """A file named by an index, resolved, regular and inside the model directory."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise WeightsError(f"shard name {name!r} in {INDEX} is not a relative file name")
+    path = (root / name).resolve()
+    if root.resolve() not in path.parents:
+        raise WeightsError(f"shard {name!r} in {INDEX} points outside the model directory")
+    if not path.is_file():
+        raise WeightsError(f"shard {name!r} listed in {INDEX} is missing or not a regular file")
+    return path
+
+
+def shard_files(root: Path) -> list[Path]:
+    index = root / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise WeightsError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        return [_inside(root, n) for n in names]
+    files = sorted(root.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = [p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickled:
+        raise WeightsError(f"{root} holds only pickled weights ({', '.join(pickled)}); gemrun loads safetensors "
+                           "or GGUF and never unpickles files")
+    raise WeightsError(f"no *.safetensors files in {root}")
+
+
+class SafetensorsCheckpoint:
+    """Tensor table (name -> (shape, dtype)) of all shards, and tensors read one at a time."""
+
+    def __init__(self, root: Path):
+        self.files = shard_files(root)
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in self.files:
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for name in st.keys():
+                        sl = st.get_slice(name)
+                        if sl.get_dtype() not in ALLOWED_DTYPES:
+                            raise WeightsError(f"{f.name}: tensor {name!r} has dtype {sl.get_dtype()}; "
+                                               f"allowed: {sorted(ALLOWED_DTYPES)}")
+                        if name in self.where:
+                            raise WeightsError(f"tensor {name!r} appears in two shards")
+                        self.where[name] = f
+                        self.shapes[name] = tuple(sl.get_shape())
+            except (SafetensorError, OSError) as e:
+                raise WeightsError(f"{f}: not a valid safetensors file ({e})") from None
+
+    def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        for f, group in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for n in group:
+                        yield n, st.get_tensor(n)
+            except SafetensorError as e:
+                raise WeightsError(f"{f}: cannot read tensor data ({e})") from None
