@@ -1,0 +1,120 @@
+"""Sampling parameters and pure logits processors; randomness comes only from an explicit torch.Generator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass
+class SamplingParams:
+    """What the user asks of one generation. Defaults follow Gemma 3's generation_config (temperature 1.0,
+    top-k 64, top-p 0.95); no penalty is applied unless asked for."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 64  # 0: off
+    top_p: float = 0.95  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    repetition_penalty: float = 1.0  # 1.0: off (HF/CTRL style: logits of seen tokens divided or multiplied)
+    presence_penalty: float = 0.0  # OpenAI style: subtracted once from every seen token
+    frequency_penalty: float = 0.0  # OpenAI style: subtracted per occurrence
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # added to the model's own stop tokens
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> InputError:
+            return InputError(f"{name} = {getattr(self, name)!r}: must be {rule}")
+
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "a finite number")
+            return v
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", "an integer >= 1")
+        if not 0 <= number("temperature") <= 100:
+            raise bad("temperature", "between 0 and 100")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "an integer >= 0")
+        if not 0 < number("top_p") <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if not 0 <= number("min_p") <= 1:
+            raise bad("min_p", "in [0, 1]")
+        if not 0 < number("repetition_penalty") <= 10:
+            raise bad("repetition_penalty", "in (0, 10]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= number(name) <= 2:
+                raise bad(name, "between -2 and 2")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", "an integer")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 16:
+            raise bad("stop", "at most 16 non-empty strings")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        return g
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits (V,), counts (V,) of tokens seen so far (prompt and output)."""
+    seen = counts > 0
+    if p.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if p.presence_penalty or p.frequency_penalty:
+        logits = logits - p.presence_penalty * seen - p.frequency_penalty * counts
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (the top token always)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    remove = cumulative <= 1 - top_p
+    remove[..., -1] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    if min_p <= 0:
+        return logits
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+
+
+def sample(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    """One token id from float32 logits (V,). Order as in HF: penalties, temperature, top-k, top-p, min-p."""
+    if not torch.isfinite(logits).any():
+        raise InputError("the model produced no finite logits (numerical overflow)")
+    logits = apply_penalties(logits, counts, p)
+    if p.greedy:
+        return int(torch.argmax(logits))
+    logits = min_p_filter(top_p_filter(top_k_filter(logits / p.temperature, p.top_k), p.top_p), p.min_p)
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
