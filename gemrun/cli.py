@@ -1,0 +1,226 @@
+"""The `gemrun` command line: results on stdout, progress and statistics on stderr."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .api import Model, load
+from .config import PRESETS, TextConfig
+from .errors import GemrunError
+from .sampling import SamplingParams
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run Google's Gemma models locally.")
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or HF directory (default: the "
+                                              "embedded Gemma 3 270M)")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | mps")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 (float16 is refused)")]
+
+
+def _load(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False) -> Model:
+    with Progress(TextColumn("loading"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  transient=True, disable=quiet) as bar:
+        task = bar.add_task("load", total=None)
+        m = load(model, device=device, dtype=dtype, max_context=max_context,
+                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    return m
+
+
+def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+            presence_penalty: float, frequency_penalty: float, seed: int | None, stop: list[str] | None):
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                          frequency_penalty=frequency_penalty, seed=seed, stop=list(stop or []))
+
+
+def _report(m: Model) -> None:
+    s = m.last_stats
+    err.print(f"[dim]prompt {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tok/s prefill | generated "
+              f"{s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s decode | finish: {s.finish_reason}[/dim]")
+
+
+def _emit(pieces) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+# Sampling options shared by generate and chat (defaults: Gemma 3's generation_config).
+MaxTok = Annotated[int, typer.Option("--max-tokens", "-n", help="tokens to generate at most")]
+Temp = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy")]
+TopK = Annotated[int, typer.Option("--top-k", help="0 = off")]
+TopP = Annotated[float, typer.Option("--top-p")]
+MinP = Annotated[float, typer.Option("--min-p")]
+Rep = Annotated[float, typer.Option("--repeat-penalty", help="1.0 = off")]
+Pres = Annotated[float, typer.Option("--presence-penalty")]
+Freq = Annotated[float, typer.Option("--frequency-penalty")]
+Seed = Annotated[int | None, typer.Option("--seed", "-s")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="stop string (repeatable)")]
+
+
+@app.command()
+def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], model: ModelOpt = None,
+             max_tokens: MaxTok = 256, temperature: Temp = 1.0, top_k: TopK = 64, top_p: TopP = 0.95,
+             min_p: MinP = 0.0, repeat_penalty: Rep = 1.0, presence_penalty: Pres = 0.0,
+             frequency_penalty: Freq = 0.0, seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto",
+             dtype: DtypeOpt = "auto", max_context: Annotated[int | None, typer.Option()] = None) -> None:
+    """Continue PROMPT as raw text and stream the continuation only."""
+    params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+                     frequency_penalty, seed, stop)
+    m = _load(model, device, dtype, max_context)
+    _emit(m.generate(prompt, params, stream=True))
+    _report(m)
+
+
+@app.command()
+def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--message", "-p", help="one-shot: "
+         "answer this message and exit")] = None,
+         system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+         max_tokens: MaxTok = 1024, temperature: Temp = 1.0, top_k: TopK = 64, top_p: TopP = 0.95,
+         min_p: MinP = 0.0, repeat_penalty: Rep = 1.0, presence_penalty: Pres = 0.0, frequency_penalty: Freq = 0.0,
+         seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+         max_context: Annotated[int | None, typer.Option()] = None) -> None:
+    """Chat through the model's template. Interactive: end a line with '\\' to continue it; /reset clears the
+    conversation, /system TEXT sets the system prompt, /quit leaves."""
+    params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+                     frequency_penalty, seed, stop)
+    m = _load(model, device, dtype, max_context)
+    history: list[dict] = []
+
+    def answer(text: str) -> None:
+        msgs = ([{"role": "system", "content": system}] if system else []) + history
+        msgs.append({"role": "user", "content": text})
+        pieces = []
+        for piece in m.chat(msgs, params, stream=True):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}])
+        _report(m)
+
+    if message is not None:
+        answer(message)
+        return
+    err.print("[dim]gemrun chat: /reset, /system TEXT, /quit; end a line with \\ for more lines[/dim]")
+    while True:
+        lines = []
+        try:
+            line = input(">>> ")
+            while line.endswith("\\"):
+                lines.append(line[:-1])
+                line = input("... ")
+        except EOFError:
+            return
+        text = "\n".join([*lines, line]).strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit", "/bye"):
+            return
+        if text == "/reset":
+            history.clear()
+            err.print("[dim]conversation cleared[/dim]")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history.clear()
+            err.print(f"[dim]system prompt {'set' if system else 'cleared'}; conversation cleared[/dim]")
+            continue
+        try:
+            answer(text)
+        except GemrunError as e:
+            err.print(f"[red]error:[/red] {e}")
+
+
+@app.command()
+def tokenize(text: str, model: ModelOpt = None,
+             bos: Annotated[bool, typer.Option("--bos", help="prepend <bos>")] = False) -> None:
+    """Print the token ids of TEXT as a JSON list (control-token spellings stay plain text)."""
+    m = _load(model, "cpu", "auto", quiet=True)
+    print(json.dumps(m.tokenizer.encode(text, bos=bos)))
+
+
+@app.command()
+def perplexity(file: Annotated[Path, typer.Argument(help="UTF-8 text file")], model: ModelOpt = None,
+               context: Annotated[int, typer.Option(help="tokens per evaluation window")] = 1024,
+               device: DeviceOpt = "auto", dtype: DtypeOpt = "auto") -> None:
+    """Perplexity of FILE: the text is cut into windows of CONTEXT tokens, each starting with <bos>."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GemrunError(f"cannot read {file} as UTF-8 text: {e}") from None
+    m = _load(model, device, dtype)
+    ids = m.tokenizer.encode(text)
+    if not ids:
+        raise GemrunError(f"{file} holds no text")
+    window = max(2, min(context, m.max_context)) - 1
+    nll, count, t0 = 0.0, 0, time.perf_counter()
+    for start in range(0, len(ids), window):
+        seq = [m.tokenizer.bos_id, *ids[start:start + window]]
+        logp = torch.log_softmax(m.logits(seq)[:-1], dim=-1)
+        target = torch.tensor(seq[1:])
+        nll -= float(logp.gather(1, target[:, None]).sum())
+        count += len(seq) - 1
+    print(json.dumps({"perplexity": math.exp(nll / count), "tokens": count}))
+    err.print(f"[dim]{count / (time.perf_counter() - t0):.1f} tokens/s[/dim]")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+@app.command()
+def info(model: Annotated[str | None, typer.Argument(help="GGUF file, HF directory, or a preset name: "
+                                                     + ", ".join(PRESETS))] = None,
+         context: Annotated[int | None, typer.Option(help="context for the cache size (default: the model's)")]
+         = None) -> None:
+    """Model facts, KV bytes per token and the KV cache size at the full context (bf16 cache)."""
+    if model in PRESETS:
+        cfg: TextConfig = PRESETS[model]
+        params = None
+        source = f"preset {model}"
+    else:
+        m = _load(model, "cpu", "auto", quiet=True)
+        cfg, source = m.config, f"{m.loaded.format} {m.loaded.path}"
+        params = sum(p.numel() for p in m.model.parameters())
+    ctx = context or cfg.max_position_embeddings
+    per = cfg.kv_bytes_per_token(2)
+    layers = cfg.layers
+    out = {
+        "source": source, "layers": cfg.num_layers,
+        "sliding_layers": sum(s.sliding for s in layers), "global_layers": sum(not s.sliding for s in layers),
+        "hidden_size": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "sliding_window": cfg.sliding_window, "vocab_size": cfg.vocab_size,
+        "max_context": cfg.max_position_embeddings, "parameters": params,
+        "kv_bytes_per_token_bf16": {"global_layers": per["global"], "sliding_layers_until_window": per["sliding"]},
+        "kv_cache_context": ctx, "kv_cache_bytes_bf16": cfg.kv_cache_bytes(ctx, 2),
+        "kv_cache_bf16": _gib(cfg.kv_cache_bytes(ctx, 2)),
+        "kv_cache_without_window_bf16": _gib(ctx * (per["global"] + per["sliding"])),
+    }
+    print(json.dumps(out, indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except GemrunError as e:
+        err.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
