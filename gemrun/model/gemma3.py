@@ -67,21 +67,16 @@ class Gemma3(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # The scale is rounded to the weight dtype before multiplying (bf16: 62.0 for E=3840), as the reference.
-        # Buffers are computed on the CPU even when the model is built on `meta` for loading.
-        self.ropes = sorted({(s.head_dim, s.rope) for s in self.specs}, key=repr)
-        with torch.device("cpu"):
-            self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size**0.5), persistent=False)
-            for i, (dim, rope) in enumerate(self.ropes):
-                self.register_buffer(f"inv_freq_{i}", rope_inv_freq(dim, rope), persistent=False)
+        self.ropes = sorted({(s.head_dim, s.rope) for s in self.specs}, key=repr)  # distinct RoPE tables
 
     def make_caches(self, batch: int = 1, capacity: int = 256, spare: int = 0) -> list:
         w = self.embed_tokens.weight
         return make_caches(self.specs, batch, w.dtype, w.device, capacity, spare)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight
-        return self.embed_tokens(tokens) * self.embed_scale.to(w.dtype)
+        # sqrt(E) is rounded to the weight dtype before the multiply (bf16: 62.0 for E=3840), as the reference.
+        scale = torch.tensor(self.config.hidden_size**0.5).to(self.embed_tokens.weight.dtype)
+        return self.embed_tokens(tokens) * scale
 
     def forward(self, tokens: torch.Tensor, caches: list, embeds: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -90,8 +85,9 @@ class Gemma3(nn.Module):
         start = caches[0].length
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, E)
         positions = torch.arange(start, start + x.shape[1], device=x.device)
-        tables = [rope_cos_sin(positions, getattr(self, f"inv_freq_{i}"), x.dtype) for i in range(len(self.ropes))]
-        by_key = dict(zip(self.ropes, tables))
+        # inv_freq is recomputed in float32 each call: tiny, and never rounded by a dtype cast of the module
+        by_key = {(dim, rope): rope_cos_sin(positions, rope_inv_freq(dim, rope).to(x.device), x.dtype)
+                  for dim, rope in self.ropes}
         for layer, spec, cache in zip(self.layers, self.specs, caches):
             x = layer(x, by_key[(spec.head_dim, spec.rope)], cache, positions)
         if last_only:
