@@ -46,3 +46,90 @@ def ours_from(ref: Gemma3ForCausalLM, dtype=torch.float32) -> Gemma3:
 
 
 __all__ = ["Rope", "hf_model", "ours_from", "ours_config", "hf_config"]
+
+
+# --- a tiny GGUF written by the `gguf` package's writer, with a small but working tokenizer -------------------
+
+def tiny_vocab() -> tuple[list[str], list[int]]:
+    """512 tokens: controls, 256 byte tokens, then characters and a few merges (types as in Gemma's GGUF)."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    types = [3] * len(tokens)
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    chars = list("\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\n")
+    merges = ["th", "he", "in", "er", "an", "\u2581t", "\u2581a", "\u2581the", "the", "re", "on", "at", "en", "nd"]
+    extra = chars + merges
+    i = 0
+    while len(tokens) < 512:
+        tok = extra[i] if i < len(extra) else f"x{i}y"
+        if tok not in tokens:
+            tokens.append(tok)
+            types.append(1)
+        i += 1
+    return tokens, types
+
+
+GGUF_NAMES = {v: k for k, v in __import__("gemrun.weights.names", fromlist=["GGUF_LAYER"]).GGUF_LAYER.items()}
+
+
+def gguf_name(ours: str) -> str:
+    if ours == "embed_tokens.weight":
+        return "token_embd.weight"
+    if ours == "norm.weight":
+        return "output_norm.weight"
+    _, n, *rest = ours.split(".")
+    return f"blk.{n}.{GGUF_NAMES['.'.join(rest[:-1])]}.weight"
+
+
+def write_gguf(path, ref: Gemma3ForCausalLM, qtype=None, embed_qtype=None) -> None:
+    """Write `ref` as a llama.cpp-style Gemma 3 GGUF (norms stored as 1 + w), matrices in `qtype`."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFWriter
+    from gguf.quants import quantize
+
+    c = ref.config
+    w = GGUFWriter(str(path), "gemma3")
+    w.add_uint32("gemma3.context_length", c.max_position_embeddings)
+    w.add_uint32("gemma3.embedding_length", c.hidden_size)
+    w.add_uint32("gemma3.block_count", c.num_hidden_layers)
+    w.add_uint32("gemma3.feed_forward_length", c.intermediate_size)
+    w.add_uint32("gemma3.attention.head_count", c.num_attention_heads)
+    w.add_uint32("gemma3.attention.head_count_kv", c.num_key_value_heads)
+    w.add_uint32("gemma3.attention.key_length", c.head_dim)
+    w.add_uint32("gemma3.attention.value_length", c.head_dim)
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_float32("gemma3.rope.freq_base", c.rope_parameters["full_attention"]["rope_theta"])
+    w.add_uint32("gemma3.attention.sliding_window", c.sliding_window)
+    full = c.rope_parameters["full_attention"]
+    if full.get("rope_type") == "linear":
+        w.add_string("gemma3.rope.scaling.type", "linear")
+        w.add_float32("gemma3.rope.scaling.factor", full["factor"])
+    tokens, types = tiny_vocab()
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(len(tokens))])
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    for name, t in ref.state_dict().items():
+        ours = hf_to_gemrun(name)
+        if ours is None:
+            continue
+        data = t.float().numpy()
+        if "norm" in ours:
+            data = data + 1.0
+        q = embed_qtype if ours == "embed_tokens.weight" else (qtype if data.ndim == 2 else None)
+        if q is None or q == Q.F32:
+            w.add_tensor(gguf_name(ours), data.astype(np.float32))
+        elif q == Q.F16:
+            w.add_tensor(gguf_name(ours), data.astype(np.float16))
+        else:
+            w.add_tensor(gguf_name(ours), quantize(data, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

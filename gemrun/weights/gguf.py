@@ -96,23 +96,31 @@ class _Cursor:
 class GGUFFile:
     """A validated GGUF file: `metadata` (dict), `tensors` (name -> TensorInfo), `load(name)` -> float32 array."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self._file = open(self.path, "rb")
-            size = self.path.stat().st_size
-            if size < 24:
-                raise WeightsError(f"{self.path}: not a GGUF file (only {size} bytes)")
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        except OSError as e:
-            raise WeightsError(f"cannot read {self.path}: {e.strerror or e}") from None
-        self._buf = memoryview(self._map)
+    def __init__(self, path: str | Path | None = None, *, data: bytes | bytearray | None = None):
+        """Open a file (memory-mapped), or parse bytes already in memory (`data`, used by the fuzz tests)."""
+        self._file = self._map = None
+        if data is not None:
+            self.path = Path("<memory>")
+            self._buf = memoryview(data)
+        else:
+            self.path = Path(path)
+            try:
+                self._file = open(self.path, "rb")
+                size = self.path.stat().st_size
+                if size < 24:
+                    self._file.close()
+                    raise WeightsError(f"{self.path}: not a GGUF file (only {size} bytes)")
+                self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise WeightsError(f"cannot read {self.path}: {e.strerror or e}") from None
+            self._buf = memoryview(self._map)
         self._parse()
 
     def close(self) -> None:
         self._buf.release()
-        self._map.close()
-        self._file.close()
+        if self._map is not None:
+            self._map.close()
+            self._file.close()
 
     def _parse(self) -> None:
         c = _Cursor(self._buf)

@@ -1,0 +1,251 @@
+"""GGUF loading: tiny models in every supported tensor type, and broken files that must fail cleanly."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+from tiny import hf_model, write_gguf
+
+import gemrun
+from gemrun.errors import WeightsError
+from gemrun.weights.gguf import SUPPORTED, GGUFFile
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return hf_model(seed=7, query_pre_attn_scalar=16)  # GGUF has no query_pre_attn_scalar: head_dim is used
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(ref, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-q8.gguf"
+    write_gguf(path, ref, Q.Q8_0, Q.Q8_0)
+    return path
+
+
+def test_float_gguf_matches_reference(ref, tmp_path):
+    write_gguf(tmp_path / "f32.gguf", ref)
+    m = gemrun.load(tmp_path / "f32.gguf", device="cpu")
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ref(ids).logits[0] - m.logits(ids[0].tolist())).abs().max().item() <= 1e-4
+    assert m.config.rope_global.factor == 8.0 and m.config.sliding_window == 8
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
+def test_quantized_gguf_equals_dequantized_reference(ref, tmp_path, qtype):
+    """Each matrix loads as exactly what the gguf package's reference dequantizer gives."""
+    path = tmp_path / f"{qtype.name}.gguf"
+    write_gguf(path, ref, qtype, qtype)
+    g = GGUFFile(path)
+    loaded = gemrun.load(path, device="cpu").model.state_dict()
+    name = "blk.0.attn_q.weight"
+    info = g.tensors[name]
+    assert info.qtype == qtype
+    expected = dequantize(g.raw(name), qtype).reshape(info.shape)
+    assert np.array_equal(loaded["layers.0.self_attn.q_proj.weight"].numpy(), expected)
+    orig = ref.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy()
+    assert np.abs(expected - orig).max() < 0.2 * np.abs(orig).max()  # and it is close to the original
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_k_quant_blocks_dequantize_like_reference(tmp_path, qtype):
+    """K-quant tensors (no reference quantizer in the gguf package): random blocks with finite scales."""
+    from gguf import GGML_QUANT_SIZES, GGUFWriter
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (4, size * 2), dtype=np.uint8)  # 4 rows of 2 blocks (512 values)
+    w = GGUFWriter(str(tmp_path / "k.gguf"), "gemma3")
+    w.add_tensor("t", raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g = GGUFFile(tmp_path / "k.gguf")
+    assert g.tensors["t"].shape == (4, 2 * block)
+    np.testing.assert_array_equal(g.load("t"), dequantize(raw, qtype))
+    assert qtype in SUPPORTED
+
+
+def test_real_gguf_table(gguf_path):
+    g = GGUFFile(gguf_path)
+    assert g.metadata["general.architecture"] == "gemma3"
+    assert len(g.tensors) == 236 and g.tensors["token_embd.weight"].shape == (262144, 640)
+    assert {t.qtype.name for t in g.tensors.values()} == {"F32", "Q5_0", "Q4_K", "Q8_0", "Q6_K"}
+
+
+# --- broken files ------------------------------------------------------------------------------------------
+
+def _header_end(data: bytes) -> int:
+    g = GGUFFile(data=bytearray(data))
+    return min(t.offset for t in g.tensors.values())
+
+
+def _tensor_table_offsets(data: bytes):
+    """Byte positions of each tensor entry's fields in the table (found by re-parsing)."""
+    g = GGUFFile(data=bytearray(data))
+    out = {}
+    for name in g.tensors:
+        pos = data.find(struct.pack("<Q", len(name)) + name.encode())
+        p = pos + 8 + len(name)
+        n_dims = struct.unpack_from("<I", data, p)[0]
+        out[name] = {"n_dims": p, "dims": p + 4, "type": p + 4 + 8 * n_dims, "offset": p + 8 + 8 * n_dims}
+    return out
+
+
+def _load(data: bytes):
+    g = GGUFFile(data=bytearray(data))
+    for name in g.tensors:
+        g.load(name)
+    return g
+
+
+def test_truncated_and_garbage_files_fail_cleanly(tiny_gguf, tmp_path):
+    data = tiny_gguf.read_bytes()
+    for cut in (0, 3, 4, 8, 23, 24, 100, len(data) // 2, len(data) - 1):
+        with pytest.raises(WeightsError):
+            _load(data[:cut])
+    with pytest.raises(WeightsError, match="magic"):
+        _load(b"GGUX" + data[4:])
+    with pytest.raises(WeightsError, match="version"):
+        _load(data[:4] + struct.pack("<I", 99) + data[8:])
+    (tmp_path / "trunc.gguf").write_bytes(data[:1000])
+    with pytest.raises(WeightsError):
+        gemrun.load(tmp_path / "trunc.gguf", device="cpu")
+
+
+def test_lying_counts_are_refused_without_allocating(tiny_gguf):
+    data = bytearray(tiny_gguf.read_bytes())
+    for field_at in (8, 16):  # tensor count, metadata count
+        bad = bytearray(data)
+        bad[field_at:field_at + 8] = struct.pack("<Q", 2**62)
+        with pytest.raises(WeightsError, match="cannot fit"):
+            _load(bad)
+    # a string length far past the end of the file
+    bad = bytearray(data)
+    bad[24:32] = struct.pack("<Q", 2**40)
+    with pytest.raises(WeightsError):
+        _load(bad)
+
+
+def test_bad_tensor_entries(tiny_gguf):
+    data = tiny_gguf.read_bytes()
+    fields = _tensor_table_offsets(data)
+    name = "blk.0.attn_q.weight"
+    f = fields[name]
+
+    def patched(at, fmt, value):
+        bad = bytearray(data)
+        struct.pack_into(fmt, bad, at, value)
+        return bad
+
+    with pytest.raises(WeightsError, match="dimensions"):
+        _load(patched(f["dims"], "<Q", 0))  # a zero dimension
+    with pytest.raises(WeightsError, match="dimensions"):
+        _load(patched(f["n_dims"], "<I", 9))
+    with pytest.raises(WeightsError, match="unknown type"):
+        _load(patched(f["type"], "<I", 77))
+    offset = struct.unpack_from("<Q", data, f["offset"])[0]
+    with pytest.raises(WeightsError, match="aligned"):
+        _load(patched(f["offset"], "<Q", offset + 1))
+    with pytest.raises(WeightsError, match="truncated"):
+        _load(patched(f["offset"], "<Q", 2**40))
+    other = fields["blk.0.attn_k.weight"]
+    other_off = struct.unpack_from("<Q", data, other["offset"])[0]
+    with pytest.raises(WeightsError, match="overlap"):
+        _load(patched(f["offset"], "<Q", other_off))
+
+
+def test_unsupported_type_and_tokenizer_arrays(tmp_path):
+    from gguf import GGUFWriter
+
+    from gemrun.weights.gguf import check_tokenizer_metadata
+
+    w = GGUFWriter(str(tmp_path / "iq.gguf"), "gemma3")
+    w.add_tensor("t", np.zeros((2, 66), dtype=np.uint8), raw_dtype=Q.IQ2_XXS)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(WeightsError, match="does not support"):
+        GGUFFile(tmp_path / "iq.gguf").load("t")
+    tokens = ["<pad>", "<eos>", "a"]
+    good = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": np.zeros(3, np.float32),
+            "tokenizer.ggml.token_type": np.ones(3, np.int32)}
+    check_tokenizer_metadata(good)
+    for key, value in (("tokenizer.ggml.scores", np.zeros(2, np.float32)),
+                       ("tokenizer.ggml.token_type", np.ones(3, np.float32)),
+                       ("tokenizer.ggml.tokens", [1, 2, 3]), ("tokenizer.ggml.eos_token_id", 7)):
+        with pytest.raises(WeightsError):
+            check_tokenizer_metadata({**good, key: value})
+
+
+def test_wrong_model_tensors_are_named(ref, tmp_path):
+    """A GGUF with a missing layer tensor names it in one error."""
+    from gguf import GGUFWriter
+
+    path = tmp_path / "full.gguf"
+    write_gguf(path, ref)
+    g = GGUFFile(path)
+    w = GGUFWriter(str(tmp_path / "missing.gguf"), "gemma3")
+    for k, v in g.metadata.items():
+        if k.startswith("GGUF.") or k in ("general.architecture", "general.alignment"):
+            continue
+        if isinstance(v, np.ndarray):
+            if v.dtype == np.float32:
+                w.add_array(k, v.tolist())
+            else:
+                from gguf import GGUFValueType
+                w.add_key_value(k, v.tolist(), GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
+        elif isinstance(v, list):
+            w.add_array(k, v)
+        elif isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, float):
+            w.add_float32(k, v)
+        else:
+            w.add_uint32(k, v)
+    for name in g.tensors:
+        if name != "blk.3.ffn_up.weight":
+            w.add_tensor(name, g.load(name))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(WeightsError, match=r"missing: layers\.3\.mlp\.up_proj\.weight"):
+        gemrun.load(tmp_path / "missing.gguf", device="cpu")
+
+
+def _fuzz(path, count, seed, mode="all", timeout=600):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("gguf_fuzz.py")
+    out = subprocess.run([sys.executable, str(script), str(path), str(count), str(seed), mode],
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_mutation_fuzz_tiny(tiny_gguf):
+    stats = _fuzz(tiny_gguf, 400, 1)
+    print(stats)
+    assert stats["crashes"] == 0 and stats["hangs"] == 0 and stats["oom"] == 0, stats
+    assert stats["rejected"] > 200
+
+
+@pytest.mark.slow
+def test_mutation_fuzz_real_270m(gguf_path):
+    stats = _fuzz(gguf_path, 1500, 2, mode="header", timeout=3000)
+    print(stats)
+    assert stats["crashes"] == 0 and stats["hangs"] == 0 and stats["oom"] == 0, stats
