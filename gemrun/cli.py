@@ -20,7 +20,7 @@ from .errors import GemrunError
 from .sampling import SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run Google's Gemma models locally.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or HF directory (default: the "
                                               "embedded Gemma 3 270M)")]

@@ -113,7 +113,8 @@ def stream(model, tokenizer: Tokenizer, prompt: list[int], params: SamplingParam
     pending, ids = "", []
     for token in generate_ids(model, prompt, params, stop_ids, max_context, tokenizer.vocab_size, stats, chunk):
         ids.append(token)
-        if token in stop_ids:
+        if token in stop_ids:  # the generator is left suspended at its yield: record the reason here
+            stats.finish_reason = "stop"
             break
         pending += decoder.push(token)
         if params.stop:

@@ -1,0 +1,87 @@
+"""The command line, run as a user would (a child process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny import hf_model, write_gguf
+
+
+def gemrun(*args, input=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "gemrun.cli", *map(str, args)], capture_output=True, text=True,
+                          input=input, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.gguf"
+    write_gguf(path, hf_model(seed=21, query_pre_attn_scalar=16))
+    return path
+
+
+def test_generate_default_model_greedy():
+    out = gemrun("generate", "The capital of France is", "--temperature", "0", "--max-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(" the capital of the country of France.")  # same text as transformers
+    assert "tok/s prefill" in out.stderr and "decode" in out.stderr
+
+
+def test_tokenize_and_bos(tiny_path):
+    out = gemrun("tokenize", "the cat", "--model", tiny_path)
+    ids = json.loads(out.stdout)
+    assert ids and ids[0] != 2
+    assert json.loads(gemrun("tokenize", "the cat", "--model", tiny_path, "--bos").stdout) == [2, *ids]
+
+
+def test_chat_one_shot_and_repl(tiny_path):
+    out = gemrun("chat", "--model", tiny_path, "--message", "hello", "--max-tokens", "5", "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    repl = gemrun("chat", "--model", tiny_path, "--max-tokens", "3", "--seed", "1",
+                  input="hello \\\nthere\n/system be brief\n/reset\nhi\n/quit\n")
+    assert repl.returncode == 0, repl.stderr
+    assert "system prompt set" in repl.stderr and "conversation cleared" in repl.stderr
+
+
+def test_perplexity(tiny_path, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("the cat sat on the mat. " * 20)
+    out = gemrun("perplexity", f, "--model", tiny_path, "--context", "16")
+    res = json.loads(out.stdout)
+    assert res["tokens"] > 50 and 1 < res["perplexity"] < 10_000
+
+
+def test_info(tiny_path):
+    res = json.loads(gemrun("info", tiny_path).stdout)
+    assert res["layers"] == 6 and res["global_layers"] == 1 and res["parameters"] > 0
+    res = json.loads(gemrun("info", "gemma-3-12b").stdout)
+    assert res["kv_cache_bytes_bf16"] == 8_925_478_912
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "hi", "--model", "/nonexistent.gguf"], "does not exist"),
+    (["generate", "hi", "--dtype", "float16"], "float16 is refused"),
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--device", "tpu"], "device"),
+])
+def test_errors_are_clean(args, message, tiny_path):
+    args = [a if a != "hi" else "hi" for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_path)]
+    out = gemrun(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_prompt_past_context_cli(tiny_path):
+    out = gemrun("generate", "the " * 100, "--model", tiny_path, "--max-context", "16")
+    assert out.returncode == 2 and "context holds 16" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_corrupt_file_cli(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    out = gemrun("generate", "hi", "--model", bad)
+    assert out.returncode == 2 and "GGUF" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,57 @@
+"""Chat template rendering: Gemma 3 format, checkpoint templates, sandbox limits, message validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from gemrun.chat import ChatTemplate, normalize_messages, render_prompt
+from gemrun.errors import InputError, TemplateError
+
+
+def test_roles_must_alternate(model_270m):
+    with pytest.raises(TemplateError, match="alternate"):
+        render_prompt(model_270m.tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+def test_content_is_trimmed_and_system_folded(model_270m):
+    text = render_prompt(model_270m.tokenizer, [{"role": "system", "content": "S"},
+                                                {"role": "user", "content": "  hi \n"},
+                                                {"role": "model", "content": "yo"},
+                                                {"role": "user", "content": "again"}], add_generation_prompt=False)
+    assert text == ("<bos><start_of_turn>user\nS\n\nhi<end_of_turn>\n<start_of_turn>model\nyo<end_of_turn>\n"
+                    "<start_of_turn>user\nagain<end_of_turn>\n")
+
+
+def test_checkpoint_template_is_used(model_270m):
+    t = ChatTemplate("{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}")
+    assert render_prompt(model_270m.tokenizer, [{"role": "user", "content": "x"}], template=t) == "<bos>[user]x"
+
+
+@pytest.mark.parametrize("source", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% set x = i %}{% endfor %}{% endfor %}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "{{ 'a' * 10**9 }}",
+    "{{ 'a' * 1000000 * 1000 }}",
+    "{{ [1] * 10**9 }}",
+    "{{ ().__class__.__bases__[0].__subclasses__() }}",
+    "{% macro r(n) %}{{ r(n) }}{% endmacro %}{{ r(1) }}",
+])
+def test_hostile_templates_fail_cleanly_and_quickly(source):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(TemplateError):
+        ChatTemplate(source).render([{"role": "user", "content": "x"}])
+    assert time.monotonic() - t0 < 10
+
+
+def test_bad_messages(model_270m):
+    tok = model_270m.tokenizer
+    for bad in ([], "hi", [{"role": "root", "content": "x"}], [{"role": "user", "content": 3}],
+                [{"role": "user", "content": [{"type": "video"}]}], ["x"]):
+        with pytest.raises(InputError):
+            normalize_messages(bad, tok)
+    with pytest.raises(InputError, match="text-only"):
+        normalize_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], tok)
+    with pytest.raises(TemplateError, match="does not compile"):
+        ChatTemplate("{% for %}")
