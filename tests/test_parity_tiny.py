@@ -99,9 +99,8 @@ def test_hf_safetensors_directory_loads_exactly(tmp_path, shard):
 def test_multimodal_config_nested_text_config_and_prefixes(tmp_path):
     """A Gemma3ForConditionalGeneration checkpoint: text_config nested, weights under model.language_model.*,
     vision tensors present; the text model loads from it."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
     from tiny import hf_config
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     text = hf_config().to_dict()
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,

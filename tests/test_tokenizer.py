@@ -10,8 +10,8 @@ from gemrun.chat import prompt_tokens
 from gemrun.errors import InputError
 from gemrun.tokenizer import Tokenizer, from_directory
 
-SAMPLES = ["Hello world!", "Emoji: 😀👍🏽 👨‍👩‍👧‍👦", "中文分词测试", "rare: \u0f3a \U0001d54f \u2603", "  two  spaces\n\n\ttab",
-           "مرحبا بالعالم", "x" * 50 + " end"]
+SAMPLES = ["Hello world!", "Emoji: 😀👍🏽 👨‍👩‍👧‍👦", "中文分词测试", "rare: \u0f3a \U0001d54f \u2603",
+           "  two  spaces\n\n\ttab", "مرحبا بالعالم", "x" * 50 + " end"]
 
 
 @pytest.fixture(scope="module")
