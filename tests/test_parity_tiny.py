@@ -147,3 +147,55 @@ def test_config_from_official_style_files():
                                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
     assert cfg2.rope_global == expected.rope_global and cfg2.rope_local == expected.rope_local
     assert ours_config(hf_model().config).query_pre_attn_scalar == 24
+
+
+def test_hf_directory_hardening(tmp_path):
+    from safetensors.torch import save_file
+
+    from gemrun.errors import WeightsError
+
+    ref = hf_model(seed=8)
+    root = _save(ref, tmp_path / "m")
+    cfg = (root / "config.json").read_text()
+
+    def fresh(name):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(cfg)
+        return d
+
+    d = fresh("escape")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../m/model.safetensors"}}))
+    with pytest.raises(WeightsError, match="outside"):
+        load_hf(d, torch.float32, torch.device("cpu"))
+    d = fresh("absolute")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": str(root / "model.safetensors")}}))
+    with pytest.raises(WeightsError, match="relative"):
+        load_hf(d, torch.float32, torch.device("cpu"))
+    d = fresh("pickle")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(WeightsError, match="pickled"):
+        load_hf(d, torch.float32, torch.device("cpu"))
+    d = fresh("int8")
+    save_file({"model.embed_tokens.weight": torch.zeros(512, 64, dtype=torch.int8)}, str(d / "model.safetensors"))
+    with pytest.raises(WeightsError, match="dtype"):
+        load_hf(d, torch.float32, torch.device("cpu"))
+    d = fresh("corrupt")
+    (d / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(WeightsError, match="safetensors"):
+        load_hf(d, torch.float32, torch.device("cpu"))
+    d = fresh("partial")
+    state = {k: v for k, v in ref.state_dict().items() if "layers.2.mlp" not in k and k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"missing: layers\.2\.mlp\.down_proj\.weight"):
+        load_hf(d, torch.float32, torch.device("cpu"))
+    d = fresh("badconfig")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="JSON"):
+        load_hf(d, torch.float32, torch.device("cpu"))
+    d = fresh("wrongshape")
+    bad = {k: v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    bad["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(8, 8)
+    save_file(bad, str(d / "model.safetensors"))
+    with pytest.raises(WeightsError, match="mis-shaped"):
+        load_hf(d, torch.float32, torch.device("cpu"))

@@ -122,3 +122,40 @@ def test_safetensors_and_gguf_give_the_same_output(tmp_path, model_270m, hf_270m
     assert torch.equal(m.logits(ids), model_270m.logits(ids))
     assert m.generate("The capital of France is", temperature=0, max_tokens=12) == \
         model_270m.generate("The capital of France is", temperature=0, max_tokens=12)
+
+
+def test_safetensors_peak_memory_is_model_plus_one_tensor(tmp_path, model_270m):
+    """float32 file -> bfloat16 model in a child process: peak RSS growth stays near model + largest tensor,
+    far from file + model."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    state = {f"model.{k}": v.contiguous() for k, v in model_270m.model.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    cfg = model_270m.config
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gemma3_text", "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "sliding_window": cfg.sliding_window,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings}))
+    code = (
+        "import sys, torch\n"
+        "from gemrun.weights.load import load_checkpoint\n"
+        "def hwm():  # VmHWM, not ru_maxrss: the latter is inherited across exec from a big parent\n"
+        "    line = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0]\n"
+        "    return int(line.split()[1]) * 1024\n"
+        "base = hwm()\n"
+        "m = load_checkpoint(sys.argv[1], torch.bfloat16, torch.device('cpu')).model\n"
+        "peak = hwm()\n"
+        "print(peak - base, sum(p.nbytes for p in m.parameters()))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grown, model_bytes = map(int, out.stdout.split())
+    largest_f32 = max(v.nbytes for v in state.values())
+    file_bytes = (tmp_path / "model.safetensors").stat().st_size
+    print(f"peak growth {grown / 2**30:.2f} GiB, model {model_bytes / 2**30:.2f} GiB, file {file_bytes / 2**30:.2f}")
+    assert grown < model_bytes + 1.15 * largest_f32 + (64 << 20)
+    assert grown < file_bytes + model_bytes - (256 << 20)

@@ -70,13 +70,12 @@ class SafetensorsCheckpoint:
                 raise WeightsError(f"{f}: not a valid safetensors file ({e})") from None
 
     def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        by_file: dict[Path, list[str]] = {}
+        """Tensors one at a time. The file is mapped anew for each, so the pages of a tensor that the caller
+        converts (and drops) are unmapped before the next one: peak memory is the model plus one tensor."""
         for n in names:
-            by_file.setdefault(self.where[n], []).append(n)
-        for f, group in by_file.items():
             try:
-                with safe_open(str(f), framework="pt") as st:
-                    for n in group:
-                        yield n, st.get_tensor(n)
+                with safe_open(str(self.where[n]), framework="pt") as st:
+                    t = st.get_tensor(n)
             except SafetensorError as e:
-                raise WeightsError(f"{f}: cannot read tensor data ({e})") from None
+                raise WeightsError(f"{self.where[n]}: cannot read tensor {n!r} ({e})") from None
+            yield n, t
