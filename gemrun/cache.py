@@ -37,8 +37,11 @@ class FullCache:
         self.k[:, :, self.length:self.length + t] = k
         self.v[:, :, self.length:self.length + t] = v
         self.length += t
-        kv_pos = torch.arange(self.length, device=k.device)
-        return self.k[:, :, :self.length], self.v[:, :, :self.length], kv_pos
+        return self.view()
+
+    def view(self):
+        """(k, v, positions) of everything cached; also what a layer sharing this cache reads."""
+        return self.k[:, :, :self.length], self.v[:, :, :self.length], torch.arange(self.length, device=self.k.device)
 
     def trim(self, n: int) -> None:
         self.length -= min(n, self.length)
@@ -73,7 +76,7 @@ class SlidingCache:
             self.v[:, :, slot] = v[:, :, 0]
             self.pos[slot] = positions[0]
             self.length += 1
-            return self.k, self.v, self.pos
+            return self.view()
         out = (torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), torch.cat([self.pos, positions]))
         keep = min(t, cap)
         slots = positions[-keep:] % cap
@@ -82,6 +85,10 @@ class SlidingCache:
         self.pos[slots] = positions[-keep:]
         self.length += t
         return out
+
+    def view(self):
+        """(k, v, positions) of every slot; empty slots have position -1 and are masked."""
+        return self.k, self.v, self.pos
 
     def trim(self, n: int) -> None:
         slack = self.k.shape[2] - self.window + 1
@@ -96,35 +103,14 @@ class SlidingCache:
         return self.k.nbytes + self.v.nbytes
 
 
-class SharedCache:
-    """A layer that reads another layer's K/V (Gemma 4 KV sharing) and stores nothing itself."""
-
-    def __init__(self, source: FullCache | SlidingCache):
-        self.source = source
-
-    def read(self):
-        s = self.source
-        if isinstance(s, SlidingCache):
-            return s.k, s.v, s.pos
-        return s.k[:, :, :s.length], s.v[:, :, :s.length], torch.arange(s.length, device=s.k.device)
-
-    @property
-    def length(self) -> int:
-        return self.source.length
-
-    def trim(self, n: int) -> None:  # the source layer trims
-        pass
-
-    nbytes = 0
-
-
 def make_caches(layers: tuple[LayerSpec, ...], batch: int, dtype: torch.dtype, device: torch.device | str,
                 capacity: int = 256, spare: int = 0) -> list:
-    """One cache per layer, following each layer's spec; sharing layers point at their source's cache."""
+    """One cache per layer, following each layer's spec. A layer that shares KV (Gemma 4) gets its source
+    layer's cache object and only reads it (`view`); nothing is stored twice."""
     caches: list = []
     for spec in layers:
         if spec.kv_source is not None:
-            caches.append(SharedCache(caches[spec.kv_source]))
+            caches.append(caches[spec.kv_source])
         elif spec.window is not None:
             caches.append(SlidingCache(batch, spec.num_kv_heads, spec.head_dim, spec.window, dtype, device, spare))
         else:
