@@ -34,6 +34,15 @@ class Stats:
 
 
 @dataclass
+class Prompt:
+    """Prompt token ids, and for prompts with images their embeddings (1, T, E) and image blocks (T,)."""
+
+    ids: list[int]
+    embeds: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+
+
+@dataclass
 class Chunk:
     text: str
     token_ids: list[int] = field(default_factory=list)
@@ -48,33 +57,53 @@ def check_context(n_prompt: int, max_context: int) -> None:
                          f"(at most {max_context - 1} leave room for one new token)")
 
 
+def chunk_bounds(n: int, chunk: int, blocks: torch.Tensor | None) -> list[tuple[int, int]]:
+    """Prefill chunks of about `chunk` tokens; a chunk never ends inside an image block, whose tokens must see
+    each other."""
+    bounds, start = [], 0
+    while start < n:
+        end = min(start + chunk, n)
+        if blocks is not None:
+            while end < n and blocks[end] >= 0 and blocks[end] == blocks[end - 1]:
+                end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
 @torch.inference_mode()
-def prefill(model, tokens: list[int], caches: list, chunk: int = 256) -> torch.Tensor:
+def prefill(model, prompt: Prompt | list[int], caches: list, chunk: int = 256) -> torch.Tensor:
     """Run the prompt through the model in chunks; float32 logits (V,) of its last position."""
+    prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
     device = model.embed_tokens.weight.device
-    ids = torch.tensor([tokens], device=device)
-    for start in range(0, len(tokens), chunk):
-        logits = model(ids[:, start:start + chunk], caches, last_only=True)
+    ids = torch.tensor([prompt.ids], device=device)
+    for a, b in chunk_bounds(len(prompt.ids), chunk, prompt.blocks):
+        embeds = None if prompt.embeds is None else prompt.embeds[:, a:b]
+        blocks = None if prompt.blocks is None else prompt.blocks[a:b]
+        logits = model(ids[:, a:b], caches, embeds=embeds, last_only=True, blocks=blocks)
     return logits[0, -1].float()
 
 
 @torch.inference_mode()
-def generate_ids(model, prompt: list[int], params: SamplingParams, stop_ids: set[int], max_context: int,
+def generate_ids(model, prompt: Prompt | list[int], params: SamplingParams, stop_ids: set[int], max_context: int,
                  vocab_limit: int, stats: Stats, chunk: int = 256) -> Iterator[int]:
     """Token ids as they are sampled; the last one is a stop token when generation stopped on one.
     Sets stats.finish_reason to "stop" or "length" (max_tokens or a full context)."""
-    check_context(len(prompt), max_context)
+    prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
+    n = len(prompt.ids)
+    check_context(n, max_context)
     device = model.embed_tokens.weight.device
-    caches = model.make_caches(capacity=min(max_context, len(prompt) + params.max_tokens))
+    caches = model.make_caches(capacity=min(max_context, n + params.max_tokens))
     counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=device)
-    counts.index_add_(0, torch.tensor(prompt, device=device), torch.ones(len(prompt), device=device))
+    seen = torch.tensor([i for i in prompt.ids if i < model.config.vocab_size], dtype=torch.long, device=device)
+    counts.index_add_(0, seen, torch.ones(len(seen), device=device))
     gen = params.generator(device)
-    stats.prompt_tokens = len(prompt)
+    stats.prompt_tokens = n
     t0 = time.perf_counter()
     logits = prefill(model, prompt, caches, chunk)
     stats.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    position = len(prompt)
+    position = n
     while True:
         logits[vocab_limit:] = float("-inf")  # rows past the tokenizer (262208-row 12B head) are never sampled
         token = sample(logits, counts, params, gen)
@@ -103,7 +132,7 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
-def stream(model, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, max_context: int,
+def stream(model, tokenizer: Tokenizer, prompt: Prompt | list[int], params: SamplingParams, max_context: int,
            stats: Stats | None = None, chunk: int = 256) -> Iterator[Chunk]:
     """Text chunks of the continuation; stop strings are cut (never emitted), stop tokens are not shown,
     and a character split across tokens is only emitted whole."""

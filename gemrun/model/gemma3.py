@@ -27,7 +27,8 @@ class Attention(nn.Module):
         self.scale = cfg.query_pre_attn_scalar ** -0.5
         self.softcap = cfg.attn_logit_softcapping
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache, positions: torch.Tensor):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache, positions: torch.Tensor,
+                blocks: torch.Tensor | None = None):
         b, t, _ = x.shape
         d, kv = self.spec.head_dim, self.spec.num_kv_heads
         q = self.q_proj(x).view(b, t, self.heads, d).transpose(1, 2)  # (B, H, T, D)
@@ -35,7 +36,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         k, v, kv_pos = cache.update(k, v, positions)  # (B, KV, S, D), kv_pos (S,)
-        y = attend(q, k, v, attention_mask(positions, kv_pos, self.spec.window), self.scale, self.softcap)
+        mask = attention_mask(positions, kv_pos, self.spec.window, blocks)
+        y = attend(q, k, v, mask, self.scale, self.softcap)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
 
 
@@ -52,8 +54,8 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, x, rope, cache, positions):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, positions))
+    def forward(self, x, rope, cache, positions, blocks=None):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, positions, blocks))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -78,10 +80,11 @@ class Gemma3(nn.Module):
         scale = torch.tensor(self.config.hidden_size**0.5).to(self.embed_tokens.weight.dtype)
         return self.embed_tokens(tokens) * scale
 
-    def forward(self, tokens: torch.Tensor, caches: list, embeds: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor | None, caches: list, embeds: torch.Tensor | None = None,
+                last_only: bool = False, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) continuing the caches -> logits (B, T, V), or (B, 1, V) with `last_only`.
-        `embeds` (B, T, E), when given, replaces the scaled token embeddings (multimodal soft tokens)."""
+        `embeds` (B, T, E), when given, replaces the embedded tokens (prompts with image soft tokens);
+        `blocks` (T,) marks image tokens that attend to each other bidirectionally."""
         start = caches[0].length
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, E)
         positions = torch.arange(start, start + x.shape[1], device=x.device)
@@ -89,7 +92,7 @@ class Gemma3(nn.Module):
         by_key = {(dim, rope): rope_cos_sin(positions, rope_inv_freq(dim, rope).to(x.device), x.dtype)
                   for dim, rope in self.ropes}
         for layer, spec, cache in zip(self.layers, self.specs, caches):
-            x = layer(x, by_key[(spec.head_dim, spec.rope)], cache, positions)
+            x = layer(x, by_key[(spec.head_dim, spec.rope)], cache, positions, blocks)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

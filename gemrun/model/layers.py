@@ -56,11 +56,18 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
-def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None,
+                   blocks: torch.Tensor | None = None) -> torch.Tensor:
     """(T, S) boolean mask from absolute positions: causal, empty slots (position -1) hidden, and on sliding
-    layers only keys with kv > q - window (a query sees `window` keys, itself included; masking_utils.py)."""
+    layers only keys with kv > q - window (a query sees `window` keys, itself included; masking_utils.py).
+
+    `blocks` (T,) gives the new tokens' image block ids (-1 for text): tokens of one image also see each other's
+    later tokens. The new tokens are the last T keys; the window still bounds sliding layers (facts 2.5)."""
     q, kv = q_pos[:, None], kv_pos[None, :]
     mask = (kv >= 0) & (kv <= q)
+    if blocks is not None and len(q_pos) > 1:
+        t = len(q_pos)
+        mask[:, -t:] |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
     if window is not None:
         mask &= kv > q - window
     return mask
