@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import tokenizer as tok
-from .chat import ChatTemplate, prompt_tokens
-from .errors import ConfigError, GemrunError
-from .generate import Stats, prefill, stream
+from .chat import ChatTemplate, render_prompt
+from .errors import ConfigError, GemrunError, InputError
+from .generate import Prompt, Stats, prefill, stream
+from .model.multimodal import IMAGE_TOKEN, expand_images, image_blocks, prompt_embeddings
+from .processing.image import ImageConfig, load_image, preprocess
 from .sampling import SamplingParams
 from .weights.load import Loaded, Progress, load_checkpoint
 
@@ -61,11 +67,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+MAX_IMAGES = 32  # images in one prompt
+IMAGE_CACHE = 16  # encoded images kept (a conversation re-sends its images every turn)
+
+
 class Model:
     """A loaded model with its tokenizer. Generation methods take SamplingParams or its fields as keywords."""
 
-    def __init__(self, loaded: Loaded, tokenizer: tok.Tokenizer, max_context: int | None = None):
+    def __init__(self, loaded: Loaded, tokenizer: tok.Tokenizer, max_context: int | None = None,
+                 image_config: ImageConfig | None = None, image_dir: Path | None = None):
         self.loaded, self.model, self.config, self.tokenizer = loaded, loaded.model, loaded.config, tokenizer
+        self.vision = loaded.vision
+        self.image_config = image_config or ImageConfig()
+        if self.vision is not None:  # the processor's size follows the tower (896 for the real models)
+            self.image_config = dataclasses.replace(self.image_config, size=self.vision.config.image_size)
+        self.image_dir = image_dir  # when set, image paths must lie inside it
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        if self.vision is not None:
+            image_id = tokenizer.token_to_id(IMAGE_TOKEN)
+            if image_id != self.vision.config.image_token_id:
+                raise ConfigError(f"tokenizer id of {IMAGE_TOKEN} is {image_id}, the model expects "
+                                  f"{self.vision.config.image_token_id}")
         limit = self.config.max_position_embeddings
         if max_context is not None and not 1 < max_context <= limit:
             raise ConfigError(f"max_context {max_context} must be between 2 and the model's {limit}")
@@ -82,9 +104,9 @@ class Model:
             raise TypeError("pass either params or sampling keywords, not both")
         return params or SamplingParams(**kw)
 
-    def _run(self, ids: list[int], params: SamplingParams, streaming: bool) -> str | Iterator[str]:
+    def _run(self, prompt: Prompt | list[int], params: SamplingParams, streaming: bool) -> str | Iterator[str]:
         self.last_stats = Stats()
-        chunks = (c.text for c in stream(self.model, self.tokenizer, ids, params, self.max_context,
+        chunks = (c.text for c in stream(self.model, self.tokenizer, prompt, params, self.max_context,
                                          self.last_stats))
         return chunks if streaming else "".join(chunks)
 
@@ -96,10 +118,44 @@ class Model:
         return self._run(ids, self._params(params, kw), stream)
 
     def chat(self, messages: Sequence[dict], params: SamplingParams | None = None, stream: bool = False,
-             **kw: Any) -> str | Iterator[str]:
-        """Answer OpenAI-style messages ({"role": ..., "content": ...}) through the chat template."""
-        ids = prompt_tokens(self.tokenizer, messages, template=self.template)
-        return self._run(ids, self._params(params, kw), stream)
+             pan_and_scan: bool | None = None, **kw: Any) -> str | Iterator[str]:
+        """Answer OpenAI-style messages ({"role": ..., "content": str or parts}) through the chat template.
+        Image parts ({"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "image", "image": path,
+        bytes or PIL image}) need a model with a vision encoder."""
+        params = self._params(params, kw)
+        return self._run(self.chat_prompt(messages, pan_and_scan=pan_and_scan), params, stream)
+
+    def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                    pan_and_scan: bool | None = None) -> Prompt:
+        """Messages -> prompt ids, with image soft tokens and blocks when the messages carry images."""
+        images: list | None = [] if self.vision is not None else None
+        rendered = render_prompt(self.tokenizer, messages, add_generation_prompt, self.template, images)
+        if not images:
+            return Prompt(self.tokenizer.encode_template(rendered))
+        if len(images) > MAX_IMAGES:
+            raise InputError(f"{len(images)} images in one prompt; at most {MAX_IMAGES}")
+        pixels = [preprocess(load_image(src, self.image_dir), self.image_config, pan_and_scan) for src in images]
+        cfg = self.vision.config
+        text = expand_images(rendered, [p.shape[0] - 1 for p in pixels], cfg.mm_tokens_per_image)
+        ids = self.tokenizer.encode_template(text)
+        soft = torch.cat([self.encode_image(p) for p in pixels]).flatten(0, 1)  # (images x 256, E)
+        ids_t = torch.tensor(ids, device=self.device)
+        embeds = prompt_embeddings(self.model, ids_t, cfg.image_token_id, soft)
+        return Prompt(ids, embeds, image_blocks(ids_t, cfg.image_token_id))
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: np.ndarray) -> torch.Tensor:
+        """Soft tokens (crops, 256, E) of preprocessed pixels; an image seen again is not encoded again."""
+        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        if key in self._image_cache:
+            self._image_cache.move_to_end(key)
+            return self._image_cache[key]
+        w = self.vision.multi_modal_projector.mm_input_projection_weight
+        soft = self.vision(torch.from_numpy(pixels).to(device=w.device, dtype=w.dtype))
+        self._image_cache[key] = soft
+        if len(self._image_cache) > IMAGE_CACHE:
+            self._image_cache.popitem(last=False)
+        return soft
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int], chunk: int = 256) -> torch.Tensor:
@@ -117,12 +173,22 @@ class Model:
 
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-         max_context: int | None = None, progress: Progress | None = None) -> Model:
-    """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M."""
+         max_context: int | None = None, progress: Progress | None = None, mmproj: str | Path | None = None,
+         pan_and_scan: bool = False) -> Model:
+    """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M. A GGUF's
+    vision encoder comes from a separate llama.cpp-style `mmproj` GGUF. Pan & Scan is off by default, as in
+    the reference preprocessor."""
     dev = resolve_device(device)
-    loaded = load_checkpoint(path or default_model_path(), resolve_dtype(dtype, dev), dev, progress)
+    loaded = load_checkpoint(path or default_model_path(), resolve_dtype(dtype, dev), dev, progress, mmproj)
     if loaded.format == "gguf":
-        tokenizer = tok.from_gguf_metadata(loaded.gguf.metadata)
+        tokenizer = tok.from_gguf_metadata(loaded.gguf.metadata, image_token=loaded.vision is not None)
+        if loaded.vision is not None:  # an mmproj file names no token ids: they are the tokenizer's
+            ids = {f: tokenizer.token_to_id(t) for f, t in (("boi_token_id", "<start_of_image>"),
+                                                              ("eoi_token_id", "<end_of_image>"),
+                                                              ("image_token_id", IMAGE_TOKEN))}
+            if None in ids.values():
+                raise ConfigError("the GGUF tokenizer lacks Gemma 3's image tokens; it cannot go with an mmproj")
+            loaded.vision.config = dataclasses.replace(loaded.vision.config, **ids)
     else:
         tokenizer = tok.from_directory(loaded.path)
-    return Model(loaded, tokenizer, max_context)
+    return Model(loaded, tokenizer, max_context, ImageConfig(pan_and_scan=pan_and_scan))

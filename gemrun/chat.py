@@ -130,9 +130,22 @@ class ChatTemplate:
         return "".join(out)
 
 
-def normalize_messages(messages: Sequence[dict], tokenizer: Tokenizer) -> list[dict]:
-    """Validate OpenAI-style messages and escape their text. Content is a string or a list of parts
-    ({"type": "text", "text": ...}; media parts are refused by text-only models)."""
+def image_source(part: dict) -> object:
+    """The image a content part points at: {"type": "image", "image"|"url"|"path": ...} (gemrun, HF),
+    {"type": "image_url", "image_url": {"url": ...} or "..."} (OpenAI chat) or {"type": "input_image",
+    "image_url": ...} (OpenAI responses)."""
+    for key in ("image", "url", "path", "image_url"):
+        value = part.get(key)
+        if isinstance(value, dict):
+            value = value.get("url")
+        if value is not None:
+            return value
+    raise InputError(f"image part has no image, url or path: {sorted(part)}")
+
+
+def normalize_messages(messages: Sequence[dict], tokenizer: Tokenizer, images: list | None = None) -> list[dict]:
+    """Validate OpenAI-style messages and escape their text. Content is a string or a list of parts: text, and
+    image parts whose sources are appended to `images` in order (None: a text-only model, images refused)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InputError("messages must be a non-empty list")
     out = []
@@ -151,7 +164,11 @@ def normalize_messages(messages: Sequence[dict], tokenizer: Tokenizer) -> list[d
                 if kind == "text" and isinstance(part.get("text"), str):
                     parts.append({"type": "text", "text": tokenizer.escape(part["text"])})
                 elif kind in ("image", "image_url", "input_image"):
-                    raise InputError(f"messages[{i}].content[{j}]: this model is text-only and cannot read images")
+                    if images is None:
+                        raise InputError(f"messages[{i}].content[{j}]: this model is text-only and cannot read "
+                                         "images")
+                    images.append(image_source(part))
+                    parts.append({"type": "image"})
                 else:
                     raise InputError(f"messages[{i}].content[{j}] has unsupported type {kind!r}")
             content = parts
@@ -164,11 +181,12 @@ def normalize_messages(messages: Sequence[dict], tokenizer: Tokenizer) -> list[d
 
 
 def render_prompt(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
-                  template: ChatTemplate | None = None, **extra: Any) -> str:
+                  template: ChatTemplate | None = None, images: list | None = None, **extra: Any) -> str:
+    """The rendered prompt text; image sources found in the messages are appended to `images`."""
     template = template or ChatTemplate(tokenizer.chat_template)
     bos = tokenizer.id_to_token(tokenizer.bos_id) or "<bos>"
     eos = tokenizer.id_to_token(tokenizer.eos_id) or "<eos>"
-    return template.render(normalize_messages(messages, tokenizer), bos_token=bos, eos_token=eos,
+    return template.render(normalize_messages(messages, tokenizer, images), bos_token=bos, eos_token=eos,
                            add_generation_prompt=add_generation_prompt, **extra)
 
 

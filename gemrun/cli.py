@@ -28,13 +28,22 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | mps")]
 DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 (float16 is refused)")]
 
 
-def _load(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False) -> Model:
+def _load(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False,
+          mmproj: str | None = None, pan_and_scan: bool = False) -> Model:
     with Progress(TextColumn("loading"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                   transient=True, disable=quiet) as bar:
         task = bar.add_task("load", total=None)
-        m = load(model, device=device, dtype=dtype, max_context=max_context,
-                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+        m = load(model, device=device, dtype=dtype, max_context=max_context, mmproj=mmproj,
+                 pan_and_scan=pan_and_scan, progress=lambda done, total: bar.update(task, completed=done, total=total))
     return m
+
+
+def _user_message(text: str, images: list[str]) -> dict:
+    """A user turn; images go before the text (Gemma's documented order)."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*({"type": "image", "image": p} for p in images), {"type": "text",
+                                                                                        "text": text}]}
 
 
 def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
@@ -91,24 +100,33 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
          max_tokens: MaxTok = 1024, temperature: Temp = 1.0, top_k: TopK = 64, top_p: TopP = 0.95,
          min_p: MinP = 0.0, repeat_penalty: Rep = 1.0, presence_penalty: Pres = 0.0, frequency_penalty: Freq = 0.0,
          seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-         max_context: Annotated[int | None, typer.Option()] = None) -> None:
+         max_context: Annotated[int | None, typer.Option()] = None,
+         image: Annotated[list[str] | None, typer.Option("--image", "-i", help="image file for the first "
+                                                         "message (repeatable)")] = None,
+         mmproj: Annotated[str | None, typer.Option(help="vision encoder GGUF (llama.cpp mmproj) for a GGUF "
+                                                   "model")] = None,
+         pan_and_scan: Annotated[bool, typer.Option("--pan-and-scan", help="add crops of large or elongated "
+                                                    "images")] = False) -> None:
     """Chat through the model's template. Interactive: end a line with '\\' to continue it; /reset clears the
-    conversation, /system TEXT sets the system prompt, /quit leaves."""
+    conversation, /system TEXT sets the system prompt, /image PATH attaches an image to the next message,
+    /quit leaves."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
-    m = _load(model, device, dtype, max_context)
+    m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan)
     history: list[dict] = []
+    pending: list[str] = list(image or [])
 
     def answer(text: str) -> None:
         msgs = ([{"role": "system", "content": system}] if system else []) + history
-        msgs.append({"role": "user", "content": text})
+        msgs.append(_user_message(text, pending))
         pieces = []
         for piece in m.chat(msgs, params, stream=True):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}])
+        history.extend([msgs[-1], {"role": "assistant", "content": "".join(pieces)}])
+        pending.clear()
         _report(m)
 
     if message is not None:
@@ -129,6 +147,16 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
             continue
         if text in ("/quit", "/exit", "/bye"):
             return
+        if text.startswith("/image"):
+            path = text[len("/image"):].strip()
+            if not path:
+                err.print("[red]usage:[/red] /image PATH")
+            elif m.vision is None:
+                err.print("[red]error:[/red] this model is text-only and cannot read images")
+            else:
+                pending.append(path)
+                err.print(f"[dim]image {path} attached to the next message[/dim]")
+            continue
         if text == "/reset":
             history.clear()
             err.print("[dim]conversation cleared[/dim]")

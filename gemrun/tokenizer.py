@@ -156,9 +156,10 @@ class StreamDecoder:
         return after[len(before):]
 
 
-def from_gguf_metadata(meta: dict) -> Tokenizer:
+def from_gguf_metadata(meta: dict, image_token: bool = False) -> Tokenizer:
     """Build the tokenizer a GGUF describes (tokens, types, special ids), caching the result on disk: deriving
-    the merges of a 262k vocabulary takes seconds, loading the cached tokenizer.json much less."""
+    the merges of a 262k vocabulary takes seconds, loading the cached tokenizer.json much less.
+    `image_token` appends `<image_soft_token>` (not in GGUF vocabularies) after the last id, as HF's has it."""
     model = meta.get("tokenizer.ggml.model")
     if model != "llama":
         raise TokenizerError(f"GGUF tokenizer model {model!r} is not supported (Gemma uses 'llama')")
@@ -182,6 +183,8 @@ def from_gguf_metadata(meta: dict) -> Tokenizer:
             tmp.replace(cached)
         except OSError:
             pass  # a read-only home only costs the rebuild next time
+    if image_token and backend.token_to_id("<image_soft_token>") is None:
+        backend.add_special_tokens([AddedToken("<image_soft_token>", special=True, normalized=False)])
     return Tokenizer(backend, bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
                      eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
                      pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),

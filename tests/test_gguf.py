@@ -220,7 +220,7 @@ def test_wrong_model_tensors_are_named(ref, tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(WeightsError, match=r"missing: layers\.3\.mlp\.up_proj\.weight"):
+    with pytest.raises(WeightsError, match=r"missing: text\.layers\.3\.mlp\.up_proj\.weight"):
         gemrun.load(tmp_path / "missing.gguf", device="cpu")
 
 

@@ -187,7 +187,7 @@ def test_hf_directory_hardening(tmp_path):
     d = fresh("partial")
     state = {k: v for k, v in ref.state_dict().items() if "layers.2.mlp" not in k and k != "lm_head.weight"}
     save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
-    with pytest.raises(WeightsError, match=r"missing: layers\.2\.mlp\.down_proj\.weight"):
+    with pytest.raises(WeightsError, match=r"missing: text\.layers\.2\.mlp\.down_proj\.weight"):
         load_hf(d, torch.float32, torch.device("cpu"))
     d = fresh("badconfig")
     (d / "config.json").write_text("{not json")

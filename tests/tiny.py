@@ -60,12 +60,17 @@ def tiny_vocab() -> tuple[list[str], list[int]]:
     merges = ["th", "he", "in", "er", "an", "\u2581t", "\u2581a", "\u2581the", "the", "re", "on", "at", "en", "nd"]
     extra = chars + merges
     i = 0
-    while len(tokens) < 512:
+    while len(tokens) < 500:
         tok = extra[i] if i < len(extra) else f"x{i}y"
         if tok not in tokens:
             tokens.append(tok)
             types.append(1)
         i += 1
+    # media tokens at the ids the tiny multimodal config uses (boi 500, eoi 501, image 502)
+    tokens += ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    types += [4, 4, 3]
+    tokens += [f"z{i}" for i in range(512 - len(tokens))]
+    types += [1] * (512 - len(types))
     return tokens, types
 
 
@@ -129,6 +134,80 @@ def write_gguf(path, ref: Gemma3ForCausalLM, qtype=None, embed_qtype=None) -> No
             w.add_tensor(gguf_name(ours), data.astype(np.float16))
         else:
             w.add_tensor(gguf_name(ours), quantize(data, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# --- a tiny Gemma3ForConditionalGeneration (facts section 7): SigLIP 32 wide, 56 px images, 4 soft tokens -----
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+              patch_size=14, vision_use_head=False)
+
+
+def hf_mm_model(seed: int = 0):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Gemma3Config(text_config=hf_config().to_dict(), vision_config=VISION, mm_tokens_per_image=4,
+                       boi_token_index=500, eoi_token_index=501, image_token_index=502)
+    cfg._attn_implementation = "eager"
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "mm_input_projection" in name:  # both start at zero in the reference init
+                p.normal_(0, 0.3)
+    return model
+
+
+def save_mm_dir(model, root) -> None:
+    """An HF directory: config, safetensors (hub names) and a tokenizer.json of the tiny vocabulary."""
+    from gemrun.tokenizer import build_backend
+
+    model.save_pretrained(root)
+    tokens, types = tiny_vocab()
+    build_backend(tokens, types).save(str(root / "tokenizer.json"))
+
+
+def write_mmproj(path, mm_model) -> None:
+    """The vision tower and projector of a tiny Gemma3ForConditionalGeneration as llama.cpp writes them."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from gemrun.weights.mmproj import MMPROJ_GLOBAL, MMPROJ_LAYER
+    from gemrun.weights.names import hf_vision_to_gemrun
+
+    back = {v: k for k, v in MMPROJ_GLOBAL.items()}
+    layer_back = {v: k for k, v in MMPROJ_LAYER.items()}
+    vc = mm_model.config.vision_config
+    w = GGUFWriter(str(path), "clip")
+    w.add_string("clip.projector_type", "gemma3")
+    w.add_bool("clip.has_vision_encoder", True)
+    for key, value in (("image_size", vc.image_size), ("patch_size", vc.patch_size),
+                       ("embedding_length", vc.hidden_size), ("feed_forward_length", vc.intermediate_size),
+                       ("block_count", vc.num_hidden_layers), ("attention.head_count", vc.num_attention_heads),
+                       ("projection_dim", mm_model.config.text_config.hidden_size)):
+        w.add_uint32(f"clip.vision.{key}", value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", vc.layer_norm_eps)
+    side = vc.image_size // vc.patch_size
+    scale = side // round(mm_model.config.mm_tokens_per_image ** 0.5)
+    if scale != 4:
+        w.add_uint32("clip.vision.projector.scale_factor", scale)
+    for name, t in mm_model.state_dict().items():
+        ours = hf_vision_to_gemrun(name)
+        if ours is None:
+            continue
+        if ours in back:
+            gname = back[ours]
+        else:
+            n, rest = ours.split("encoder.layers.")[1].split(".", 1)
+            sub, kind = rest.rsplit(".", 1)
+            gname = f"v.blk.{n}.{layer_back[sub]}.{kind}"
+        data = t.float().numpy()
+        if gname == "mm.soft_emb_norm.weight":
+            data = data + 1.0
+        w.add_tensor(gname, data.astype(np.float16 if gname == "mm.input_projection.weight" else np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

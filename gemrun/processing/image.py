@@ -103,9 +103,11 @@ def load_image(source, allowed_dir: Path | None = None) -> Image.Image:
         img = ImageOps.exif_transpose(img)
     except InputError:
         raise
+    except Image.DecompressionBombError:
+        raise InputError(f"image refused: its header declares more than {MAX_PIXELS} pixels") from None
     except UnidentifiedImageError:
         raise InputError(f"not a supported image ({', '.join(FORMATS)})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"image cannot be decoded: {e}") from None
     return to_rgb(img)
 

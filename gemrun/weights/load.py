@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import TextConfig, from_gguf_metadata, from_hf_config
 from ..errors import WeightsError
 from ..model.gemma3 import Gemma3
+from ..model.vision import Gemma3Vision, VisionConfig, vision_from_hf_config
 from .gguf import GGUFFile, check_tokenizer_metadata
-from .names import gguf_to_gemrun, hf_to_gemrun, is_gemma_norm
+from .names import gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
 from .safetensors import SafetensorsCheckpoint
 
 Progress = Callable[[int, int], None]  # (tensors done, tensors total)
@@ -27,6 +29,7 @@ class Loaded:
     format: str  # "gguf" | "safetensors"
     gguf: GGUFFile | None = None  # kept open for the tokenizer metadata
     hf_config: dict | None = None
+    vision: Gemma3Vision | None = None  # image encoder of multimodal checkpoints
 
 
 def check_names(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[int, ...]]) -> None:
@@ -44,18 +47,22 @@ def check_names(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[
         raise WeightsError("checkpoint does not match the model; " + "; ".join(problems))
 
 
-def _build(config: TextConfig, provided: dict[str, tuple[int, ...]], tensors: Iterator[tuple[str, torch.Tensor]],
-           dtype: torch.dtype, device: torch.device, progress: Progress | None) -> Gemma3:
+def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, tuple[int, ...]],
+           tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device,
+           progress: Progress | None) -> tuple[Gemma3, Gemma3Vision | None]:
+    """Build the text model (names `text.*`) and the vision encoder (`vision.*`) on `meta`, check every name
+    and shape, then fill them tensor by tensor."""
     with torch.device("meta"):
-        model = Gemma3(config)
-    check_names({n: tuple(p.shape) for n, p in model.named_parameters()}, provided)
+        parts = nn.ModuleDict({"text": Gemma3(config)} | ({"vision": Gemma3Vision(vision)} if vision else {}))
+    check_names({n: tuple(p.shape) for n, p in parts.named_parameters()}, provided)
     state = {}
     for i, (name, t) in enumerate(tensors):
         state[name] = t.to(device=device, dtype=dtype)
         if progress:
             progress(i + 1, len(provided))
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device).eval().requires_grad_(False)
+    parts.load_state_dict(state, strict=True, assign=True)
+    parts = parts.to(device).eval().requires_grad_(False)
+    return parts["text"], (parts["vision"] if vision else None)
 
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None) -> Loaded:
@@ -67,10 +74,10 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
         ours = gguf_to_gemrun(name)
         if ours is None:
             raise WeightsError(f"GGUF tensor {name!r} is not part of a Gemma 3 text model")
-        names[ours] = name
-    if "embed_tokens.weight" not in names:
+        names["text." + ours] = name
+    if "text.embed_tokens.weight" not in names:
         raise WeightsError("GGUF has no token_embd.weight")
-    config = config.replace(vocab_size=g.tensors[names["embed_tokens.weight"]].shape[0])
+    config = config.replace(vocab_size=g.tensors[names["text.embed_tokens.weight"]].shape[0])
 
     def tensors():
         for ours, name in names.items():
@@ -78,7 +85,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
             yield ours, (t - 1 if is_gemma_norm(name) else t)  # llama.cpp stores Gemma norms as 1 + w
 
     provided = {ours: g.tensors[name].shape for ours, name in names.items()}
-    model = _build(config, provided, tensors(), dtype, device, progress)
+    model, _ = _build(config, None, provided, tensors(), dtype, device, progress)
     return Loaded(model, config, path, "gguf", gguf=g)
 
 
@@ -93,10 +100,12 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
     if not isinstance(raw, dict):
         raise WeightsError(f"{cfg_path} is not a JSON object")
     config = from_hf_config(raw)  # auto_map / trust_remote_code are never looked at
+    vision = vision_from_hf_config(raw)
     ckpt = SafetensorsCheckpoint(root)
     names: dict[str, str] = {}
     for name in ckpt.shapes:
-        ours = hf_to_gemrun(name)
+        text, image = hf_to_gemrun(name), hf_vision_to_gemrun(name)
+        ours = "text." + text if text else ("vision." + image if image and vision else None)
         if ours is None:
             continue
         if ours in names:
@@ -105,17 +114,24 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
     back = {v: k for k, v in names.items()}
     provided = {ours: ckpt.shapes[name] for ours, name in names.items()}
     tensors = ((back[n], t) for n, t in ckpt.tensors(list(names.values())))
-    model = _build(config, provided, tensors, dtype, device, progress)
-    return Loaded(model, config, root, "safetensors", hf_config=raw)
+    model, vision_model = _build(config, vision, provided, tensors, dtype, device, progress)
+    return Loaded(model, config, root, "safetensors", hf_config=raw, vision=vision_model)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
-                    progress: Progress | None = None) -> Loaded:
+                    progress: Progress | None = None, mmproj: str | Path | None = None) -> Loaded:
     p = Path(path).expanduser()
     if p.is_dir():
+        if mmproj is not None:
+            raise WeightsError("--mmproj goes with a GGUF model; an HF directory carries its own vision tower")
         return load_hf(p, dtype, device, progress)
     if p.is_file():
         if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
             raise WeightsError(f"{p}: pickled checkpoints are never loaded; use safetensors or GGUF")
-        return load_gguf(p, dtype, device, progress)
+        loaded = load_gguf(p, dtype, device, progress)
+        if mmproj is not None:
+            from .mmproj import load_mmproj
+
+            loaded.vision = load_mmproj(Path(mmproj).expanduser(), loaded.config, dtype, device)
+        return loaded
     raise WeightsError(f"model path {p} does not exist")

@@ -47,6 +47,24 @@ def hf_to_gemrun(name: str) -> str | None:
     return name
 
 
+HF_VISION_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.",
+                      "vision_tower.")
+HF_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+
+def hf_vision_to_gemrun(name: str) -> str | None:
+    """The gemrun name (inside `Gemma3Vision`) of an HF vision-tower or projector tensor; None otherwise.
+    The SigLIP pooling head (`head.*`) is not used by Gemma 3 and is skipped."""
+    for prefix in HF_VISION_PREFIXES:
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            return None if rest.startswith("head.") else "vision_tower." + rest
+    for prefix in HF_PROJECTOR_PREFIXES:
+        if name.startswith(prefix):
+            return "multi_modal_projector." + name[len(prefix):]
+    return None
+
+
 def gguf_to_gemrun(name: str) -> str | None:
     """The gemrun name of a GGUF tensor; None when the name is not part of a Gemma 3 text model."""
     if name in GGUF_GLOBAL:

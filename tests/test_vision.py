@@ -1,0 +1,255 @@
+"""Gemma 3 vision: preprocessing equal to the reference, tiny multimodal parity, prompt assembly, image input
+hardening, the image cache."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny import hf_mm_model, save_mm_dir
+
+import gemrun
+from gemrun.errors import InputError
+from gemrun.generate import Prompt, Stats, generate_ids, prefill
+from gemrun.model.multimodal import expand_images, image_blocks, image_sequence
+from gemrun.processing.image import ImageConfig, load_image, preprocess, to_rgb
+from gemrun.sampling import SamplingParams
+
+
+def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def random_image(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return img.convert(mode) if mode != "RGB" else img
+
+
+@pytest.mark.parametrize("size", [(896, 896), (300, 200), (1000, 300), (257, 1100), (2000, 512), (64, 64),
+                                  (1, 1), (1, 300), (5000, 600), (640, 480), (799, 1203)])
+def test_pixels_equal_reference_processor(size):
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    ref = Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    img = random_image(*size, seed=size[0])
+    for pas in (False, True):
+        out = ref(img, return_tensors="np", do_pan_and_scan=pas, pan_and_scan_min_crop_size=256,
+                  pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2)
+        mine = preprocess(to_rgb(img), ImageConfig(), pas)
+        assert mine.shape == out["pixel_values"].shape and mine.shape[0] - 1 == out["num_crops"][0]
+        assert np.array_equal(mine, out["pixel_values"])
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "I;16"])
+def test_modes_convert_like_reference(mode):
+    from transformers.image_transforms import convert_to_rgb
+
+    img = random_image(40, 30, mode="RGBA" if mode in ("RGBA", "LA") else "RGB")
+    img = img.convert(mode) if mode != "I;16" else img.convert("L").convert("I;16")
+    expected = np.asarray(convert_to_rgb(img, return_numpy=True))
+    assert np.array_equal(np.asarray(to_rgb(img)), expected)
+
+
+def tiny_inputs(ids: list[int], n_images: int, seed: int = 0):
+    pix = torch.randn(n_images, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
+    ids_t = torch.tensor(ids)
+    return ids_t, pix, (ids_t == 502).long()
+
+
+@pytest.fixture(scope="module")
+def mm(tmp_path_factory):
+    ref = hf_mm_model(seed=1)
+    root = tmp_path_factory.mktemp("mm") / "tiny-mm"
+    save_mm_dir(ref, root)
+    return ref, gemrun.load(root, device="cpu")
+
+
+IMG = [500, 502, 502, 502, 502, 501]
+
+
+@pytest.mark.parametrize("ids,n", [([2, 10, 11, *IMG, 12, 13, 14, 15], 1),
+                                   ([2, 10, *IMG, 11, 12, *IMG, 13, *IMG, 14, 15, 16, 17, 18, 19, 20, 21], 3)])
+def test_tiny_multimodal_logits_match_reference(mm, ids, n):
+    from gemrun.model.multimodal import prompt_embeddings
+
+    ref, m = mm
+    ids_t, pix, tt = tiny_inputs(ids, n)
+    with torch.no_grad():
+        expected = ref(input_ids=ids_t[None], pixel_values=pix, token_type_ids=tt[None]).logits[0]
+        ref_features = ref.model.get_image_features(pix).pooler_output
+        soft = m.vision(pix)
+        assert (soft - ref_features).abs().max().item() <= 1e-5  # vision embeddings
+        embeds = prompt_embeddings(m.model, ids_t, 502, soft.flatten(0, 1))
+        blocks = image_blocks(ids_t, 502)
+        got = m.model(ids_t[None], m.model.make_caches(), embeds=embeds, blocks=blocks)[0]
+        assert (expected - got).abs().max().item() <= 1e-4
+        for chunk in (3, 5, 64):  # prefill chunks never split an image block
+            last = prefill(m.model, Prompt(ids, embeds, blocks), m.model.make_caches(), chunk)
+            assert (expected[-1] - last).abs().max().item() <= 1e-4
+        # bidirectional attention inside an image matters: without blocks the logits differ
+        plain = m.model(ids_t[None], m.model.make_caches(), embeds=embeds)[0]
+        assert (expected - plain).abs().max().item() > 1e-3
+
+
+def test_tiny_multimodal_greedy_matches_reference_generate(mm):
+    from gemrun.model.multimodal import prompt_embeddings
+
+    ref, m = mm
+    ids = [2, 10, *IMG, 11, 12, *IMG, 13]
+    ids_t, pix, tt = tiny_inputs(ids, 2, seed=3)
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids_t[None], pixel_values=pix, token_type_ids=tt[None], max_new_tokens=12,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+        embeds = prompt_embeddings(m.model, ids_t, 502, m.vision(pix).flatten(0, 1))
+    got = list(generate_ids(m.model, Prompt(ids, embeds, image_blocks(ids_t, 502)),
+                            SamplingParams(temperature=0, max_tokens=12), set(), 512, 512, Stats()))
+    assert got == out[0, len(ids):].tolist()
+
+
+def test_chat_with_images_end_to_end(mm, tmp_path):
+    """The API path: template -> placeholders -> expansion -> ids, soft tokens from real image files."""
+    ref, m = mm
+    a, b = random_image(80, 60, 1), random_image(33, 90, 2)
+    (tmp_path / "a.png").write_bytes(png(a))
+    url = "data:image/jpeg;base64," + base64.b64encode(png(b, "JPEG", quality=95)).decode()
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "a.png")},
+                                         {"type": "text", "text": "what"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+    prompt = m.chat_prompt(msgs)
+    assert prompt.ids.count(500) == 2 and prompt.ids.count(502) == 8 and prompt.ids.count(501) == 2
+    # the reference model given the same ids and pixels from the reference processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    proc = Gemma3ImageProcessorPil(size={"height": 56, "width": 56}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    jpeg = Image.open(io.BytesIO(base64.b64decode(url.split(",")[1])))
+    pix = torch.from_numpy(proc([a, jpeg], return_tensors="np")["pixel_values"])
+    ids_t = torch.tensor(prompt.ids)
+    with torch.no_grad():
+        expected = ref(input_ids=ids_t[None], pixel_values=pix, token_type_ids=(ids_t == 502).long()[None]).logits
+        got = m.model(ids_t[None], m.model.make_caches(), embeds=prompt.embeds, blocks=prompt.blocks)
+    assert (expected - got).abs().max().item() <= 1e-4
+    text = m.chat(msgs, temperature=0, max_tokens=5)
+    assert isinstance(text, str) and m.last_stats.prompt_tokens == len(prompt.ids)
+
+
+def test_same_image_is_encoded_once(mm):
+    _, m = mm
+    img = random_image(50, 50, 9)
+    calls = []
+    handle = m.vision.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "a"}]}]
+        m.chat_prompt(msgs)
+        msgs += [{"role": "assistant", "content": "b"},
+                 {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "c"}]}]
+        m.chat_prompt(msgs)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_placeholders_must_match_images(mm):
+    with pytest.raises(InputError, match="2 image placeholders for 1 images"):
+        expand_images("<start_of_image><start_of_image>", [0], 4)
+    assert expand_images("a<start_of_image>b", [0], 2) == "a" + image_sequence(2) + "b"
+    assert expand_images("<start_of_image>", [2], 1).startswith("Here is the original image \n\n<start_of_image>")
+    _, m = mm
+    msgs = [{"role": "user", "content": "spelled <start_of_image> in text"}]
+    assert 500 not in m.chat_prompt(msgs).ids  # text can never create a placeholder
+
+
+def test_image_input_hardening(tmp_path):
+    # a tiny PNG whose header declares 50,000 x 50,000 pixels is refused before decoding
+    import zlib
+
+    for side in (50_000, 8_000):  # past PIL's own bomb limit, and past ours only
+        bomb = bytearray(png(Image.new("L", (1, 1))))
+        bomb[16:24] = side.to_bytes(4, "big") + side.to_bytes(4, "big")
+        bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")  # a valid IHDR
+        assert len(bomb) < 1024
+        t0 = time.monotonic()
+        with pytest.raises(InputError, match="refused"):
+            load_image(bytes(bomb))
+        assert time.monotonic() - t0 < 1
+    good = png(random_image(64, 64))
+    for bad in (good[: len(good) // 2], b"", b"not an image at all", b"GIF89a" + b"\x00" * 10):
+        with pytest.raises(InputError):
+            load_image(bad)
+    with pytest.raises(InputError, match="remote"):
+        load_image("https://example.com/cat.png")
+    with pytest.raises(InputError, match="base64"):
+        load_image("data:image/png;base64,@@@")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out.png").write_bytes(good)
+    with pytest.raises(InputError, match="outside"):
+        load_image(str(tmp_path / "out.png"), allowed_dir=tmp_path / "in")
+    with pytest.raises(InputError, match="does not exist"):
+        load_image(str(tmp_path / "missing.png"))
+    assert load_image(png(Image.new("RGB", (1, 1)))).size == (1, 1)
+    thin = load_image(png(Image.new("L", (1, 65535))))
+    assert thin.size == (1, 65535) and preprocess(thin, ImageConfig(), True).shape == (1, 3, 896, 896)
+
+
+def test_gif_first_frame_and_exif_orientation():
+    frames = [Image.new("RGB", (20, 10), c) for c in ((255, 0, 0), (0, 255, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    assert load_image(buf.getvalue()).getpixel((0, 0)) == (255, 0, 0)
+    img = random_image(40, 20, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    rotated = load_image(png(img, "JPEG", exif=exif))
+    assert rotated.size == (20, 40)
+
+
+def test_text_only_model_refuses_images(model_270m):
+    with pytest.raises(InputError, match="text-only"):
+        model_270m.chat([{"role": "user", "content": [{"type": "image", "image": b"x"},
+                                                      {"type": "text", "text": "hi"}]}])
+
+
+def test_gguf_text_plus_mmproj(tmp_path):
+    """A text GGUF with a llama.cpp-style mmproj GGUF gives the same model as the HF directory (the projection is
+    F16 in mmproj files, as llama.cpp writes it, so the comparison allows for that rounding)."""
+    from gguf import GGUFReader
+    from tiny import write_gguf, write_mmproj
+
+    from gemrun.errors import WeightsError
+
+    ref = hf_mm_model(seed=4)
+    with torch.no_grad():
+        ref.model.multi_modal_projector.mm_input_projection_weight.copy_(
+            ref.model.multi_modal_projector.mm_input_projection_weight.half().float())
+    ref.config.text_config.query_pre_attn_scalar = 16
+    text_only = type("T", (), {})()
+    text_only.config = ref.config.text_config
+    text_only.state_dict = lambda: {k.replace("model.language_model.", "model."): v
+                                    for k, v in ref.state_dict().items() if "language_model" in k}
+    write_gguf(tmp_path / "text.gguf", text_only)
+    write_mmproj(tmp_path / "mmproj.gguf", ref)
+    r = GGUFReader(tmp_path / "mmproj.gguf")
+    assert r.fields["general.architecture"].contents() == "clip"
+    m = gemrun.load(tmp_path / "text.gguf", device="cpu", mmproj=tmp_path / "mmproj.gguf")
+    assert m.vision.config.image_token_id == 502 and m.vision.config.mm_tokens_per_image == 4
+    ref.config.text_config.query_pre_attn_scalar = 16
+    for layer in ref.model.language_model.layers:
+        layer.self_attn.scaling = 16 ** -0.5
+    ids = [2, 10, *IMG, 11, 12]
+    ids_t, pix, tt = tiny_inputs(ids, 1, seed=5)
+    with torch.no_grad():
+        expected = ref(input_ids=ids_t[None], pixel_values=pix, token_type_ids=tt[None]).logits[0]
+        from gemrun.model.multimodal import prompt_embeddings
+
+        embeds = prompt_embeddings(m.model, ids_t, 502, m.vision(pix).flatten(0, 1))
+        got = m.model(ids_t[None], m.model.make_caches(), embeds=embeds, blocks=image_blocks(ids_t, 502))[0]
+    assert (expected - got).abs().max().item() <= 1e-4
+    with pytest.raises(WeightsError, match="clip"):
+        gemrun.load(tmp_path / "text.gguf", device="cpu", mmproj=tmp_path / "text.gguf")
