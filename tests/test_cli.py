@@ -85,3 +85,25 @@ def test_corrupt_file_cli(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
     out = gemrun("generate", "hi", "--model", bad)
     assert out.returncode == 2 and "GGUF" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chat_with_images(tmp_path):
+    """--image on the command line and /image in the REPL, on a tiny multimodal HF directory."""
+    import numpy as np
+    from PIL import Image
+    from tiny import hf_mm_model, save_mm_dir
+
+    root = tmp_path / "mm"
+    save_mm_dir(hf_mm_model(seed=2), root)
+    img = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(img)
+    out = gemrun("chat", "--model", root, "--image", img, "--message", "what is it", "--max-tokens", "4",
+                 "--temperature", "0", "--pan-and-scan")
+    assert out.returncode == 0, out.stderr
+    assert "prompt" in out.stderr
+    repl = gemrun("chat", "--model", root, "--max-tokens", "3", "--seed", "1",
+                  input=f"/image {img}\nwhat\n/image {tmp_path / 'nope.png'}\nagain\n/quit\n")
+    assert repl.returncode == 0, repl.stderr
+    assert "attached to the next message" in repl.stderr and "does not exist" in repl.stderr
+    text_only = gemrun("chat", "--image", img, "--message", "hi", "--max-tokens", "2")
+    assert text_only.returncode == 2 and "text-only" in text_only.stderr

@@ -253,3 +253,48 @@ def test_gguf_text_plus_mmproj(tmp_path):
     assert (expected - got).abs().max().item() <= 1e-4
     with pytest.raises(WeightsError, match="clip"):
         gemrun.load(tmp_path / "text.gguf", device="cpu", mmproj=tmp_path / "text.gguf")
+
+
+@pytest.mark.parametrize("pas", [False, True])
+def test_prompt_ids_equal_reference_processor(gguf_path, hf_tokenizer_270m, pas):
+    """Gemma3Processor with the real 262k vocabulary (+ <image_soft_token>) and the official template: the same
+    ids (the processor's text path adds a second <bos>, facts trap 13; we compare without it) and the same
+    pixel values, with and without Pan & Scan."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from gemrun.chat import GEMMA3_TEMPLATE, render_prompt
+    from gemrun.tokenizer import from_gguf_metadata
+    from gemrun.weights.gguf import GGUFFile
+
+    tok = hf_tokenizer_270m
+    tok.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]}, replace_extra_special_tokens=False)
+    for name, t in (("image_token", "<image_soft_token>"), ("boi_token", "<start_of_image>"),
+                    ("eoi_token", "<end_of_image>")):
+        setattr(tok, name, t)
+        setattr(tok, name + "_id", tok.convert_tokens_to_ids(t))
+    ip = Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=256)
+    imgs = [random_image(1000, 300, 1), random_image(200, 200, 2)]
+    msgs = [{"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A test."}]},
+            {"role": "user", "content": [{"type": "text", "text": "And\n"}, {"type": "image"}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    out = proc(text=text, images=imgs, return_tensors="np", do_pan_and_scan=pas, pan_and_scan_min_crop_size=256,
+               pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2)
+    expected = out["input_ids"][0].tolist()
+    assert expected[:2] == [2, 2]
+
+    ours_tok = from_gguf_metadata(GGUFFile(gguf_path).metadata, image_token=True)
+    assert ours_tok.token_to_id("<image_soft_token>") == 262144
+    ours_msgs = [{**m, "content": [p if p["type"] == "text" else {"type": "image", "image": img}
+                                   for p, img in zip(m["content"], [imgs[0] if i == 1 else imgs[1]] * 2)]}
+                 for i, m in enumerate(msgs)]
+    sources: list = []
+    rendered = render_prompt(ours_tok, ours_msgs, images=sources)
+    pixels = [preprocess(to_rgb(i), ImageConfig(), pas) for i in imgs]
+    ids = ours_tok.encode_template(expand_images(rendered, [p.shape[0] - 1 for p in pixels], 256))
+    assert ids == expected[1:]
+    assert np.array_equal(np.concatenate(pixels), out["pixel_values"])
+    assert int((torch.tensor(ids) == 262144).sum()) == int(out["token_type_ids"].sum())
