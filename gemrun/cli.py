@@ -205,6 +205,37 @@ def perplexity(file: Annotated[Path, typer.Argument(help="UTF-8 text file")], mo
     err.print(f"[dim]{count / (time.perf_counter() - t0):.1f} tokens/s[/dim]")
 
 
+@app.command("make-random")
+def make_random(out: Annotated[Path, typer.Argument(help="output GGUF file, or directory for --format hf")],
+                preset: Annotated[str, typer.Option(help="config preset: " + ", ".join(PRESETS))] = "gemma-3-12b",
+                format: Annotated[str, typer.Option("--format", help="gguf | hf (safetensors directory)")] = "gguf",
+                quant: Annotated[str, typer.Option(help="gguf: q4_0 | q8_0 | f16 | bf16 | f32; hf: bf16 | f16 | "
+                                                   "f32")] = "q4_0",
+                embed_quant: Annotated[str, typer.Option(help="gguf embedding type")] = "q8_0",
+                vision: Annotated[bool, typer.Option("--vision", help="hf: add the SigLIP vision tower")] = False,
+                seed: int = 0) -> None:
+    """Write a full-shape checkpoint of random weights (for speed and memory benchmarks) with the real
+    tokenizer of the embedded model."""
+    from .weights.random import write_random_gguf, write_random_hf
+
+    with Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("write", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        if format == "gguf":
+            if vision:
+                raise GemrunError("--vision is for --format hf (a GGUF's vision tower is a separate mmproj file)")
+            write_random_gguf(preset, out, quant, embed_quant, seed, progress)
+        elif format == "hf":
+            write_random_hf(preset, out, vision, "bf16" if quant == "q4_0" else quant, seed, progress=progress)
+        else:
+            raise GemrunError(f"--format {format!r} is not gguf or hf")
+    print(json.dumps({"written": str(out), "preset": preset, "format": format}))
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 

@@ -107,3 +107,18 @@ def test_chat_with_images(tmp_path):
     assert "attached to the next message" in repl.stderr and "does not exist" in repl.stderr
     text_only = gemrun("chat", "--image", img, "--message", "hi", "--max-tokens", "2")
     assert text_only.returncode == 2 and "text-only" in text_only.stderr
+
+
+def test_make_random_gguf_and_hf(tmp_path):
+    out = gemrun("make-random", tmp_path / "r.gguf", "--preset", "gemma-3-270m", "--quant", "q8_0")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(gemrun("info", tmp_path / "r.gguf").stdout)
+    assert res["layers"] == 18 and res["hidden_size"] == 640 and res["parameters"] > 2.6e8
+    gen = gemrun("generate", "hi", "--model", tmp_path / "r.gguf", "--max-tokens", "3")
+    assert gen.returncode == 0, gen.stderr
+    hf = gemrun("make-random", tmp_path / "hf", "--preset", "gemma-3-270m", "--format", "hf", "--quant", "bf16")
+    assert hf.returncode == 0, hf.stderr
+    res = json.loads(gemrun("info", tmp_path / "hf").stdout)
+    assert res["layers"] == 18 and res["vocab_size"] == 262144
+    bad = gemrun("make-random", tmp_path / "x", "--preset", "gemma-3-270m", "--format", "hf", "--vision")
+    assert bad.returncode == 2 and "no vision tower" in bad.stderr

@@ -1,0 +1,196 @@
+"""Full-shape checkpoints of random weights (speed and memory do not depend on the values), written tensor by
+tensor: HF safetensors directories (optionally with the SigLIP vision tower) and GGUF files whose tokenizer
+metadata is copied from the embedded Gemma 3 270M."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from safetensors.torch import save_file
+
+from ..config import TextConfig, preset
+from ..errors import ConfigError
+from ..model.gemma3 import Gemma3
+from ..model.vision import VISION_PRESETS, Gemma3Vision
+from .names import GGUF_GLOBAL, GGUF_LAYER
+
+Progress = Callable[[int, int], None]
+STD = 0.02
+HF_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+GGUF_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16,
+              "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+
+
+def _shapes(module_factory) -> list[tuple[str, tuple[int, ...]]]:
+    with torch.device("meta"):
+        m = module_factory()
+    return [(n, tuple(p.shape)) for n, p in m.named_parameters()]
+
+
+def _values(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Biases 0, SigLIP LayerNorm scales 1, Gemma RMSNorm weights 0 (their scale is 1 + w), the rest N(0, 0.02)."""
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if "layer_norm" in name or "layernorm" in name:
+        return torch.ones(shape)
+    if name.endswith("norm.weight"):
+        return torch.zeros(shape)
+    return torch.randn(shape, generator=gen) * STD
+
+
+def hf_config_dict(cfg: TextConfig, vision: bool) -> dict:
+    text = {"model_type": "gemma3_text", "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "sliding_window": cfg.sliding_window,
+            "max_position_embeddings": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
+            "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_global.theta,
+            "rope_local_base_freq": cfg.rope_local.theta}
+    if cfg.rope_global.factor != 1.0:
+        text["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_global.factor}
+    if not vision:
+        return {**text, "architectures": ["Gemma3ForCausalLM"], "eos_token_id": [1, 106]}
+    v = VISION_PRESETS.get(cfg.name)
+    return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+            "text_config": text, "mm_tokens_per_image": v.mm_tokens_per_image, "boi_token_index": v.boi_token_id,
+            "eoi_token_index": v.eoi_token_id, "image_token_index": v.image_token_id,
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": v.hidden_size,
+                              "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
+                              "num_attention_heads": v.num_heads, "image_size": v.image_size,
+                              "patch_size": v.patch_size, "layer_norm_eps": v.layer_norm_eps,
+                              "vision_use_head": False}}
+
+
+def write_random_hf(preset_name: str, out: Path, vision: bool = False, dtype: str = "bf16", seed: int = 0,
+                    shard_bytes: int = 2 << 30, progress: Progress | None = None) -> Path:
+    """An HF directory (config.json, sharded safetensors with index, tokenizer.json) of random weights."""
+    from ..api import default_model_path
+    from ..tokenizer import from_gguf_metadata
+    from .gguf import GGUFFile
+
+    cfg = preset(preset_name)
+    if vision and cfg.name not in VISION_PRESETS:
+        raise ConfigError(f"{preset_name} has no vision tower")
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = "language_model.model." if vision else "model."
+    tensors = [(prefix + n, s) for n, s in _shapes(lambda: Gemma3(cfg))]
+    if vision:
+        for n, s in _shapes(lambda: Gemma3Vision(VISION_PRESETS[cfg.name])):
+            tensors.append((n.replace("vision_tower.", "vision_tower.vision_model.", 1), s))
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, shard, size, index = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, index
+        if shard:
+            index += 1
+            name = f"model-{index:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+            shard, size = {}, 0
+
+    for i, (name, shape) in enumerate(tensors):
+        t = _values(name, shape, gen).to(HF_DTYPES[dtype])
+        if size + t.nbytes > shard_bytes:
+            flush()
+        shard[name] = t
+        size += t.nbytes
+        if progress:
+            progress(i + 1, len(tensors))
+    flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, vision), indent=2))
+    tok = from_gguf_metadata(GGUFFile(default_model_path()).metadata, image_token=vision)
+    tok.backend.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>",
+                                                           "pad_token": "<pad>", "add_bos_token": True}))
+    return out
+
+
+def _gguf_name(ours: str) -> str:
+    back = {v: k for k, v in GGUF_GLOBAL.items()}
+    if ours in back:
+        return back[ours]
+    _, n, rest = ours.split(".", 2)
+    layer = {v: k for k, v in GGUF_LAYER.items()}[rest.rsplit(".", 1)[0]]
+    return f"blk.{n}.{layer}.weight"
+
+
+def _random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Raw blocks of a block-quantized type: random quants with a small fixed fp16 scale (values ~ 0.01)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scale = np.array([0.002 if qtype == GGMLQuantizationType.Q4_0 else 0.0002], dtype=np.float16).view(np.uint8)
+    raw[:, :, 0], raw[:, :, 1] = scale[0], scale[1]  # the block's d comes first in both Q4_0 and Q8_0
+    return raw.reshape(rows, -1)
+
+
+def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_quant: str = "q8_0", seed: int = 0,
+                      progress: Progress | None = None) -> Path:
+    """A llama.cpp-layout Gemma 3 GGUF of random weights: matrices in `quant`, the embedding in `embed_quant`,
+    norms F32 (stored as 1 + w), tokenizer metadata of the embedded model."""
+    from ..api import default_model_path
+    from .gguf import GGUFFile
+
+    if quant not in GGUF_TYPES or embed_quant not in GGUF_TYPES:
+        raise ConfigError(f"quant types must be among {sorted(GGUF_TYPES)}")
+    cfg = preset(preset_name)
+    meta = GGUFFile(default_model_path()).metadata
+    w = GGUFWriter(str(out), "gemma3")
+    for key, value in (("context_length", cfg.max_position_embeddings), ("embedding_length", cfg.hidden_size),
+                       ("block_count", cfg.num_layers), ("feed_forward_length", cfg.intermediate_size),
+                       ("attention.head_count", cfg.num_heads), ("attention.head_count_kv", cfg.num_kv_heads),
+                       ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim),
+                       ("attention.sliding_window", cfg.sliding_window)):
+        w.add_uint32(f"gemma3.{key}", value)
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_float32("gemma3.rope.freq_base", cfg.rope_global.theta)
+    if cfg.rope_global.factor != 1.0:
+        w.add_string("gemma3.rope.scaling.type", "linear")
+        w.add_float32("gemma3.rope.scaling.factor", cfg.rope_global.factor)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_scores(meta["tokenizer.ggml.scores"].tolist())
+    w.add_token_types(meta["tokenizer.ggml.token_type"].tolist())
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    tensors = _shapes(lambda: Gemma3(cfg))
+    plan = []
+    for name, shape in tensors:
+        q = GGUF_TYPES[embed_quant if name == "embed_tokens.weight" else quant]
+        if len(shape) == 1:
+            q = GGMLQuantizationType.F32
+        block, size = GGML_QUANT_SIZES[q]
+        if shape[-1] % block:
+            q, (block, size) = GGMLQuantizationType.F16, (1, 2)
+        nbytes = int(np.prod(shape)) // block * size
+        plan.append((name, shape, q, nbytes))
+        byte_shape = (*shape[:-1], shape[-1] // block * size)
+        w.add_tensor_info(_gguf_name(name), byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for i, (name, shape, q, _) in enumerate(plan):
+        if q in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0):
+            data = _random_blocks(q, shape, rng)
+        else:
+            t = _values(name, shape, gen) + (1.0 if name.endswith("norm.weight") else 0.0)
+            np_dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(q)
+            data = (t.numpy().astype(np_dtype) if np_dtype else t.to(torch.bfloat16).view(torch.uint8).numpy())
+        w.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+        if progress:
+            progress(i + 1, len(plan))
+    w.close()
+    return out
