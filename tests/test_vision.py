@@ -298,3 +298,29 @@ def test_prompt_ids_equal_reference_processor(gguf_path, hf_tokenizer_270m, pas)
     assert ids == expected[1:]
     assert np.array_equal(np.concatenate(pixels), out["pixel_values"])
     assert int((torch.tensor(ids) == 262144).sum()) == int(out["token_type_ids"].sum())
+
+
+def test_checkpoint_name_variants():
+    from gemrun.weights.names import hf_to_gemrun, hf_vision_to_gemrun
+
+    for name in ("vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight",  # original hub files
+                 "model.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight",
+                 "model.vision_tower.encoder.layers.3.mlp.fc1.weight",  # transformers 5.x in memory
+                 "vision_tower.encoder.layers.3.mlp.fc1.weight"):  # transformers 5.23 save_pretrained
+        assert hf_vision_to_gemrun(name) == "vision_tower.encoder.layers.3.mlp.fc1.weight"
+        assert hf_to_gemrun(name) is None
+    for name in ("multi_modal_projector.mm_soft_emb_norm.weight",
+                 "model.multi_modal_projector.mm_soft_emb_norm.weight"):
+        assert hf_vision_to_gemrun(name) == "multi_modal_projector.mm_soft_emb_norm.weight"
+    assert hf_vision_to_gemrun("vision_tower.vision_model.head.probe") is None
+    for name in ("language_model.model.layers.0.mlp.up_proj.weight",
+                 "model.language_model.layers.0.mlp.up_proj.weight",
+                 "model.layers.0.mlp.up_proj.weight"):
+        assert hf_to_gemrun(name) == "layers.0.mlp.up_proj.weight"
+
+
+def test_webp_and_bmp_decode():
+    img = random_image(30, 20, 5)
+    for fmt in ("WEBP", "BMP"):
+        kw = {"lossless": True} if fmt == "WEBP" else {}
+        assert np.array_equal(np.asarray(load_image(png(img, fmt, **kw))), np.asarray(img))
