@@ -97,7 +97,7 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.device
 
     def _params(self, params: SamplingParams | None, kw: dict[str, Any]) -> SamplingParams:
         if params is not None and kw:
@@ -174,12 +174,16 @@ class Model:
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
          max_context: int | None = None, progress: Progress | None = None, mmproj: str | Path | None = None,
-         pan_and_scan: bool = False) -> Model:
+         pan_and_scan: bool = False, packed: bool | None = None) -> Model:
     """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M. A GGUF's
     vision encoder comes from a separate llama.cpp-style `mmproj` GGUF. Pan & Scan is off by default, as in
-    the reference preprocessor."""
+    the reference preprocessor. `packed` keeps a GGUF's quantized matrices low-bit for the CPU kernels; by
+    default that happens with bfloat16 on the CPU, while float32 dequantizes (exact against the reference)."""
     dev = resolve_device(device)
-    loaded = load_checkpoint(path or default_model_path(), resolve_dtype(dtype, dev), dev, progress, mmproj)
+    dt = resolve_dtype(dtype, dev)
+    if packed is None:
+        packed = dev.type == "cpu" and dt == torch.bfloat16
+    loaded = load_checkpoint(path or default_model_path(), dt, dev, progress, mmproj, packed)
     if loaded.format == "gguf":
         tokenizer = tok.from_gguf_metadata(loaded.gguf.metadata, image_token=loaded.vision is not None)
         if loaded.vision is not None:  # an mmproj file names no token ids: they are the tokenizer's

@@ -205,6 +205,64 @@ def perplexity(file: Annotated[Path, typer.Argument(help="UTF-8 text file")], mo
     err.print(f"[dim]{count / (time.perf_counter() - t0):.1f} tokens/s[/dim]")
 
 
+def _hwm_bytes() -> int:
+    """Peak resident memory of this process (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@app.command()
+def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(help="prefill length")] = 512,
+          gen_tokens: Annotated[int, typer.Option(help="decode length")] = 128,
+          repeat: Annotated[int, typer.Option(help="runs; medians are reported")] = 3,
+          threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores)")] = None,
+          device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+          packed: Annotated[bool | None, typer.Option("--packed/--dense", help="keep GGUF quantized matrices "
+                                                      "low-bit (default with bfloat16 on the CPU)")] = None) -> None:
+    """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
+    first token, and peak RSS, as JSON on stdout (medians over REPEAT runs)."""
+    import os
+    import statistics
+
+    from .generate import Stats, generate_ids
+    from .sampling import SamplingParams
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    m = load(model, device=device, dtype=dtype, packed=packed)
+    load_s = time.perf_counter() - t0
+    if prompt_tokens + gen_tokens >= m.max_context:
+        raise GemrunError(f"prompt {prompt_tokens} + {gen_tokens} tokens exceed the context of {m.max_context}")
+    text = " ".join(f"The {i}th sentence of the benchmark talks about the weather in city number {i}."
+                    for i in range(prompt_tokens))
+    ids = m.tokenizer.encode(text, bos=True)[:prompt_tokens]
+    params = SamplingParams(temperature=0, max_tokens=gen_tokens, ignore_eos=True)
+    runs = []
+    for _ in range(max(1, repeat) + 1):  # the first run warms up and is dropped
+        stats = Stats()
+        t = time.perf_counter()
+        first = None
+        for _token in generate_ids(m.model, ids, params, set(), m.max_context, m.tokenizer.vocab_size, stats):
+            first = first or time.perf_counter() - t
+        runs.append((stats.prefill_tps, stats.decode_tps, first))
+    runs = runs[1:]
+    w = m.model
+    out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
+           "packed": type(w.layers[0].mlp.up_proj).__name__ != "Linear", "threads": torch.get_num_threads(),
+           "load_s": round(load_s, 2), "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
+           "prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
+           "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
+           "ttft_s": round(statistics.median(r[2] for r in runs), 3),
+           "weights_bytes": sum(t.nbytes for t in [*w.parameters(), *w.buffers()]),
+           "peak_rss_gib": round(_hwm_bytes() / 2**30, 3)}
+    print(json.dumps(out))
+
+
 @app.command("make-random")
 def make_random(out: Annotated[Path, typer.Argument(help="output GGUF file, or directory for --format hf")],
                 preset: Annotated[str, typer.Option(help="config preset: " + ", ".join(PRESETS))] = "gemma-3-12b",

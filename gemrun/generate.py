@@ -75,7 +75,7 @@ def chunk_bounds(n: int, chunk: int, blocks: torch.Tensor | None) -> list[tuple[
 def prefill(model, prompt: Prompt | list[int], caches: list, chunk: int = 256) -> torch.Tensor:
     """Run the prompt through the model in chunks; float32 logits (V,) of its last position."""
     prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
-    device = model.embed_tokens.weight.device
+    device = model.device
     ids = torch.tensor([prompt.ids], device=device)
     for a, b in chunk_bounds(len(prompt.ids), chunk, prompt.blocks):
         embeds = None if prompt.embeds is None else prompt.embeds[:, a:b]
@@ -92,7 +92,7 @@ def generate_ids(model, prompt: Prompt | list[int], params: SamplingParams, stop
     prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
     n = len(prompt.ids)
     check_context(n, max_context)
-    device = model.embed_tokens.weight.device
+    device = model.device
     caches = model.make_caches(capacity=min(max_context, n + params.max_tokens))
     counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=device)
     seen = torch.tensor([i for i in prompt.ids if i < model.config.vocab_size], dtype=torch.long, device=device)

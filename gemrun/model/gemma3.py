@@ -71,14 +71,27 @@ class Gemma3(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ropes = sorted({(s.head_dim, s.rope) for s in self.specs}, key=repr)  # distinct RoPE tables
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (that of the norms: packed low-bit modules have no float weight)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def make_caches(self, batch: int = 1, capacity: int = 256, spare: int = 0) -> list:
-        w = self.embed_tokens.weight
-        return make_caches(self.specs, batch, w.dtype, w.device, capacity, spare)
+        return make_caches(self.specs, batch, self.dtype, self.device, capacity, spare)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         # sqrt(E) is rounded to the weight dtype before the multiply (bf16: 62.0 for E=3840), as the reference.
-        scale = torch.tensor(self.config.hidden_size**0.5).to(self.embed_tokens.weight.dtype)
-        return self.embed_tokens(tokens) * scale
+        scale = torch.tensor(self.config.hidden_size**0.5).to(self.dtype)
+        return self.embed_tokens(tokens).to(self.dtype) * scale
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied output projection (a packed embedding brings its own)."""
+        emb = self.embed_tokens
+        return emb.project(x) if hasattr(emb, "project") else x @ emb.weight.T
 
     def forward(self, tokens: torch.Tensor | None, caches: list, embeds: torch.Tensor | None = None,
                 last_only: bool = False, blocks: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,7 +109,7 @@ class Gemma3(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        logits = x @ self.embed_tokens.weight.T  # tied head, (B, T, V)
+        logits = self.head(x)  # (B, T, V)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)

@@ -65,7 +65,62 @@ def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, 
     return parts["text"], (parts["vision"] if vision else None)
 
 
-def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None) -> Loaded:
+def _swap(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _check_loaded(model: nn.Module) -> None:
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise WeightsError(f"tensors left unloaded: {', '.join(left[:8])}")
+
+
+def load_gguf_packed(g: GGUFFile, config: TextConfig, names: dict[str, str], progress: Progress | None) -> Gemma3:
+    """Quantized GGUF matrices stay low-bit: repacked for the CPU int4/int8 kernels (`quant/packed.py`), the
+    embedding as int8 rows; norms and float tensors in bfloat16 activations' dtype."""
+    from ..quant.packed import Int8Embedding, pack_gguf
+
+    with torch.device("meta"):
+        model = Gemma3(config)
+    check_names({"text." + n: tuple(p.shape) for n, p in model.named_parameters()},
+                {ours: g.tensors[name].shape for ours, name in names.items()})
+    state = {}
+    for i, (ours, name) in enumerate(names.items()):
+        ours = ours.removeprefix("text.")
+        info = g.tensors[name]
+        module = None
+        if ours == "embed_tokens.weight" and info.qtype.name not in ("F32", "F16", "BF16"):
+            raw, rows = g.raw(name), info.shape[0]
+            step = 8192  # dequantize in slices: the float table is never whole in memory
+            parts = [Int8Embedding.from_float(torch.from_numpy(
+                _dequant_rows(raw[r:r + step], info.qtype, info.shape[1]))) for r in range(0, rows, step)]
+            module = Int8Embedding(*info.shape)
+            module.weight_int8 = torch.cat([p.weight_int8 for p in parts])
+            module.scales = torch.cat([p.scales for p in parts])
+            _swap(model, "embed_tokens", module)
+        elif len(info.shape) == 2 and ours.endswith("proj.weight"):
+            module = pack_gguf(g.raw(name), info.qtype, info.shape)
+            if module is not None:
+                _swap(model, ours.removesuffix(".weight"), module)
+        if module is None:
+            t = torch.from_numpy(g.load(name))
+            state[ours] = (t - 1 if is_gemma_norm(name) else t).to(torch.bfloat16)
+        if progress:
+            progress(i + 1, len(names))
+    model.load_state_dict(state, strict=False, assign=True)
+    _check_loaded(model)
+    return model.eval().requires_grad_(False)
+
+
+def _dequant_rows(raw, qtype, cols: int):
+    from gguf.quants import dequantize
+
+    return dequantize(raw, qtype).reshape(-1, cols)
+
+
+def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
+              packed: bool = False) -> Loaded:
     g = GGUFFile(path)
     check_tokenizer_metadata(g.metadata)
     config = from_gguf_metadata(g.metadata)
@@ -78,6 +133,11 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
     if "text.embed_tokens.weight" not in names:
         raise WeightsError("GGUF has no token_embd.weight")
     config = config.replace(vocab_size=g.tensors[names["text.embed_tokens.weight"]].shape[0])
+
+    if packed and any(t.qtype.name not in ("F32", "F16", "BF16") for t in g.tensors.values()):
+        if device.type != "cpu" or dtype != torch.bfloat16:
+            raise WeightsError("packed low-bit weights run on the CPU with bfloat16 activations")
+        return Loaded(load_gguf_packed(g, config, names, progress), config, path, "gguf", gguf=g)
 
     def tensors():
         for ours, name in names.items():
@@ -119,7 +179,8 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
-                    progress: Progress | None = None, mmproj: str | Path | None = None) -> Loaded:
+                    progress: Progress | None = None, mmproj: str | Path | None = None,
+                    packed: bool = False) -> Loaded:
     p = Path(path).expanduser()
     if p.is_dir():
         if mmproj is not None:
@@ -128,7 +189,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
     if p.is_file():
         if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
             raise WeightsError(f"{p}: pickled checkpoints are never loaded; use safetensors or GGUF")
-        loaded = load_gguf(p, dtype, device, progress)
+        loaded = load_gguf(p, dtype, device, progress, packed)
         if mmproj is not None:
             from .mmproj import load_mmproj
 
