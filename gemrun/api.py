@@ -174,16 +174,21 @@ class Model:
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
          max_context: int | None = None, progress: Progress | None = None, mmproj: str | Path | None = None,
-         pan_and_scan: bool = False, packed: bool | None = None) -> Model:
+         pan_and_scan: bool = False, packed: bool | None = None, quantize: str | None = None) -> Model:
     """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M. A GGUF's
     vision encoder comes from a separate llama.cpp-style `mmproj` GGUF. Pan & Scan is off by default, as in
     the reference preprocessor. `packed` keeps a GGUF's quantized matrices low-bit for the CPU kernels; by
-    default that happens with bfloat16 on the CPU, while float32 dequantizes (exact against the reference)."""
+    default that happens with bfloat16 on the CPU, while float32 dequantizes (exact against the reference).
+    `quantize` ("q4" | "q8") quantizes a float HF checkpoint at load, tensor by tensor."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if packed is None:
         packed = dev.type == "cpu" and dt == torch.bfloat16
-    loaded = load_checkpoint(path or default_model_path(), dt, dev, progress, mmproj, packed)
+    if quantize in (None, "none"):
+        quantize = None
+    elif dtype == "auto":
+        dt = torch.bfloat16  # the packed kernels take bfloat16 activations
+    loaded = load_checkpoint(path or default_model_path(), dt, dev, progress, mmproj, packed, quantize)
     if loaded.format == "gguf":
         tokenizer = tok.from_gguf_metadata(loaded.gguf.metadata, image_token=loaded.vision is not None)
         if loaded.vision is not None:  # an mmproj file names no token ids: they are the tokenizer's

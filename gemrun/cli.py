@@ -25,16 +25,20 @@ err = Console(stderr=True, soft_wrap=True)
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or HF directory (default: the "
                                               "embedded Gemma 3 270M)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | mps")]
-DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 (float16 is refused)")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 (float16 is refused); bfloat16 on the CPU "
+                                        "keeps a GGUF's quantized weights packed")]
+QuantOpt = Annotated[str | None, typer.Option("--quantize", help="q4 | q8 | none: quantize a float HF checkpoint "
+                                              "at load")]
 
 
 def _load(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False,
-          mmproj: str | None = None, pan_and_scan: bool = False) -> Model:
+          mmproj: str | None = None, pan_and_scan: bool = False, quantize: str | None = None) -> Model:
     with Progress(TextColumn("loading"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                   transient=True, disable=quiet) as bar:
         task = bar.add_task("load", total=None)
         m = load(model, device=device, dtype=dtype, max_context=max_context, mmproj=mmproj,
-                 pan_and_scan=pan_and_scan, progress=lambda done, total: bar.update(task, completed=done, total=total))
+                 pan_and_scan=pan_and_scan, quantize=quantize,
+                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     return m
 
 
@@ -84,11 +88,12 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
              max_tokens: MaxTok = 256, temperature: Temp = 1.0, top_k: TopK = 64, top_p: TopP = 0.95,
              min_p: MinP = 0.0, repeat_penalty: Rep = 1.0, presence_penalty: Pres = 0.0,
              frequency_penalty: Freq = 0.0, seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto",
-             dtype: DtypeOpt = "auto", max_context: Annotated[int | None, typer.Option()] = None) -> None:
+             dtype: DtypeOpt = "auto", max_context: Annotated[int | None, typer.Option()] = None,
+             quantize: QuantOpt = None) -> None:
     """Continue PROMPT as raw text and stream the continuation only."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
-    m = _load(model, device, dtype, max_context)
+    m = _load(model, device, dtype, max_context, quantize=quantize)
     _emit(m.generate(prompt, params, stream=True))
     _report(m)
 
@@ -106,13 +111,13 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
          mmproj: Annotated[str | None, typer.Option(help="vision encoder GGUF (llama.cpp mmproj) for a GGUF "
                                                    "model")] = None,
          pan_and_scan: Annotated[bool, typer.Option("--pan-and-scan", help="add crops of large or elongated "
-                                                    "images")] = False) -> None:
+                                                    "images")] = False, quantize: QuantOpt = None) -> None:
     """Chat through the model's template. Interactive: end a line with '\\' to continue it; /reset clears the
     conversation, /system TEXT sets the system prompt, /image PATH attaches an image to the next message,
     /quit leaves."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
-    m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan)
+    m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize)
     history: list[dict] = []
     pending: list[str] = list(image or [])
 
@@ -223,7 +228,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
           threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores)")] = None,
           device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
           packed: Annotated[bool | None, typer.Option("--packed/--dense", help="keep GGUF quantized matrices "
-                                                      "low-bit (default with bfloat16 on the CPU)")] = None) -> None:
+                                                      "low-bit (default with bfloat16 on the CPU)")] = None,
+          quantize: QuantOpt = None) -> None:
     """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
     first token, and peak RSS, as JSON on stdout (medians over REPEAT runs)."""
     import os
@@ -234,7 +240,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    m = load(model, device=device, dtype=dtype, packed=packed)
+    m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize)
     load_s = time.perf_counter() - t0
     if prompt_tokens + gen_tokens >= m.max_context:
         raise GemrunError(f"prompt {prompt_tokens} + {gen_tokens} tokens exceed the context of {m.max_context}")

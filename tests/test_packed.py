@@ -113,3 +113,27 @@ def test_bench_cli(tmp_path):
     res = json.loads(out.stdout)
     assert res["packed"] and res["prompt_tokens"] == 32 and res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0
     assert 0 < res["peak_rss_gib"] < 8
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_quantize_hf_at_load(tmp_path, kind):
+    from tiny import hf_model
+
+    from gemrun.weights.load import load_hf
+
+    ref = hf_model(seed=14)
+    ref.save_pretrained(tmp_path / "m")
+
+    base = load_hf(tmp_path / "m", torch.float32, torch.device("cpu")).model
+    quant = load_hf(tmp_path / "m", torch.bfloat16, torch.device("cpu"), quantize=kind).model
+    kinds = {type(m).__name__ for m in quant.modules()}
+    assert ("Int4Linear" in kinds) == (kind == "q4") and "Int8Embedding" in kinds and "Linear" not in kinds
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = base(ids, base.make_caches()).float()
+        b = quant(ids, quant.make_caches()).float()
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    print(kind, "cosine", cos)
+    assert cos > (0.9 if kind == "q4" else 0.995)  # tiny random weights: int4 groups are coarse there
+    with pytest.raises(gemrun.GemrunError, match="quantize"):
+        load_hf(tmp_path / "m", torch.bfloat16, torch.device("cpu"), quantize="q3")

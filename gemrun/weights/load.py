@@ -49,20 +49,47 @@ def check_names(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[
 
 def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, tuple[int, ...]],
            tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device,
-           progress: Progress | None) -> tuple[Gemma3, Gemma3Vision | None]:
+           progress: Progress | None, pack: Callable[[str, torch.Tensor], nn.Module | None] | None = None,
+           ) -> tuple[Gemma3, Gemma3Vision | None]:
     """Build the text model (names `text.*`) and the vision encoder (`vision.*`) on `meta`, check every name
-    and shape, then fill them tensor by tensor."""
+    and shape, then fill them tensor by tensor; `pack` may turn a tensor into a low-bit module instead."""
     with torch.device("meta"):
         parts = nn.ModuleDict({"text": Gemma3(config)} | ({"vision": Gemma3Vision(vision)} if vision else {}))
     check_names({n: tuple(p.shape) for n, p in parts.named_parameters()}, provided)
     state = {}
     for i, (name, t) in enumerate(tensors):
-        state[name] = t.to(device=device, dtype=dtype)
+        module = pack(name, t) if pack else None
+        if module is not None:
+            _swap(parts, name.removesuffix(".weight"), module)
+        else:
+            state[name] = t.to(device=device, dtype=dtype)
+        del t
         if progress:
             progress(i + 1, len(provided))
-    parts.load_state_dict(state, strict=True, assign=True)
+    parts.load_state_dict(state, strict=pack is None, assign=True)
+    _check_loaded(parts)
     parts = parts.to(device).eval().requires_grad_(False)
     return parts["text"], (parts["vision"] if vision else None)
+
+
+def quantizer(kind: str) -> Callable[[str, torch.Tensor], nn.Module | None]:
+    """`--quantize q4|q8` for float checkpoints: text matrices to int4 (groups of 32) or int8 per channel, the
+    embedding to int8 rows; norms and the vision encoder stay in floating point."""
+    from ..quant.packed import Int4Linear, Int8Embedding, Int8Linear
+
+    if kind not in ("q4", "q8"):
+        raise WeightsError(f"--quantize {kind!r} is not q4, q8 or none")
+
+    def pack(name: str, t: torch.Tensor) -> nn.Module | None:
+        if name == "text.embed_tokens.weight":
+            return Int8Embedding.from_float(t)
+        if name.startswith("text.") and name.endswith("proj.weight"):
+            if kind == "q4" and t.shape[1] % 32 == 0 and t.shape[0] % 64 == 0:
+                return Int4Linear.from_float(t)
+            return Int8Linear.from_float(t)
+        return None
+
+    return pack
 
 
 def _swap(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -149,7 +176,8 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
     return Loaded(model, config, path, "gguf", gguf=g)
 
 
-def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None) -> Loaded:
+def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
+            quantize: str | None = None) -> Loaded:
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise WeightsError(f"{root} has no config.json")
@@ -174,21 +202,26 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
     back = {v: k for k, v in names.items()}
     provided = {ours: ckpt.shapes[name] for ours, name in names.items()}
     tensors = ((back[n], t) for n, t in ckpt.tensors(list(names.values())))
-    model, vision_model = _build(config, vision, provided, tensors, dtype, device, progress)
+    if quantize and (device.type != "cpu" or dtype != torch.bfloat16):
+        raise WeightsError("--quantize runs on the CPU with bfloat16 activations")
+    pack = quantizer(quantize) if quantize else None
+    model, vision_model = _build(config, vision, provided, tensors, dtype, device, progress, pack)
     return Loaded(model, config, root, "safetensors", hf_config=raw, vision=vision_model)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
                     progress: Progress | None = None, mmproj: str | Path | None = None,
-                    packed: bool = False) -> Loaded:
+                    packed: bool = False, quantize: str | None = None) -> Loaded:
     p = Path(path).expanduser()
     if p.is_dir():
         if mmproj is not None:
             raise WeightsError("--mmproj goes with a GGUF model; an HF directory carries its own vision tower")
-        return load_hf(p, dtype, device, progress)
+        return load_hf(p, dtype, device, progress, quantize)
     if p.is_file():
         if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
             raise WeightsError(f"{p}: pickled checkpoints are never loaded; use safetensors or GGUF")
+        if quantize:
+            raise WeightsError("--quantize is for float HF checkpoints; a GGUF keeps its own quantization")
         loaded = load_gguf(p, dtype, device, progress, packed)
         if mmproj is not None:
             from .mmproj import load_mmproj
