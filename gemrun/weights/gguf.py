@@ -188,6 +188,15 @@ class GGUFFile:
             if start < end:
                 raise WeightsError(f"GGUF corrupt: tensors {a!r} and {b!r} overlap")
 
+    def release(self, name: str) -> None:
+        """Let the kernel drop the pages of a tensor already converted (they count as resident memory while
+        mapped); a later read simply faults them in again."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.tensors[name]
+        start = info.offset - info.offset % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes, (rows, bytes per row), without copying."""
         info = self.tensors[name]

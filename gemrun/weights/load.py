@@ -133,6 +133,7 @@ def load_gguf_packed(g: GGUFFile, config: TextConfig, names: dict[str, str], pro
         if module is None:
             t = torch.from_numpy(g.load(name))
             state[ours] = (t - 1 if is_gemma_norm(name) else t).to(torch.bfloat16)
+        g.release(name)
         if progress:
             progress(i + 1, len(names))
     model.load_state_dict(state, strict=False, assign=True)
@@ -169,6 +170,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
     def tensors():
         for ours, name in names.items():
             t = torch.from_numpy(g.load(name))
+            g.release(name)
             yield ours, (t - 1 if is_gemma_norm(name) else t)  # llama.cpp stores Gemma norms as 1 + w
 
     provided = {ours: g.tensors[name].shape for ours, name in names.items()}
