@@ -60,7 +60,7 @@ def worker_llama(args) -> dict:
     from llama_cpp import Llama
 
     llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads,
-                n_ctx=args.prompt + args.decode + 16, n_batch=args.prompt, verbose=False)
+                n_ctx=args.prompt + args.decode + 16, n_batch=args.prompt + args.decode + 16, verbose=False)
     ids = prompt_ids(lambda t: [llm.token_bos()] + llm.tokenize(t.encode(), add_bos=False), args.prompt)
     for _ in range(2):
         llm.reset()
