@@ -140,8 +140,9 @@ def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_qu
 
     if quant not in GGUF_TYPES or embed_quant not in GGUF_TYPES:
         raise ConfigError(f"quant types must be among {sorted(GGUF_TYPES)}")
-    cfg = preset(preset_name)
     meta = GGUFFile(default_model_path()).metadata
+    # llama.cpp's files (and loader) size the embedding to the tokenizer: 262144 rows, not HF's 262208
+    cfg = preset(preset_name).replace(vocab_size=len(meta["tokenizer.ggml.tokens"]))
     w = GGUFWriter(str(out), "gemma3")
     for key, value in (("context_length", cfg.max_position_embeddings), ("embedding_length", cfg.hidden_size),
                        ("block_count", cfg.num_layers), ("feed_forward_length", cfg.intermediate_size),
