@@ -22,6 +22,16 @@ from .sampling import SamplingParams
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run Google's Gemma models locally.")
 err = Console(stderr=True, soft_wrap=True)
 
+@app.callback()
+def _options(threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for every command "
+                                                         "(default: all cores)")] = None) -> None:
+    import os
+
+    if threads is not None and threads < 1:
+        raise GemrunError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or HF directory (default: the "
                                               "embedded Gemma 3 270M)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | mps")]
@@ -232,13 +242,13 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
           quantize: QuantOpt = None) -> None:
     """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
     first token, and peak RSS, as JSON on stdout (medians over REPEAT runs)."""
-    import os
     import statistics
 
     from .generate import Stats, generate_ids
     from .sampling import SamplingParams
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize)
     load_s = time.perf_counter() - t0

@@ -122,3 +122,11 @@ def test_make_random_gguf_and_hf(tmp_path):
     assert res["layers"] == 18 and res["vocab_size"] == 262144
     bad = gemrun("make-random", tmp_path / "x", "--preset", "gemma-3-270m", "--format", "hf", "--vision")
     assert bad.returncode == 2 and "no vision tower" in bad.stderr
+
+
+def test_threads_option():
+    out = gemrun("--threads", "1", "bench", "--prompt-tokens", "16", "--gen-tokens", "2", "--repeat", "1")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["threads"] == 1
+    bad = gemrun("--threads", "0", "info", "gemma-3-1b")
+    assert bad.returncode == 2 and "--threads" in bad.stderr
