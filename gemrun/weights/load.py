@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gguf.quants import dequantize
 from torch import nn
 
 from ..config import TextConfig, from_gguf_metadata, from_hf_config
@@ -120,8 +121,8 @@ def load_gguf_packed(g: GGUFFile, config: TextConfig, names: dict[str, str], pro
         if ours == "embed_tokens.weight" and info.qtype.name not in ("F32", "F16", "BF16"):
             raw, rows = g.raw(name), info.shape[0]
             step = 8192  # dequantize in slices: the float table is never whole in memory
-            parts = [Int8Embedding.from_float(torch.from_numpy(
-                _dequant_rows(raw[r:r + step], info.qtype, info.shape[1]))) for r in range(0, rows, step)]
+            parts = [Int8Embedding.from_float(torch.from_numpy(dequantize(raw[r:r + step], info.qtype)))
+                     for r in range(0, rows, step)]
             module = Int8Embedding(*info.shape)
             module.weight_int8 = torch.cat([p.weight_int8 for p in parts])
             module.scales = torch.cat([p.scales for p in parts])
@@ -139,12 +140,6 @@ def load_gguf_packed(g: GGUFFile, config: TextConfig, names: dict[str, str], pro
     model.load_state_dict(state, strict=False, assign=True)
     _check_loaded(model)
     return model.eval().requires_grad_(False)
-
-
-def _dequant_rows(raw, qtype, cols: int):
-    from gguf.quants import dequantize
-
-    return dequantize(raw, qtype).reshape(-1, cols)
 
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
