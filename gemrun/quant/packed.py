@@ -22,6 +22,12 @@ GROUP = 32
 INNER_K_TILES = 2
 
 
+def _flat(x: torch.Tensor, out_features: int, kernel) -> torch.Tensor:
+    """Run a 2-D weight-only kernel on (..., K) activations in bfloat16, returning (..., N)."""
+    y = kernel(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 def _int4_pack(q: torch.Tensor) -> torch.Tensor:
     """q (N, K) integers 0..15 -> the CPU kernel's packed layout."""
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), INNER_K_TILES)
@@ -55,10 +61,8 @@ class Int4Linear(nn.Module):
         return cls.from_quants(q.reshape(n, k), scale, lo + 8 * scale, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
-                                                      self.group, self.scales_zeros)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        return _flat(x, self.out_features, lambda a: mm(a, self.packed, self.group, self.scales_zeros)).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -76,10 +80,8 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8,
-                                               self.scales)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        mm = torch.ops.aten._weight_int8pack_mm
+        return _flat(x, self.out_features, lambda a: mm(a, self.weight_int8, self.scales)).to(x.dtype)
 
 
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,10 +113,8 @@ class Int8Embedding(nn.Module):
         return self.weight_int8[ids].to(torch.bfloat16) * self.scales[ids][..., None]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8,
-                                               self.scales)
-        return y.reshape(*shape[:-1], self.num_embeddings)
+        mm = torch.ops.aten._weight_int8pack_mm
+        return _flat(x, self.num_embeddings, lambda a: mm(a, self.weight_int8, self.scales))
 
 
 def q4_blocks(raw: np.ndarray, qtype: Q, rows: int, cols: int):

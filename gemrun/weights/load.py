@@ -48,23 +48,26 @@ def check_names(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[
         raise WeightsError("checkpoint does not match the model; " + "; ".join(problems))
 
 
+Getter = Callable[[], torch.Tensor]  # reads one tensor when called
+Packer = Callable[[str, Getter], "nn.Module | None"]  # a low-bit module for a tensor, or None to keep it dense
+
+
 def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, tuple[int, ...]],
-           tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device,
-           progress: Progress | None, pack: Callable[[str, torch.Tensor], nn.Module | None] | None = None,
-           ) -> tuple[Gemma3, Gemma3Vision | None]:
+           tensors: Iterator[tuple[str, Getter]], dtype: torch.dtype, device: torch.device,
+           progress: Progress | None, pack: Packer | None = None) -> tuple[Gemma3, Gemma3Vision | None]:
     """Build the text model (names `text.*`) and the vision encoder (`vision.*`) on `meta`, check every name
-    and shape, then fill them tensor by tensor; `pack` may turn a tensor into a low-bit module instead."""
+    and shape, then fill them tensor by tensor; `pack` may swap in a low-bit module instead (quantization is
+    module substitution)."""
     with torch.device("meta"):
         parts = nn.ModuleDict({"text": Gemma3(config)} | ({"vision": Gemma3Vision(vision)} if vision else {}))
     check_names({n: tuple(p.shape) for n, p in parts.named_parameters()}, provided)
     state = {}
-    for i, (name, t) in enumerate(tensors):
-        module = pack(name, t) if pack else None
+    for i, (name, get) in enumerate(tensors):
+        module = pack(name, get) if pack else None
         if module is not None:
             _swap(parts, name.removesuffix(".weight"), module)
         else:
-            state[name] = t.to(device=device, dtype=dtype)
-        del t
+            state[name] = get().to(device=device, dtype=dtype)
         if progress:
             progress(i + 1, len(provided))
     parts.load_state_dict(state, strict=pack is None, assign=True)
@@ -73,7 +76,7 @@ def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, 
     return parts["text"], (parts["vision"] if vision else None)
 
 
-def quantizer(kind: str) -> Callable[[str, torch.Tensor], nn.Module | None]:
+def quantizer(kind: str) -> Packer:
     """`--quantize q4|q8` for float checkpoints: text matrices to int4 (groups of 32) or int8 per channel, the
     embedding to int8 rows; norms and the vision encoder stay in floating point."""
     from ..quant.packed import Int4Linear, Int8Embedding, Int8Linear
@@ -81,10 +84,11 @@ def quantizer(kind: str) -> Callable[[str, torch.Tensor], nn.Module | None]:
     if kind not in ("q4", "q8"):
         raise WeightsError(f"--quantize {kind!r} is not q4, q8 or none")
 
-    def pack(name: str, t: torch.Tensor) -> nn.Module | None:
+    def pack(name: str, get: Getter) -> nn.Module | None:
         if name == "text.embed_tokens.weight":
-            return Int8Embedding.from_float(t)
+            return Int8Embedding.from_float(get())
         if name.startswith("text.") and name.endswith("proj.weight"):
+            t = get()
             if kind == "q4" and t.shape[1] % 32 == 0 and t.shape[0] % 64 == 0:
                 return Int4Linear.from_float(t)
             return Int8Linear.from_float(t)
@@ -104,42 +108,31 @@ def _check_loaded(model: nn.Module) -> None:
         raise WeightsError(f"tensors left unloaded: {', '.join(left[:8])}")
 
 
-def load_gguf_packed(g: GGUFFile, config: TextConfig, names: dict[str, str], progress: Progress | None) -> Gemma3:
+def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
     """Quantized GGUF matrices stay low-bit: repacked for the CPU int4/int8 kernels (`quant/packed.py`), the
-    embedding as int8 rows; norms and float tensors in bfloat16 activations' dtype."""
+    embedding as int8 rows; float tensors (norms) stay dense."""
     from ..quant.packed import Int8Embedding, pack_gguf
 
-    with torch.device("meta"):
-        model = Gemma3(config)
-    check_names({"text." + n: tuple(p.shape) for n, p in model.named_parameters()},
-                {ours: g.tensors[name].shape for ours, name in names.items()})
-    state = {}
-    for i, (ours, name) in enumerate(names.items()):
-        ours = ours.removeprefix("text.")
-        info = g.tensors[name]
-        module = None
-        if ours == "embed_tokens.weight" and info.qtype.name not in ("F32", "F16", "BF16"):
-            raw, rows = g.raw(name), info.shape[0]
+    def pack(ours: str, get: Getter) -> nn.Module | None:
+        info = g.tensors[names[ours]]
+        if info.qtype.name in ("F32", "F16", "BF16"):
+            return None
+        raw = g.raw(info.name)
+        if ours == "text.embed_tokens.weight":
             step = 8192  # dequantize in slices: the float table is never whole in memory
             parts = [Int8Embedding.from_float(torch.from_numpy(dequantize(raw[r:r + step], info.qtype)))
-                     for r in range(0, rows, step)]
+                     for r in range(0, info.shape[0], step)]
             module = Int8Embedding(*info.shape)
             module.weight_int8 = torch.cat([p.weight_int8 for p in parts])
             module.scales = torch.cat([p.scales for p in parts])
-            _swap(model, "embed_tokens", module)
         elif len(info.shape) == 2 and ours.endswith("proj.weight"):
-            module = pack_gguf(g.raw(name), info.qtype, info.shape)
-            if module is not None:
-                _swap(model, ours.removesuffix(".weight"), module)
-        if module is None:
-            t = torch.from_numpy(g.load(name))
-            state[ours] = (t - 1 if is_gemma_norm(name) else t).to(torch.bfloat16)
-        g.release(name)
-        if progress:
-            progress(i + 1, len(names))
-    model.load_state_dict(state, strict=False, assign=True)
-    _check_loaded(model)
-    return model.eval().requires_grad_(False)
+            module = pack_gguf(raw, info.qtype, info.shape)
+        else:
+            return None
+        g.release(info.name)
+        return module
+
+    return pack
 
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
@@ -157,19 +150,22 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
         raise WeightsError("GGUF has no token_embd.weight")
     config = config.replace(vocab_size=g.tensors[names["text.embed_tokens.weight"]].shape[0])
 
+    pack = None
     if packed and any(t.qtype.name not in ("F32", "F16", "BF16") for t in g.tensors.values()):
         if device.type != "cpu" or dtype != torch.bfloat16:
             raise WeightsError("packed low-bit weights run on the CPU with bfloat16 activations")
-        return Loaded(load_gguf_packed(g, config, names, progress), config, path, "gguf", gguf=g)
+        pack = gguf_packer(g, names)
 
-    def tensors():
-        for ours, name in names.items():
+    def getter(name: str) -> Getter:
+        def get() -> torch.Tensor:
             t = torch.from_numpy(g.load(name))
             g.release(name)
-            yield ours, (t - 1 if is_gemma_norm(name) else t)  # llama.cpp stores Gemma norms as 1 + w
+            return t - 1 if is_gemma_norm(name) else t  # llama.cpp stores Gemma norms as 1 + w
+        return get
 
     provided = {ours: g.tensors[name].shape for ours, name in names.items()}
-    model, _ = _build(config, None, provided, tensors(), dtype, device, progress)
+    tensors = ((ours, getter(name)) for ours, name in names.items())
+    model, _ = _build(config, None, provided, tensors, dtype, device, progress, pack)
     return Loaded(model, config, path, "gguf", gguf=g)
 
 
@@ -198,7 +194,7 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
         names[ours] = name
     back = {v: k for k, v in names.items()}
     provided = {ours: ckpt.shapes[name] for ours, name in names.items()}
-    tensors = ((back[n], t) for n, t in ckpt.tensors(list(names.values())))
+    tensors = ((back[n], lambda t=t: t) for n, t in ckpt.tensors(list(names.values())))
     if quantize and (device.type != "cpu" or dtype != torch.bfloat16):
         raise WeightsError("--quantize runs on the CPU with bfloat16 activations")
     pack = quantizer(quantize) if quantize else None
