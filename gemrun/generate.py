@@ -43,10 +43,24 @@ class Prompt:
 
 
 @dataclass
+class Token:
+    """A sampled token; with logprobs asked for, its log-probability and the top alternatives (id, logprob)
+    under the model's distribution (before sampling filters, as OpenAI and vLLM report them)."""
+
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
 class Chunk:
     text: str
-    token_ids: list[int] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
 
 
 def check_context(n_prompt: int, max_context: int) -> None:
@@ -75,50 +89,123 @@ def chunk_bounds(n: int, chunk: int, blocks: torch.Tensor | None) -> list[tuple[
 def prefill(model, prompt: Prompt | list[int], caches: list, chunk: int = 256) -> torch.Tensor:
     """Run the prompt through the model in chunks; float32 logits (V,) of its last position."""
     prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
-    device = model.device
-    ids = torch.tensor([prompt.ids], device=device)
     for a, b in chunk_bounds(len(prompt.ids), chunk, prompt.blocks):
-        embeds = None if prompt.embeds is None else prompt.embeds[:, a:b]
-        blocks = None if prompt.blocks is None else prompt.blocks[a:b]
-        logits = model(ids[:, a:b], caches, embeds=embeds, last_only=True, blocks=blocks)
-    return logits[0, -1].float()
+        logits = prefill_chunk(model, prompt, caches, a, b)
+    return logits
+
+
+def prefill_chunk(model, prompt: Prompt, caches: list, a: int, b: int) -> torch.Tensor:
+    """Prompt positions a..b into the caches; float32 logits (V,) of position b - 1."""
+    ids = torch.tensor([prompt.ids[a:b]], device=model.device)
+    embeds = None if prompt.embeds is None else prompt.embeds[:, a:b]
+    blocks = None if prompt.blocks is None else prompt.blocks[a:b]
+    return model(ids, caches, embeds=embeds, last_only=True, blocks=blocks)[0, -1].float()
+
+
+class Sequence:
+    """One generation in flight: caches, penalty counts, its own generator, an optional grammar, the output.
+
+    Lifecycle: `prefill_step()` until `prefilled`, then a token is chosen from each step's logits with `choose`
+    (the engine batches the decode forwards of many sequences; `generate_ids` runs one alone)."""
+
+    def __init__(self, model, prompt: Prompt | list[int], params: SamplingParams, stop_ids: set[int],
+                 max_context: int, vocab_limit: int, matcher=None, logprobs: int | None = None,
+                 chunk: int = 256, stats: Stats | None = None, reserve: int | None = None):
+        self.prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
+        n = len(self.prompt.ids)
+        check_context(n, max_context)
+        self.model, self.params, self.stop_ids, self.max_context = model, params, stop_ids, max_context
+        self.vocab_limit, self.matcher, self.logprobs = vocab_limit, matcher, logprobs
+        device = model.device
+        # global-layer caches are preallocated for `reserve` new tokens (default: all of max_tokens) and grow
+        # by doubling past that
+        want = params.max_tokens if reserve is None else min(params.max_tokens, reserve)
+        self.caches = model.make_caches(capacity=min(max_context, n + want))
+        self.counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=device)
+        seen = torch.tensor([i for i in self.prompt.ids if i < model.config.vocab_size], dtype=torch.long,
+                            device=device)
+        self.counts.index_add_(0, seen, torch.ones(len(seen), device=device))
+        self.gen = params.generator(device)
+        self.chunks = chunk_bounds(n, chunk, self.prompt.blocks)
+        self.logits: torch.Tensor | None = None  # (V,) of the last position, once prefilled
+        self.tokens: list[Token] = []
+        self.finish_reason: str | None = None
+        self.stats = stats if stats is not None else Stats()
+        self.stats.prompt_tokens = n
+        self._t0 = time.perf_counter()
+
+    @property
+    def prefilled(self) -> bool:
+        return not self.chunks
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        return self.caches[0].length
+
+    @torch.inference_mode()
+    def prefill_step(self) -> None:
+        a, b = self.chunks.pop(0)
+        self.logits = prefill_chunk(self.model, self.prompt, self.caches, a, b)
+        if not self.chunks:
+            self.stats.prefill_seconds = time.perf_counter() - self._t0
+            self._t1 = time.perf_counter()
+
+    @torch.inference_mode()
+    def choose(self, logits: torch.Tensor) -> Token:
+        """Sample the next token from float32 logits (V,); sets finish_reason when it ends the sequence."""
+        logits[self.vocab_limit:] = float("-inf")  # rows past the tokenizer (262208-row 12B head) never sampled
+        raw = logits.clone() if self.logprobs is not None else None
+        if self.params.logit_bias:
+            ids = torch.tensor(list(self.params.logit_bias), device=logits.device)
+            logits.index_add_(0, ids, torch.tensor(list(self.params.logit_bias.values()), device=logits.device))
+        if self.matcher is not None:
+            self.matcher.mask(logits)
+        token = Token(sample(logits, self.counts, self.params, self.gen))
+        if raw is not None:
+            lp = torch.log_softmax(raw, -1)
+            token.logprob = float(lp[token.id])
+            if self.logprobs:
+                top = torch.topk(lp, self.logprobs)
+                token.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        if self.matcher is not None:
+            self.matcher.accept(token.id)
+        self.tokens.append(token)
+        self.counts[token.id] += 1
+        self.stats.generated_tokens += 1
+        self.stats.decode_seconds = time.perf_counter() - self._t1
+        if token.id in self.stop_ids or (self.matcher is not None and self.matcher.is_terminated):
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.params.max_tokens or self.position + 1 >= self.max_context:
+            self.finish_reason = "length"
+        self.stats.finish_reason = self.finish_reason
+        return token
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = self.stats.finish_reason = reason
 
 
 @torch.inference_mode()
+def decode_step(model, sequences: list[Sequence]) -> torch.Tensor:
+    """One batched forward for the last token of every sequence -> float32 logits (B, V); each sequence then
+    chooses its next token from its row."""
+    tokens = torch.tensor([[s.tokens[-1].id] for s in sequences], device=model.device)
+    return model.decode(tokens, [s.caches for s in sequences])[:, -1].float()
+
+
 def generate_ids(model, prompt: Prompt | list[int], params: SamplingParams, stop_ids: set[int], max_context: int,
                  vocab_limit: int, stats: Stats, chunk: int = 256) -> Iterator[int]:
     """Token ids as they are sampled; the last one is a stop token when generation stopped on one.
     Sets stats.finish_reason to "stop" or "length" (max_tokens or a full context)."""
-    prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
-    n = len(prompt.ids)
-    check_context(n, max_context)
-    device = model.device
-    caches = model.make_caches(capacity=min(max_context, n + params.max_tokens))
-    counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=device)
-    seen = torch.tensor([i for i in prompt.ids if i < model.config.vocab_size], dtype=torch.long, device=device)
-    counts.index_add_(0, seen, torch.ones(len(seen), device=device))
-    gen = params.generator(device)
-    stats.prompt_tokens = n
-    t0 = time.perf_counter()
-    logits = prefill(model, prompt, caches, chunk)
-    stats.prefill_seconds = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    position = n
-    while True:
-        logits[vocab_limit:] = float("-inf")  # rows past the tokenizer (262208-row 12B head) are never sampled
-        token = sample(logits, counts, params, gen)
-        stats.generated_tokens += 1
-        stats.decode_seconds = time.perf_counter() - t1
-        yield token
-        if token in stop_ids:
-            stats.finish_reason = "stop"
-            return
-        if stats.generated_tokens >= params.max_tokens or position + 1 >= max_context:
-            stats.finish_reason = "length"
-            return
-        counts[token] += 1
-        logits = model(torch.tensor([[token]], device=device), caches)[0, -1].float()
-        position += 1
+    seq = Sequence(model, prompt, params, stop_ids, max_context, vocab_limit, chunk=chunk, stats=stats)
+    while not seq.prefilled:
+        seq.prefill_step()
+    yield seq.choose(seq.logits).id
+    while not seq.finished:
+        yield seq.choose(decode_step(model, [seq])[0]).id
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -132,36 +219,64 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+class TextStream:
+    """Sampled tokens -> text pieces: stop tokens are not shown, stop strings are cut (held back until it is
+    clear they do not match), and a character split across tokens is only emitted whole. Used by `stream` and
+    by the server for every request, so streamed text equals non-streamed text."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], stop_ids: set[int]):
+        self.decoder = tokenizer.stream(skip_special=True)
+        self.stop, self.stop_ids = stop, stop_ids
+        self.pending, self.tokens = "", []
+        self.stopped = False  # a stop string matched: nothing more is to be shown
+
+    def push(self, token: Token) -> Chunk | None:
+        self.tokens.append(token)
+        if token.id in self.stop_ids:
+            return None
+        self.pending += self.decoder.push(token.id)
+        if self.stop:
+            hits = [self.pending.find(s) for s in self.stop if s in self.pending]
+            if hits:
+                self.stopped = True
+                return Chunk(self.pending[:min(hits)], self._take(), "stop")
+            keep = _held_back(self.pending, self.stop)
+        else:
+            keep = 0
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return Chunk(out, self._take()) if out else None
+
+    def flush(self, finish_reason: str | None) -> Chunk:
+        """The last chunk: what was held back (cut at a stop string found in it) with the finish reason."""
+        tail = self.pending + self.decoder.flush()
+        hits = [tail.find(s) for s in self.stop if s in tail]
+        if hits:
+            tail, finish_reason = tail[:min(hits)], "stop"
+        return Chunk(tail, self._take(), finish_reason)
+
+    def _take(self) -> list[Token]:
+        tokens, self.tokens = self.tokens, []
+        return tokens
+
+
+def stop_ids_for(model, params: SamplingParams) -> set[int]:
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(model.config.stop_token_ids))
+
+
 def stream(model, tokenizer: Tokenizer, prompt: Prompt | list[int], params: SamplingParams, max_context: int,
            stats: Stats | None = None, chunk: int = 256) -> Iterator[Chunk]:
-    """Text chunks of the continuation; stop strings are cut (never emitted), stop tokens are not shown,
-    and a character split across tokens is only emitted whole."""
+    """Text chunks of the continuation (see TextStream); the last one carries the finish reason."""
     stats = stats if stats is not None else Stats()
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(model.config.stop_token_ids))
-    decoder = tokenizer.stream(skip_special=True)
-    pending, ids = "", []
+    stop_ids = stop_ids_for(model, params)
+    text = TextStream(tokenizer, params.stop, stop_ids)
     for token in generate_ids(model, prompt, params, stop_ids, max_context, tokenizer.vocab_size, stats, chunk):
-        ids.append(token)
-        if token in stop_ids:  # the generator is left suspended at its yield: record the reason here
+        piece = text.push(Token(token))
+        if text.stopped:
             stats.finish_reason = "stop"
-            break
-        pending += decoder.push(token)
-        if params.stop:
-            hits = [(pending.find(s), s) for s in params.stop if s in pending]
-            if hits:
-                cut = min(hits)[0]
-                stats.finish_reason = "stop"
-                yield Chunk(pending[:cut], ids, "stop")
-                return
-            keep = _held_back(pending, params.stop)
-            out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-        else:
-            out, pending = pending, ""
-        if out:
-            yield Chunk(out, ids)
-            ids = []
-    tail = pending + decoder.flush()
-    hits = [tail.find(s) for s in params.stop if s in tail]
-    if hits:
-        tail, stats.finish_reason = tail[:min(hits)], "stop"
-    yield Chunk(tail, ids, stats.finish_reason)
+            yield piece
+            return
+        if piece is not None:
+            yield piece
+    last = text.flush(stats.finish_reason)
+    stats.finish_reason = last.finish_reason
+    yield last

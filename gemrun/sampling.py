@@ -27,6 +27,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's own stop tokens
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> InputError:
@@ -61,6 +62,9 @@ class SamplingParams:
             raise bad("stop", "at most 16 non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "non-negative integers")
+        if not all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
+                   for t, b in self.logit_bias.items()):
+            raise bad("logit_bias", "token ids >= 0 mapped to numbers in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -73,14 +77,16 @@ class SamplingParams:
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """logits (V,), counts (V,) of tokens seen so far (prompt and output)."""
-    seen = counts > 0
+    """logits (V,), counts (V,) of tokens seen so far (prompt and output). Only the seen entries change, so the
+    cost follows the number of distinct tokens seen, not the 262k vocabulary."""
+    if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
+        return logits
+    seen = counts.nonzero().squeeze(-1)
+    x, n = logits[seen], counts[seen]
     if p.repetition_penalty != 1.0:
-        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if p.presence_penalty or p.frequency_penalty:
-        logits = logits - p.presence_penalty * seen - p.frequency_penalty * counts
-    return logits
+        x = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+    x = x - p.presence_penalty - p.frequency_penalty * n
+    return logits.index_copy(0, seen, x)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -109,12 +115,18 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """One token id from float32 logits (V,). Order as in HF: penalties, temperature, top-k, top-p, min-p."""
+    """One token id from float32 logits (V,). Order as in HF: penalties, temperature, top-k, top-p, min-p.
+    With top-k on, top-p and min-p run over the k survivors only (the same distribution, without sorting the
+    whole vocabulary every token)."""
     if not torch.isfinite(logits).any():
         raise InputError("the model produced no finite logits (numerical overflow)")
     logits = apply_penalties(logits, counts, p)
     if p.greedy:
         return int(torch.argmax(logits))
-    logits = min_p_filter(top_p_filter(top_k_filter(logits / p.temperature, p.top_k), p.top_p), p.min_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    logits = logits / p.temperature
+    ids = None
+    if 0 < p.top_k < logits.shape[-1]:
+        logits, ids = torch.topk(logits, p.top_k)
+    logits = min_p_filter(top_p_filter(logits, p.top_p), p.min_p)
+    choice = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+    return choice if ids is None else int(ids[choice])

@@ -56,6 +56,16 @@ def test_sampling_follows_the_distribution():
     assert freq == pytest.approx([0.6, 0.3, 0.1], abs=0.04)
 
 
+def test_top_k_path_keeps_the_filtered_distribution():
+    # top-k picks the survivors first; top-p then runs over them: [.5, .3, .15, .05] -> k=3 -> p=0.75 -> [.5, .3]
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    p = SamplingParams(top_k=3, top_p=0.75, seed=3)
+    g = p.generator()
+    draws = [sample(probs.log(), torch.zeros(4), p, g) for _ in range(3000)]
+    freq = [draws.count(i) / 3000 for i in range(4)]
+    assert freq == pytest.approx([0, 0.625, 0, 0.375], abs=0.04)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=math.nan), dict(top_p=0), dict(top_p=1.5),
                                  dict(top_k=-1), dict(min_p=2), dict(max_tokens=0), dict(max_tokens=1.5),
                                  dict(repetition_penalty=0), dict(presence_penalty=3), dict(seed="x"),

@@ -35,10 +35,17 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        if isinstance(cache, tuple):  # batched decoding: row i is its own sequence, with its own cache
+            y = torch.cat([self.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], c, positions[i], blocks)
+                           for i, c in enumerate(cache)])
+        else:
+            y = self.attend(q, k, v, cache, positions, blocks)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
+
+    def attend(self, q, k, v, cache, positions, blocks):
         k, v, kv_pos = cache.update(k, v, positions)  # (B, KV, S, D), kv_pos (S,)
         mask = attention_mask(positions, kv_pos, self.spec.window, blocks)
-        y = attend(q, k, v, mask, self.scale, self.softcap)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
+        return attend(q, k, v, mask, self.scale, self.softcap)
 
 
 class Block(nn.Module):
@@ -100,14 +107,32 @@ class Gemma3(nn.Module):
         `blocks` (T,) marks image tokens that attend to each other bidirectionally."""
         start = caches[0].length
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, E)
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)  # (T,)
+        x = self.layers_forward(x, caches, positions, blocks)
+        return self.logits(x[:, -1:] if last_only else x)
+
+    def decode(self, tokens: torch.Tensor, sequences: list[list]) -> torch.Tensor:
+        """One step of B independent sequences batched together: tokens (B, 1), sequences[i] the caches of
+        row i (each at its own length) -> logits (B, 1, V). Matmuls run batched; attention runs per row."""
+        if len(sequences) == 1:
+            return self(tokens, sequences[0])
+        x = self.embed(tokens)
+        positions = torch.tensor([[s[0].length] for s in sequences], device=x.device)  # (B, 1)
+        return self.logits(self.layers_forward(x, list(zip(*sequences)), positions))
+
+    def layers_forward(self, x: torch.Tensor, caches: list, positions: torch.Tensor, blocks=None) -> torch.Tensor:
+        """x (B, T, E) through every layer. positions (T,) shared by the rows, or (B, T) per row with one cache
+        per row (then each layer's cache is a tuple of B caches)."""
         # inv_freq is recomputed in float32 each call: tiny, and never rounded by a dtype cast of the module
-        by_key = {(dim, rope): rope_cos_sin(positions, rope_inv_freq(dim, rope).to(x.device), x.dtype)
-                  for dim, rope in self.ropes}
+        by_key = {}
+        for dim, rope in self.ropes:
+            cos, sin = rope_cos_sin(positions, rope_inv_freq(dim, rope).to(x.device), x.dtype)
+            by_key[(dim, rope)] = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         for layer, spec, cache in zip(self.layers, self.specs, caches):
             x = layer(x, by_key[(spec.head_dim, spec.rope)], cache, positions, blocks)
-        if last_only:
-            x = x[:, -1:]
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         logits = self.head(x)  # (B, T, V)
         cap = self.config.final_logit_softcapping

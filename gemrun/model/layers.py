@@ -31,8 +31,8 @@ def rope_inv_freq(head_dim: int, rope: Rope) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """cos and sin (T, head_dim) for absolute positions (T,), half-split layout (cat(freqs, freqs))."""
-    freqs = positions[:, None].float() * inv_freq[None, :].float()
+    """cos and sin (..., T, head_dim) for absolute positions (..., T), half-split layout (cat(freqs, freqs))."""
+    freqs = positions[..., None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

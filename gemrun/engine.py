@@ -1,0 +1,269 @@
+"""Continuous batching: one thread owns the model and steps every request in flight together.
+
+Each step prefills one chunk of one waiting prompt (so a long prompt never stalls the others for long), then
+runs one batched decode forward for all sequences past their prompt (`generate.decode_step`). Sequences join
+and leave between steps; each keeps its own caches, penalty counts, generator and grammar, so a seeded request
+gives the same tokens alone or batched (the packed CPU kernels and per-row attention are batch-invariant).
+Requests beyond `max_batch` wait in a bounded queue; past it, `submit` raises `Overloaded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .errors import GemrunError
+from .generate import Prompt, Sequence, Stats, Token, check_context, decode_step
+from .sampling import SamplingParams
+
+log = logging.getLogger("gemrun.engine")
+RESERVE = 512  # output tokens of KV cache allocated up front per request; global-layer caches grow past it
+
+
+class Overloaded(GemrunError):
+    """The wait queue is full (HTTP 429)."""
+
+
+class Unavailable(GemrunError):
+    """The engine is stopping or stopped (HTTP 503)."""
+
+
+@dataclass
+class Done:
+    """The last event of a request: why it ended, and its stats."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
+    stats: Stats
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: Prompt
+    params: SamplingParams
+    stop_ids: set[int]
+    matcher: object | None = None
+    logprobs: int | None = None
+    deadline: float | None = None  # time.monotonic() after which the request is ended ("timeout")
+    events: object = None  # asyncio.Queue (async callers) or queue.SimpleQueue
+    loop: asyncio.AbstractEventLoop | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    seq: Sequence | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+    def emit(self, event: Token | Done) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        else:
+            self.events.put(event)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; its caches are freed before the next step."""
+        self.cancelled.set()
+
+    async def __aiter__(self):
+        while True:
+            event = await self.events.get()
+            yield event
+            if isinstance(event, Done):
+                return
+
+    def __iter__(self):
+        while True:
+            event = self.events.get()
+            yield event
+            if isinstance(event, Done):
+                return
+
+
+@dataclass
+class Counters:
+    """Totals since start, read by /metrics."""
+
+    requests: int = 0
+    finished: dict = field(default_factory=dict)  # finish reason -> count
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    busy_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, chunk: int = 256):
+        self.model, self.max_batch, self.max_queue, self.chunk = model, max_batch, max_queue, chunk
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []
+        self.counters = Counters()
+        self._wake = threading.Condition()
+        self._accepting = True
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None  # set when the step loop itself died
+
+    # --- called from request handlers -------------------------------------------------------------------
+    def submit(self, prompt: Prompt, params: SamplingParams, stop_ids: set[int], matcher=None,
+               logprobs: int | None = None, timeout: float | None = None) -> Request:
+        """Queue a request; iterate it (sync or async) for Token events and a final Done."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        req = Request(prompt, params, stop_ids, matcher, logprobs,
+                      None if timeout is None else time.monotonic() + timeout,
+                      asyncio.Queue() if loop else queue.SimpleQueue(), loop)
+        check_context(len(prompt.ids), self.model.max_context)  # fails the caller, before anything is queued
+        with self._wake:
+            if not self._accepting or self._stopped:
+                raise Unavailable("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise Overloaded(f"{len(self.waiting)} requests are already waiting (queue limit {self.max_queue})")
+            self.waiting.append(req)
+            self.counters.requests += 1
+            self._wake.notify()
+        return req
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.active)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of KV cache held by requests in flight."""
+        total = 0
+        for req in list(self.active):
+            seen = set()
+            for c in req.seq.caches if req.seq else ():
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    total += c.nbytes
+        return total
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="gemrun-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, deadline: float = 10.0) -> None:
+        """Refuse new work, let requests in flight finish for up to `deadline` seconds, then cancel the rest."""
+        with self._wake:
+            self._accepting = False
+            self._wake.notify()
+        end = time.monotonic() + deadline
+        while (self.active or self.waiting) and time.monotonic() < end and self.alive:
+            time.sleep(0.02)
+        with self._wake:
+            self._stopped = True
+            for req in list(self.waiting) + list(self.active):
+                req.cancel()
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # --- the step loop -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self.waiting and not self.active and not self._stopped:
+                        self._wake.wait()
+                    if self._stopped and not self.waiting and not self.active:
+                        return
+                    admitted = []
+                    while self.waiting and len(self.active) + len(admitted) < self.max_batch:
+                        admitted.append(self.waiting.popleft())
+                    stopping = self._stopped
+                if stopping:  # cancel everything still here and exit
+                    for req in self.active + admitted + list(self.waiting):
+                        self._end(req, "cancelled")
+                    self.waiting.clear()
+                    return
+                for req in admitted:  # caches exist only for admitted requests, never for waiting ones
+                    self._admit(req)
+                t0 = time.perf_counter()
+                try:
+                    self._step()
+                except Exception as e:  # e.g. out of memory in a batched forward: fail the batch, keep serving
+                    log.exception("engine step failed")
+                    for req in list(self.active):
+                        self._end(req, "error", f"{type(e).__name__}: {e}")
+                self.counters.busy_seconds += time.perf_counter() - t0
+                self.counters.steps += 1
+        except Exception as e:  # a bug in the loop: fail every request rather than hang them
+            log.exception("engine step loop died")
+            self.error = f"{type(e).__name__}: {e}"
+            for req in list(self.active) + list(self.waiting):
+                self._end(req, "error", self.error)
+
+    def _admit(self, req: Request) -> None:
+        try:
+            req.seq = Sequence(self.model.model, req.prompt, req.params, req.stop_ids, self.model.max_context,
+                               self.model.tokenizer.vocab_size, req.matcher, req.logprobs, self.chunk,
+                               reserve=RESERVE)
+            self.active.append(req)
+        except Exception as e:
+            self._end(req, "error", _message(e))
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for req in list(self.active):
+            if req.cancelled.is_set():
+                self._end(req, "cancelled")
+            elif req.deadline is not None and now > req.deadline:
+                self._end(req, "timeout", "the request ran past its deadline")
+        prefilling = [r for r in self.active if not r.seq.prefilled]
+        if prefilling:  # one chunk of the oldest prompt per step
+            req = prefilling[0]
+            try:
+                req.seq.prefill_step()
+                if req.seq.prefilled:
+                    self.counters.prompt_tokens += len(req.seq.prompt.ids)
+                    self._deliver(req, req.seq.choose(req.seq.logits))
+            except Exception as e:
+                self._end(req, "error", _message(e))
+        decoding = [r for r in self.active if r.seq.prefilled and r.seq.tokens and not r.seq.finished]
+        if decoding:
+            logits = decode_step(self.model.model, [r.seq for r in decoding])  # (B, V)
+            for req, row in zip(decoding, logits):
+                try:  # non-finite logits (or a grammar error) fail only their own request
+                    self._deliver(req, req.seq.choose(row))
+                except Exception as e:
+                    self._end(req, "error", _message(e))
+
+    def _deliver(self, req: Request, token: Token) -> None:
+        self.counters.generated_tokens += 1
+        req.emit(token)
+        if req.seq.finished:
+            self._end(req, req.seq.finish_reason)
+
+    def _end(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req in self.active:
+            self.active.remove(req)
+        if req.seq is not None:
+            req.seq.finish(reason)
+            stats = req.seq.stats
+            req.seq.caches = []  # freed now, not when the handler lets go of the request
+        else:
+            stats = Stats()
+        self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+        req.emit(Done(reason, stats, error))
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, GemrunError):
+        return str(e)
+    log.error("request failed: %s: %s", type(e).__name__, e)
+    return f"internal error ({type(e).__name__})"
