@@ -188,6 +188,62 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
 
 
 @app.command()
+def serve(model: ModelOpt = None,
+          host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 exposes the server)")] = "127.0.0.1",
+          port: Annotated[int, typer.Option()] = 8000,
+          api_key: Annotated[str | None, typer.Option("--api-key", envvar="GEMRUN_API_KEY",
+                                                      help="require Authorization: Bearer KEY on every route "
+                                                      "but /health")] = None,
+          cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="allow this browser origin "
+                                                                "(repeatable; CORS is off by default)")] = None,
+          served_model_name: Annotated[str | None, typer.Option(help="model name clients use (default: the "
+                                                                "file name)")] = None,
+          max_context: Annotated[int | None, typer.Option(help="context length (default: the model's)")] = None,
+          max_batch: Annotated[int, typer.Option(help="sequences decoded together")] = 8,
+          max_queue: Annotated[int, typer.Option(help="requests waiting beyond the batch; past it, 429")] = 64,
+          max_body_mb: Annotated[float, typer.Option(help="request body limit in MiB")] = 32,
+          max_tokens: Annotated[int | None, typer.Option(help="default max_tokens when a request sets none "
+                                                         "(default: the rest of the context)")] = None,
+          request_timeout: Annotated[float, typer.Option(help="seconds a request may run")] = 600,
+          shutdown_deadline: Annotated[float, typer.Option(help="seconds in-flight requests get on SIGTERM")] = 10,
+          device: DeviceOpt = "auto",
+          dtype: Annotated[str, typer.Option(help="auto (bfloat16: packed weights, batch-invariant kernels) | "
+                                             "float32 | bfloat16")] = "auto",
+          mmproj: Annotated[str | None, typer.Option(help="llama.cpp vision projector GGUF")] = None,
+          quantize: QuantOpt = None,
+          log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info") -> None:
+    """Serve the model over OpenAI- and Ollama-compatible HTTP APIs, batching concurrent requests."""
+    import logging
+
+    import uvicorn
+
+    from .server.app import Server, Settings, create_app
+
+    if not 0 < port < 65536:
+        raise GemrunError(f"--port must be in 1..65535, got {port}")
+    if max_batch < 1 or max_queue < 0 or max_body_mb <= 0 or request_timeout <= 0:
+        raise GemrunError("--max-batch must be >= 1, --max-queue >= 0, --max-body-mb and --request-timeout > 0")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings(host=host, port=port, api_key=api_key or None, cors_origins=list(cors_origin or []),
+                        max_body=int(max_body_mb * (1 << 20)), max_batch=max_batch, max_queue=max_queue,
+                        request_timeout=request_timeout, max_tokens_default=max_tokens,
+                        shutdown_deadline=shutdown_deadline, served_name=served_model_name)
+    serve_dtype = dtype if dtype != "auto" else "bfloat16"
+    if dtype == "auto" and device != "cpu" and torch.cuda.is_available():
+        serve_dtype = "auto"
+
+    def loader():
+        return load(model, device=device, dtype=serve_dtype, max_context=max_context, mmproj=mmproj,
+                    quantize=quantize)
+
+    app_ = create_app(loader, settings)
+    err.print(f"[dim]gemrun serving on http://{host}:{port} (OpenAI: /v1, Ollama: /api)[/dim]")
+    config = uvicorn.Config(app_, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=int(math.ceil(shutdown_deadline)))
+    Server(config).run()
+
+
+@app.command()
 def tokenize(text: str, model: ModelOpt = None,
              bos: Annotated[bool, typer.Option("--bos", help="prepend <bos>")] = False) -> None:
     """Print the token ids of TEXT as a JSON list (control-token spellings stay plain text)."""

@@ -239,7 +239,8 @@ class TextStream:
             hits = [self.pending.find(s) for s in self.stop if s in self.pending]
             if hits:
                 self.stopped = True
-                return Chunk(self.pending[:min(hits)], self._take(), "stop")
+                text, self.pending = self.pending[:min(hits)], ""
+                return Chunk(text, self._take(), "stop")
             keep = _held_back(self.pending, self.stop)
         else:
             keep = 0
@@ -248,6 +249,8 @@ class TextStream:
 
     def flush(self, finish_reason: str | None) -> Chunk:
         """The last chunk: what was held back (cut at a stop string found in it) with the finish reason."""
+        if self.stopped:
+            return Chunk("", self._take(), "stop")
         tail = self.pending + self.decoder.flush()
         hits = [tail.find(s) for s in self.stop if s in tail]
         if hits:

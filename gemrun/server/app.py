@@ -1,0 +1,343 @@
+"""The FastAPI application: operations (auth, body limit, errors, health, metrics, tokenize, logging) and the
+OpenAI and Ollama routers. `create_app` takes a loader, so the port answers `/health` (503) while the model
+loads; the model and its engine live in `app.state.service` once loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.middleware.cors import CORSMiddleware
+
+from ..engine import Engine, Overloaded, Unavailable
+from ..errors import GemrunError, InputError
+from .protocol import DetokenizeRequest, TokenizeRequest
+from .runner import NotFound, ServerError, Service
+
+log = logging.getLogger("gemrun.server")
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)  # CORS is off unless origins are named
+    max_body: int = 32 << 20  # bytes of a request body (images arrive base64 in JSON)
+    max_batch: int = 8  # sequences decoded together
+    max_queue: int = 64  # requests waiting beyond the batch; past it, 429
+    request_timeout: float = 600.0  # seconds a request may run
+    max_tokens_default: int | None = None  # when a request sets none: the rest of the context
+    shutdown_deadline: float = 10.0  # seconds in-flight requests get on shutdown
+    served_name: str | None = None
+
+
+def openai_error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(request: Request, status: int, message: str, kind: str = "invalid_request_error",
+                   headers: dict | None = None) -> JSONResponse:
+    """OpenAI's error object on /v1 and ops routes; Ollama's {"error": "..."} on /api."""
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return openai_error(status, message, kind, headers=headers)
+
+
+STATUS_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+                500: "server_error", 503: "service_unavailable"}
+
+
+def status_of(e: Exception) -> int:
+    if isinstance(e, NotFound):
+        return 404
+    if isinstance(e, Overloaded):
+        return 429
+    if isinstance(e, Unavailable):
+        return 503
+    if isinstance(e, ServerError):
+        return 500
+    return 400
+
+
+def _send_json(status: int, payload: dict, headers: dict | None = None):
+    body = json.dumps(payload).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    head += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    return {"type": "http.response.start", "status": status, "headers": head}, {"type": "http.response.body",
+                                                                                  "body": body}
+
+
+class Guard:
+    """Pure ASGI middleware in front of everything: the API key (constant-time compare, every route but
+    /health), JSON content type on bodies (415), and the body size limit (413; uvicorn has none), counted as
+    the body streams in so a lying Content-Length cannot get past it."""
+
+    def __init__(self, app, settings: Settings, metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+        rid = uuid.uuid4().hex[:16]
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, logged_send)
+        finally:
+            self.metrics.http.labels(str(status[0])).inc()
+            # json.dumps escapes control characters; headers (and so the API key) are never logged
+            log.info(json.dumps({"event": "request", "id": rid, "method": scope["method"], "path": scope["path"],
+                                 "status": status[0], "ms": round(1000 * (time.perf_counter() - t0), 1)}))
+
+    async def _guarded(self, scope, receive, send):
+        path, method = scope["path"], scope["method"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        ollama = path.startswith("/api/")
+
+        async def refuse(status: int, message: str, extra: dict | None = None):
+            payload = ({"error": message} if ollama else
+                       {"error": {"message": message, "type": STATUS_KINDS.get(status, "invalid_request_error"),
+                                  "param": None, "code": None}})
+            start, body = _send_json(status, payload, extra)
+            await send(start)
+            await send(body)
+
+        key = self.settings.api_key
+        if key and path != "/health" and method != "OPTIONS":
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return await refuse(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                    {"www-authenticate": "Bearer"})
+        if method in ("POST", "PUT", "PATCH"):
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return await refuse(415, f"content type must be application/json, got {ctype or 'none'!r}")
+            limit = self.settings.max_body
+            declared = headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                return await refuse(413, f"request body of {declared} bytes is over the {limit}-byte limit")
+            chunks, seen = [], 0
+            while True:  # the body is read here, within the limit, then handed on whole
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    return await refuse(413, f"request body is over the {limit}-byte limit")
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            body, replayed = b"".join(chunks), False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+
+class Metrics:
+    """Prometheus metrics: HTTP counts by status and latency here; engine figures read at scrape time."""
+
+    def __init__(self, state):
+        self.registry = CollectorRegistry()
+        self.http = Counter("gemrun_http_responses", "HTTP responses by status", ["status"], registry=self.registry)
+        self.latency = Histogram("gemrun_request_seconds", "Time to the full response of generation requests",
+                                 registry=self.registry, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 600))
+        self.state = state
+        self.registry.register(self)
+
+    def collect(self):
+        service = getattr(self.state, "service", None)
+        engine = service.engine if service else None
+        c = engine.counters if engine else None
+        yield CounterMetricFamily("gemrun_requests", "Generation requests accepted", value=c.requests if c else 0)
+        done = CounterMetricFamily("gemrun_requests_finished", "Requests finished, by reason", labels=["reason"])
+        for reason, count in (c.finished.items() if c else ()):
+            done.add_metric([reason], count)
+        yield done
+        yield CounterMetricFamily("gemrun_prompt_tokens", "Prompt tokens prefilled", value=c.prompt_tokens if c else 0)
+        yield CounterMetricFamily("gemrun_generated_tokens", "Tokens generated",
+                                  value=c.generated_tokens if c else 0)
+        yield GaugeMetricFamily("gemrun_requests_running", "Sequences in the batch",
+                                value=engine.running if engine else 0)
+        yield GaugeMetricFamily("gemrun_queue_depth", "Requests waiting for a batch slot",
+                                value=engine.queue_depth if engine else 0)
+        yield GaugeMetricFamily("gemrun_kv_cache_bytes", "KV cache bytes held by sequences in flight",
+                                value=engine.cache_bytes if engine else 0)
+        tps = c.generated_tokens / c.busy_seconds if c and c.busy_seconds else 0.0
+        yield GaugeMetricFamily("gemrun_tokens_per_second", "Generated tokens per second of engine work", value=tps)
+
+    def describe(self):
+        return []
+
+
+def create_app(loader: Callable[[], object], settings: Settings | None = None) -> FastAPI:
+    """`loader()` returns a gemrun.api.Model; it runs in a thread at startup while /health answers 503."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.status = "loading"
+
+        def load():
+            try:
+                model = loader()
+                engine = Engine(model, settings.max_batch, settings.max_queue).start()
+                name = settings.served_name or model_name(model)
+                app.state.service = Service(model, engine, name, settings.max_tokens_default,
+                                            settings.request_timeout)
+                app.state.status = "ok"
+                log.info(json.dumps({"event": "loaded", "model": name}))
+            except Exception as e:
+                log.error(json.dumps({"event": "load_failed", "error": f"{type(e).__name__}: {e}"}))
+                app.state.status = "dead"
+
+        thread = threading.Thread(target=load, name="gemrun-load", daemon=True)
+        thread.start()
+        yield
+        app.state.status = "shutting_down"
+        service = getattr(app.state, "service", None)
+        if service is not None:
+            await asyncio.to_thread(service.engine.stop, settings.shutdown_deadline)
+
+    app = FastAPI(title="gemrun", version=_version(), lifespan=lifespan)
+    app.state.service = None
+    app.state.status = "loading"
+    app.state.settings = settings
+    metrics = Metrics(app.state)
+    app.state.metrics = metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            return error_response(request, 400, "request body is not valid JSON")
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(request, 400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(GemrunError)
+    async def gemrun_error(request: Request, exc: GemrunError):
+        status = status_of(exc)
+        headers = {"retry-after": "1"} if status in (429, 503) else None
+        return error_response(request, status, str(exc), STATUS_KINDS.get(status, "invalid_request_error"), headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(request, 500, f"internal error: {type(exc).__name__}", "server_error")
+
+    @app.get("/health")
+    async def health():
+        status = app.state.status
+        service = app.state.service
+        if status == "ok" and (service is None or not service.engine.alive):
+            status = "dead"
+        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        service = ready(app)
+        if body.model is not None:
+            service.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise InputError("give exactly one of prompt or messages")
+        if body.messages is not None:
+            ids = (await service.chat_prompt(body.messages)).ids
+        else:
+            ids = service.text_prompt(body.prompt, bos=body.add_special_tokens).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": service.model.max_context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        service = ready(app)
+        if body.model is not None:
+            service.check_model(body.model)
+        vocab = service.model.tokenizer.vocab_size
+        if not all(0 <= t < vocab for t in body.tokens):
+            raise InputError(f"token ids must be in 0..{vocab - 1}")
+        return {"prompt": service.model.tokenizer.decode(body.tokens)}
+
+    from .ollama import router as ollama_router
+    from .openai import router as openai_router
+
+    app.include_router(openai_router)
+    app.include_router(ollama_router)
+    if settings.cors_origins:  # never "*" together with credentials
+        wildcard = "*" in settings.cors_origins
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=not wildcard,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["authorization", "content-type"])
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
+    return app
+
+
+def ready(app) -> Service:
+    """The service, or 503 while loading / after shutdown began."""
+    service = app.state.service
+    if service is None or app.state.status != "ok":
+        raise Unavailable(f"the model is not ready ({app.state.status})")
+    return service
+
+
+def model_name(model) -> str:
+    path = model.loaded.path
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gemrun")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, except that SIGTERM / SIGINT end it with exit status 0 once the graceful shutdown is done
+    (uvicorn re-raises the signal after shutdown, so the process would die of it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

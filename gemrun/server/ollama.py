@@ -1,0 +1,296 @@
+"""Ollama-compatible routes: /api/chat, /api/generate (NDJSON streaming), /api/tags, /api/show, /api/ps,
+/api/version. Same runner as the OpenAI routes; only the shapes differ."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..errors import GemrunError, InputError
+from ..sampling import SamplingParams
+from ..tools import validate_tools
+from .app import _version, ready
+from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest
+from .runner import Event, Service, sampling_params
+
+router = APIRouter()
+
+# Ollama option -> SamplingParams field
+OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
+           "stop": "stop", "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+           "frequency_penalty": "frequency_penalty"}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _options(s: Service, options: dict | None, prompt_len: int) -> SamplingParams:
+    options = options or {}
+    if not isinstance(options, dict):
+        raise InputError("options must be an object")
+    fields = {ours: options[theirs] for theirs, ours in OPTIONS.items() if theirs in options}
+    n = options.get("num_predict")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise InputError(f"options.num_predict must be an integer, got {n!r}")
+    asked = None if n is None or n < 0 else n  # -1: no limit, -2: fill the context (both: the rest of it)
+    if asked == 0:
+        raise InputError("options.num_predict must not be 0")
+    return sampling_params(fields, s.max_tokens(asked, prompt_len, "options.num_predict"),
+                           s.model.tokenizer.vocab_size, SamplingParams())
+
+
+def _format(s: Service, fmt):
+    if fmt in (None, ""):
+        return None
+    from ..grammar import from_ollama_format
+
+    return from_ollama_format(s.model.tokenizer, s.model.config, fmt)
+
+
+def _tools(tools: list[dict] | None) -> list[dict] | None:
+    return validate_tools(tools) if tools else None
+
+
+def chat_messages(messages) -> list[dict]:
+    """Ollama messages -> OpenAI-style ones: images (base64) become image parts before the text; tool calls
+    carry arguments as objects and get ids; tool results become `tool` messages."""
+    out = []
+    for i, m in enumerate(messages):
+        msg: dict = {"role": m.role, "content": m.content}
+        if m.images:
+            msg["content"] = [{"type": "image_url", "image_url": {"url": img}} for img in m.images]
+            msg["content"].append({"type": "text", "text": m.content})
+        if m.tool_calls:
+            calls = []
+            for j, call in enumerate(m.tool_calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise InputError(f"messages[{i}].tool_calls[{j}] needs function.name")
+                args = fn.get("arguments", {})
+                calls.append({"id": f"call_{i}_{j}", "type": "function",
+                              "function": {"name": fn["name"],
+                                           "arguments": args if isinstance(args, str) else json.dumps(args)}})
+            msg["tool_calls"] = calls
+        if m.role == "tool":
+            msg["tool_call_id"] = m.tool_name or ""
+        out.append(msg)
+    return out
+
+
+def _call(event_call: dict) -> dict:
+    fn = event_call["function"]
+    return {"function": {"name": fn["name"], "arguments": json.loads(fn["arguments"])}}
+
+
+def _final(s: Service, usage: tuple[int, int], reason: str, started: float) -> dict:
+    total = int((time.perf_counter() - started) * 1e9)
+    return {"done": True, "done_reason": reason or "stop", "total_duration": total, "load_duration": 0,
+            "prompt_eval_count": usage[0], "prompt_eval_duration": 0, "eval_count": usage[1],
+            "eval_duration": total}
+
+
+def ndjson(lines):
+    async def gen():
+        try:
+            async for line in lines:
+                yield json.dumps(line, ensure_ascii=False) + "\n"
+        except Exception as e:  # the status line is sent: the error travels as the last line
+            yield json.dumps({"error": str(e) if isinstance(e, GemrunError) else "internal error"}) + "\n"
+
+    return StreamingResponse(gen(), media_type="application/x-ndjson")
+
+
+@router.post("/api/chat")
+async def chat(body: OllamaChatRequest, request: Request):
+    s = ready(request.app)
+    s.check_model(body.model)
+    started = time.perf_counter()
+    if not body.messages:  # Ollama answers an empty chat by loading the model
+        return {"model": s.name, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": "load"}
+    tools = _tools(body.tools)
+    constraint = _format(s, body.format)
+    prompt = await s.chat_prompt(chat_messages(body.messages), tools, "auto")
+    params = _options(s, body.options, len(prompt.ids))
+    events = s.run(prompt, params, 1, constraint, None, tools, request.is_disconnected)
+
+    def line(ev: Event) -> dict:
+        message: dict = {"role": "assistant", "content": ev.text}
+        if ev.tool_call:
+            message["tool_calls"] = [_call(ev.tool_call)]
+        out = {"model": s.name, "created_at": _now(), "message": message, "done": False}
+        if ev.finish_reason:
+            out.update(_final(s, ev.usage, "stop" if ev.finish_reason == "tool_calls" else ev.finish_reason,
+                              started))
+        return out
+
+    if body.stream:
+        async def lines():
+            try:
+                async for ev in events:
+                    if ev.text or ev.tool_call or ev.finish_reason:
+                        yield line(ev)
+            finally:
+                await events.aclose()
+
+        return ndjson(lines())
+    text, calls, last = "", [], None
+    async for ev in events:
+        text += ev.text
+        if ev.tool_call:
+            calls.append(_call(ev.tool_call))
+        last = ev if ev.finish_reason else last
+    out = line(Event(0, text, finish_reason=last.finish_reason, usage=last.usage))
+    if calls:
+        out["message"]["tool_calls"] = calls
+    return out
+
+
+@router.post("/api/generate")
+async def generate(body: OllamaGenerateRequest, request: Request):
+    s = ready(request.app)
+    s.check_model(body.model)
+    started = time.perf_counter()
+    if body.suffix:
+        raise InputError("suffix (fill-in-the-middle) is not supported by Gemma 3")
+    if body.template:
+        raise InputError("template overrides are not supported; the checkpoint's chat template is used")
+    if not body.prompt and not body.images:
+        return {"model": s.name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    if body.raw:
+        if body.images:
+            raise InputError("images need the chat template (raw is false)")
+        prompt = s.text_prompt(body.prompt, bos=not body.context)
+    else:
+        messages = [{"role": "system", "content": body.system}] if body.system else []
+        content: str | list = body.prompt
+        if body.images:
+            content = [{"type": "image_url", "image_url": {"url": img}} for img in body.images]
+            content.append({"type": "text", "text": body.prompt})
+        messages.append({"role": "user", "content": content})
+        prompt = await s.chat_prompt(messages)
+    if body.context:  # continue an earlier exchange: its tokens, then this prompt
+        prompt.ids = s.text_prompt(body.context).ids + prompt.ids[1 if prompt.ids[:1] == [s.model.tokenizer.bos_id]
+                                                                   else 0:]
+        if prompt.embeds is not None:
+            raise InputError("context cannot be combined with images")
+    params = _options(s, body.options, len(prompt.ids))
+    events = s.run(prompt, params, 1, _format(s, body.format), None, None, request.is_disconnected)
+    generated: list[int] = []
+
+    def line(ev: Event) -> dict:
+        generated.extend(t.id for t in ev.tokens)
+        out = {"model": s.name, "created_at": _now(), "response": ev.text, "done": False}
+        if ev.finish_reason:
+            out.update(_final(s, ev.usage, ev.finish_reason, started))
+            out["context"] = prompt.ids + generated
+        return out
+
+    if body.stream:
+        async def lines():
+            try:
+                async for ev in events:
+                    if ev.text or ev.finish_reason:
+                        yield line(ev)
+                    else:
+                        generated.extend(t.id for t in ev.tokens)
+            finally:
+                await events.aclose()
+
+        return ndjson(lines())
+    text, last, tokens = "", None, []
+    async for ev in events:
+        text += ev.text
+        tokens += ev.tokens
+        last = ev if ev.finish_reason else last
+    return line(Event(0, text, tokens, finish_reason=last.finish_reason, usage=last.usage))
+
+
+def _details(s: Service) -> dict:
+    loaded = s.model.loaded
+    level = loaded.format
+    if loaded.gguf is not None:
+        import gguf
+
+        ftype = loaded.gguf.metadata.get("general.file_type")
+        try:
+            level = gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except (TypeError, ValueError):
+            level = "unknown"
+    return {"parent_model": "", "format": "gguf" if loaded.gguf is not None else "safetensors",
+            "family": "gemma3", "families": ["gemma3"] + (["clip"] if s.vision else []),
+            "parameter_size": _human(_parameter_count(s)), "quantization_level": level}
+
+
+def _parameter_count(s: Service) -> int:
+    loaded = s.model.loaded
+    if loaded.gguf is not None:
+        total = 0
+        for t in loaded.gguf.tensors.values():
+            n = 1
+            for d in t.shape:
+                n *= int(d)
+            total += n
+        return total
+    return sum(p.numel() for p in s.model.model.parameters())
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _file_facts(s: Service) -> tuple[int, str, str]:
+    path = s.model.loaded.path
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    mtime = max(p.stat().st_mtime for p in files)
+    # a digest of identity, not content: hashing a 12B file on every /api/tags would take a minute
+    digest = hashlib.sha256(f"{path}:{size}:{mtime}".encode()).hexdigest()
+    stamp = datetime.fromtimestamp(mtime, UTC).isoformat().replace("+00:00", "Z")
+    return size, digest, stamp
+
+
+@router.get("/api/tags")
+async def tags(request: Request):
+    s = ready(request.app)
+    size, digest, stamp = _file_facts(s)
+    return {"models": [{"name": s.name, "model": s.name, "modified_at": stamp, "size": size, "digest": digest,
+                        "details": _details(s)}]}
+
+
+@router.get("/api/ps")
+async def ps(request: Request):
+    s = ready(request.app)
+    size, digest, _ = _file_facts(s)
+    return {"models": [{"name": s.name, "model": s.name, "size": size, "digest": digest, "details": _details(s),
+                        "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0,
+                        "context_length": s.model.max_context}]}
+
+
+@router.post("/api/show")
+async def show(body: OllamaShowRequest, request: Request):
+    s = ready(request.app)
+    s.check_model(body.model or body.name)
+    cfg = s.model.config
+    _, _, stamp = _file_facts(s)
+    defaults = SamplingParams()
+    stops = [s.model.tokenizer.id_to_token(i) for i in cfg.stop_token_ids]
+    parameters = "\n".join([f"temperature {defaults.temperature}", f"top_k {defaults.top_k}",
+                            f"top_p {defaults.top_p}"] + [f'stop "{t}"' for t in stops if t])
+    return {"license": "", "modelfile": f"# served by gemrun\nFROM {s.model.loaded.path.name}\n",
+            "parameters": parameters, "template": s.model.template.source, "details": _details(s),
+            "model_info": {"general.architecture": "gemma3", "general.parameter_count": _parameter_count(s),
+                           "gemma3.context_length": s.model.max_context, "gemma3.embedding_length": cfg.hidden_size,
+                           "gemma3.block_count": cfg.num_layers, "gemma3.attention.head_count": cfg.num_heads},
+            "capabilities": ["completion", "tools"] + (["vision"] if s.vision else []), "modified_at": stamp}
+
+
+@router.get("/api/version")
+async def version():
+    return {"version": _version()}

@@ -1,0 +1,408 @@
+"""Function calling for Gemma 3, which has no tool tokens: Google's prompted convention, as in ai.google.dev
+"Function calling with Gemma". Declarations go into the first user turn as JSON; the model calls with Python
+syntax in a ```tool_code block; results come back to it in a ```tool_output block inside a user turn.
+
+Model output is parsed with `ast` only (literals through `ast.literal_eval`), never executed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import keyword
+import math
+import re
+import secrets
+from typing import Any
+
+from .errors import InputError
+
+__all__ = ["validate_tools", "normalize_tool_choice", "apply_tools", "parse_tool_calls", "ToolStreamParser",
+           "tool_grammar"]
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+MAX_TOOLS = 128
+MAX_BLOCK = 64 << 10  # characters of a tool_code block we try to parse; longer ones stay content
+OPEN, CLOSE = "```tool_code", "```"
+
+# Google's instructions, reworded; the call example matches what `parse_tool_calls` accepts.
+PROMPT = (
+    "You have access to the functions declared below. If you decide to call one or more of them, reply with "
+    "the calls as Python, one per line, keyword arguments only, inside a block fenced with ```tool_code, e.g.\n"
+    '```tool_code\nfunction_name(param="value", other=2)\n```\n'
+    "Call only the functions declared here, and write nothing else in a reply that calls a function. Each "
+    "result will come back to you in a ```tool_output block; use it to make further calls or to answer.\n\n"
+)
+
+
+# ---- request side: tools, tool_choice, messages ----
+
+def validate_tools(tools: list | None) -> list[dict]:
+    """OpenAI `tools` -> checked copies `{"type": "function", "function": {name, description, parameters}}`."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise InputError("tools must be a list")
+    if len(tools) > MAX_TOOLS:
+        raise InputError(f"tools has {len(tools)} entries, at most {MAX_TOOLS} are allowed")
+    out, seen = [], set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise InputError(f'{where}.type must be "function"')
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise InputError(f"{where}.function must be an object")
+        name = fn.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise InputError(f"{where}.function.name {name!r} must match ^[A-Za-z_][A-Za-z0-9_]{{0,63}}$")
+        if name in seen:
+            raise InputError(f"{where}.function.name {name!r} is declared twice")
+        seen.add(name)
+        description = fn.get("description", "")
+        if not isinstance(description, str):
+            raise InputError(f"{where}.function.description must be a string")
+        params = fn.get("parameters")
+        if params is not None:
+            # an empty schema means "no arguments", as OpenAI reads it
+            if not isinstance(params, dict) or (params and params.get("type") != "object"):
+                raise InputError(f'{where}.function.parameters must be a JSON schema with "type": "object"')
+            if not isinstance(params.get("properties", {}), dict):
+                raise InputError(f"{where}.function.parameters.properties must be an object")
+        out.append({"type": "function", "function": {"name": name, "description": description,
+                                                     "parameters": params or {"type": "object", "properties": {}}}})
+    return out
+
+
+def normalize_tool_choice(tool_choice: Any, tools: list | None) -> str | dict:
+    """"auto" (the default), "none", "required" or {"type": "function", "function": {"name": <declared>}}."""
+    names = {t["function"]["name"] for t in validate_tools(tools)}
+    if tool_choice is None:
+        return "auto"
+    if tool_choice in ("auto", "none", "required"):
+        if tool_choice == "required" and not names:
+            raise InputError('tool_choice "required" needs a non-empty tools list')
+        return tool_choice
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if name not in names:
+            raise InputError(f"tool_choice.function.name {name!r} is not one of the declared tools")
+        return {"type": "function", "function": {"name": name}}
+    raise InputError('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                     '{"name": ...}}')
+
+
+def apply_tools(messages: list[dict], tools: list[dict] | None, tool_choice: Any = "auto") -> list[dict]:
+    """OpenAI messages -> messages Gemma 3's template accepts (alternating user/assistant, plus system).
+
+    Assistant `tool_calls` become a ```tool_code block; runs of `tool` messages become one user turn of
+    ```tool_output blocks, merged with a neighbouring user turn so that roles still alternate. With tools and a
+    choice other than "none", the declarations and instructions open the first user turn (after the system
+    message, which the template folds in itself)."""
+    tools = validate_tools(tools)
+    choice = normalize_tool_choice(tool_choice, tools)
+    if not isinstance(messages, list):
+        raise InputError("messages must be a list")
+    out: list[tuple[dict, bool]] = []  # (message, holds tool output)
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role is None:
+            out.append((m, False))  # not a message: left for chat.normalize_messages to report
+            continue
+        if role == "tool":
+            block = f"```tool_output\n{_text(m.get('content'), f'messages[{i}].content')}\n```"
+            msg, merge = {"role": "user", "content": block}, True
+        elif role in ("assistant", "model") and m.get("tool_calls"):
+            text = _text(m.get("content"), f"messages[{i}].content")
+            code = _render_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+            msg, merge = {"role": "assistant", "content": f"{text}\n\n{code}" if text.strip() else code}, False
+        else:
+            msg, merge = m, False  # passed through; chat.normalize_messages validates it
+        if out and msg.get("role") == "user" and _role(out[-1][0]) == "user" and (merge or out[-1][1]):
+            prev = out.pop()[0]
+            msg, merge = {"role": "user", "content": _join(prev.get("content"), msg.get("content"))}, True
+        out.append((msg, merge))
+    result = [m for m, _ in out]
+    if not tools or choice == "none":
+        return result
+    prompt = PROMPT + json.dumps([t["function"] for t in tools], indent=2, ensure_ascii=False)
+    if choice == "required":
+        prompt += "\n\nYou must call at least one of these functions in your reply."
+    elif isinstance(choice, dict):
+        prompt += f"\n\nYou must call the function {choice['function']['name']} in your reply."
+    first = next((k for k, m in enumerate(result) if _role(m) == "user"), None)
+    if first is None:  # no user turn yet: the instructions become one, after any system message
+        return result + [{"role": "user", "content": prompt}]
+    result[first] = {**result[first], "content": _join(prompt, result[first].get("content"))}
+    return result
+
+
+def _role(m: Any) -> Any:
+    return m.get("role") if isinstance(m, dict) else None
+
+
+def _text(content: Any, where: str) -> str:
+    """The text of a tool result or assistant message: a string, None, or a list of text parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "\n".join(str(p.get("text", "")) for p in content)
+    raise InputError(f"{where} must be a string or a list of text parts")
+
+
+def _join(a: Any, b: Any) -> Any:
+    """Two message contents as one; lists of parts (text, images) stay lists, adjacent texts are merged."""
+    if isinstance(a, str) and isinstance(b, str):
+        return f"{a}\n\n{b}"
+    pa = [{"type": "text", "text": a}] if isinstance(a, str) else list(a or [])
+    pb = [{"type": "text", "text": b}] if isinstance(b, str) else list(b or [])
+    if pa and pb and pa[-1].get("type") == "text" and pb[0].get("type") == "text":
+        # the template trims and concatenates parts, so keep the paragraph break inside one part
+        return pa[:-1] + [{"type": "text", "text": f"{pa[-1]['text']}\n\n{pb[0]['text']}"}] + pb[1:]
+    return pa + pb
+
+
+def _render_calls(calls: Any, where: str) -> str:
+    if not isinstance(calls, list):
+        raise InputError(f"{where} must be a list")
+    lines = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise InputError(f"{where}[{j}].function.name must be a function name")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not isinstance(args, dict):
+            raise InputError(f"{where}[{j}].function.arguments must be a JSON object")
+        plain = [f"{k}={_py(v)}" for k, v in args.items() if _is_kwarg(k)]
+        # keys that cannot be Python keywords (`from`, `my-key`) travel as **{...}, which the parser accepts
+        odd = {k: v for k, v in args.items() if not _is_kwarg(k)}
+        lines.append(f"{name}({', '.join(plain + ([f'**{_py(odd)}'] if odd else []))})")
+    return "```tool_code\n" + "\n".join(lines) + "\n```"
+
+
+def _is_kwarg(key: str) -> bool:
+    return key.isidentifier() and not keyword.iskeyword(key)
+
+
+def _py(v: Any) -> str:
+    """A JSON value as a Python literal (json's string escapes are valid Python escapes)."""
+    if v is None or isinstance(v, bool):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_py(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_py(str(k))}: {_py(x)}" for k, x in v.items()) + "}"
+    raise InputError(f"cannot render {type(v).__name__} as a tool argument")
+
+
+# ---- response side: parsing the model's output ----
+
+def parse_tool_calls(text: str, tools: list | None = None) -> tuple[str, list[dict]]:
+    """(content with the parsed ```tool_code blocks removed, stripped; OpenAI tool calls). A block that does not
+    parse, is too long, or names an undeclared function (when `tools` is given) stays in the content."""
+    names = _names(tools)
+    content, calls, pos = [], [], 0
+    while (start := text.find(OPEN, pos)) >= 0:
+        end = text.find(CLOSE, start + len(OPEN))
+        if end < 0:
+            break  # unclosed: no later block can close either
+        parsed = _parse_block(text[start + len(OPEN):end], names)
+        content.append(text[pos:start] if parsed is not None else text[pos:end + len(CLOSE)])
+        calls += parsed or []
+        pos = end + len(CLOSE)
+    content.append(text[pos:])
+    return "".join(content).strip(), calls
+
+
+class ToolStreamParser:
+    """Incremental `parse_tool_calls`: push text deltas, get ("content", str) and ("tool_call", dict) events.
+
+    Text passes through at once, except a tail that could begin "```tool_code" and trailing whitespace (content
+    is stripped, as in the one-shot parser). A block is held until its closing fence, then becomes calls or, if it
+    does not parse, content; a block past `MAX_BLOCK` is streamed as content while its closing fence is sought."""
+
+    def __init__(self, tools: list | None = None):
+        self.names = _names(tools)
+        self.buf = ""
+        self.mode = "text"  # "text" | "block" (held) | "long" (too long to parse, passed through)
+        self.started = False  # content emitted yet (leading whitespace is dropped)
+        self.space = ""  # trailing whitespace held until more content follows
+
+    def push(self, text: str) -> list[tuple[str, Any]]:
+        seen = len(self.buf)  # already searched for a closing fence: each push scans only new text
+        self.buf += text
+        events: list[tuple[str, Any]] = []
+        while True:
+            if self.mode == "text":
+                start = self.buf.find(OPEN)
+                if start < 0:
+                    keep = _prefix_tail(self.buf, OPEN)
+                    self._content(self.buf[:len(self.buf) - keep], events)
+                    self.buf = self.buf[len(self.buf) - keep:]
+                    return events
+                self._content(self.buf[:start], events)
+                self.buf, self.mode, seen = self.buf[start:], "block", 0
+            end = self.buf.find(CLOSE, max(len(OPEN) if self.mode == "block" else 0, seen - len(CLOSE) + 1))
+            if end < 0:
+                if self.mode == "block" and len(self.buf) - len(OPEN) > MAX_BLOCK + len(CLOSE):
+                    self.mode = "long"  # the body is already too long, whatever follows
+                if self.mode == "long":
+                    keep = _prefix_tail(self.buf, CLOSE)
+                    self._content(self.buf[:len(self.buf) - keep], events)
+                    self.buf = self.buf[len(self.buf) - keep:]
+                return events
+            raw, self.buf, seen = self.buf[:end + len(CLOSE)], self.buf[end + len(CLOSE):], 0
+            parsed = _parse_block(raw[len(OPEN):end], self.names) if self.mode == "block" else None
+            if parsed is None:
+                self._content(raw, events)
+            events += [("tool_call", c) for c in parsed or []]
+            self.mode = "text"
+
+    def finish(self) -> list[tuple[str, Any]]:
+        """Flush what is held: an unfinished fence or block is content; trailing whitespace is dropped."""
+        events: list[tuple[str, Any]] = []
+        self._content(self.buf, events)
+        self.buf, self.mode, self.space = "", "text", ""
+        return events
+
+    def _content(self, text: str, events: list) -> None:
+        if not self.started:
+            text = text.lstrip()
+        text = self.space + text
+        core = text.rstrip()
+        self.space = text[len(core):]
+        if core:
+            events.append(("content", core))
+            self.started = True
+
+
+def _prefix_tail(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that is a proper prefix of `marker` (it may become `marker`)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+def _names(tools: list | None) -> set[str] | None:
+    return None if tools is None else {t["function"]["name"] for t in validate_tools(tools)}
+
+
+def _parse_block(body: str, names: set[str] | None) -> list[dict] | None:
+    """The calls in a tool_code block's body, or None when any part is not a plain call with literal kwargs."""
+    if len(body) > MAX_BLOCK or not body.strip():
+        return None
+    try:
+        tree = ast.parse(body.strip(), mode="exec")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    calls = []
+    for stmt in tree.body:
+        if not isinstance(stmt, ast.Expr):
+            return None
+        node = stmt.value
+        for call in node.elts if isinstance(node, (ast.List, ast.Tuple)) else [node]:  # Google's [f(), g()]
+            parsed = _parse_call(call, names)
+            if parsed is None:
+                return None
+            calls.append(parsed)
+    return calls or None
+
+
+def _parse_call(node: ast.AST, names: set[str] | None) -> dict | None:
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+        return None
+    if node.func.id == "print" and len(node.args) == 1 and not node.keywords:
+        return _parse_call(node.args[0], names)  # Gemma sometimes writes print(f(...)), as in Google's examples
+    if node.args or (names is not None and node.func.id not in names):
+        return None
+    kwargs: dict[str, Any] = {}
+    try:
+        for kw in node.keywords:
+            value = ast.literal_eval(kw.value)
+            if kw.arg is not None:
+                items = {kw.arg: value}
+            elif isinstance(value, dict) and all(isinstance(k, str) for k in value):
+                items = value  # **{"from": ...}: keys that are not Python identifiers
+            else:
+                return None
+            if kwargs.keys() & items.keys():
+                return None
+            kwargs.update(items)
+        if not _jsonable(kwargs):
+            return None
+        arguments = json.dumps(kwargs, ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None  # not a literal (a call, a name, `__import__('os')`), or no JSON for it
+    return {"id": "call_" + secrets.token_hex(12), "type": "function",
+            "function": {"name": node.func.id, "arguments": arguments}}
+
+
+def _jsonable(v: Any) -> bool:
+    """JSON values only: sets, bytes, complex numbers, non-string keys and inf/nan are refused."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return True
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return all(_jsonable(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _jsonable(x) for k, x in v.items())
+    return False
+
+
+# ---- constrained decoding ----
+
+# Python literals as `_py` writes them; at most one space between items, so the model cannot pad forever.
+_LITERALS = r"""
+value ::= string | number | "True" | "False" | "None" | list | dict
+string ::= "\"" ([^"\\\r\n] | "\\" (["\\'bfnrt] | "u" hex hex hex hex))* "\""
+hex ::= [0-9a-fA-F]
+number ::= "-"? ("0" | [1-9] [0-9]*) ("." [0-9]+)? ([eE] [-+]? [0-9]+)?
+list ::= "[" (value ("," ws value)*)? "]"
+dict ::= "{" (string ":" ws value ("," ws string ":" ws value)*)? "}"
+ws ::= " "?
+ident ::= [A-Za-z_] [A-Za-z0-9_]*
+"""
+
+
+def tool_grammar(tools: list, choice: str | dict) -> str:
+    """GBNF (xgrammar's dialect, root rule `root`) for exactly one ```tool_code block holding one call: to any
+    declared function ("required") or to the named one. Keywords are the function's parameter names where its
+    schema lists them, else any identifier."""
+    tools = validate_tools(tools)
+    choice = normalize_tool_choice(choice, tools)
+    if choice in ("auto", "none"):
+        raise InputError('tool_grammar needs tool_choice "required" or a named function')
+    fns = [t["function"] for t in tools]
+    if isinstance(choice, dict):
+        fns = [f for f in fns if f["name"] == choice["function"]["name"]]
+    # rules are numbered, not named after the tools, so a tool called `root` or `value` cannot clash
+    rules = ['root ::= "```tool_code\\n" call "\\n```"', "call ::= " + " | ".join(f"f{i}" for i in range(len(fns)))]
+    for i, fn in enumerate(fns):
+        props = fn["parameters"].get("properties") or {}
+        plain = " | ".join(f'"{k}"' for k in props if _is_kwarg(k)) or ("ident" if not props else "")
+        # names that cannot be Python keywords (`from`, `my-key`) go in a trailing **{...}, as `_render_calls` does
+        odd = " | ".join('"' + json.dumps(k, ensure_ascii=False).replace("\\", "\\\\").replace('"', '\\"') + '"'
+                         for k in props if not _is_kwarg(k))
+        args = []
+        if plain:
+            rules.append(f'a{i} ::= ({plain}) "=" value')
+            args.append(f'a{i} ("," ws a{i})*' + (f' ("," ws s{i})?' if odd else ""))
+        if odd:
+            rules.append(f's{i} ::= "**{{" k{i} ":" ws value ("," ws k{i} ":" ws value)* "}}"')
+            rules.append(f"k{i} ::= {odd}")
+            args.append(f"s{i}")
+        rules.append(f'f{i} ::= "{fn["name"]}(" ({" | ".join(args)})? ")"' if args else f'f{i} ::= "{fn["name"]}()"')
+    return "\n".join(rules) + _LITERALS
