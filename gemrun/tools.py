@@ -369,7 +369,8 @@ _LITERALS = r"""
 value ::= string | number | "True" | "False" | "None" | list | dict
 string ::= "\"" ([^"\\\r\n] | "\\" (["\\'bfnrt] | "u" hex hex hex hex))* "\""
 hex ::= [0-9a-fA-F]
-number ::= "-"? ("0" | [1-9] [0-9]*) ("." [0-9]+)? ([eE] [-+]? [0-9]+)?
+number ::= integer ("." [0-9]+)? ([eE] [-+]? [0-9]+)?
+integer ::= "-"? ("0" | [1-9] [0-9]*)
 list ::= "[" (value ("," ws value)*)? "]"
 dict ::= "{" (string ":" ws value ("," ws string ":" ws value)*)? "}"
 ws ::= " "?
@@ -379,8 +380,9 @@ ident ::= [A-Za-z_] [A-Za-z0-9_]*
 
 def tool_grammar(tools: list, choice: str | dict) -> str:
     """GBNF (xgrammar's dialect, root rule `root`) for exactly one ```tool_code block holding one call: to any
-    declared function ("required") or to the named one. Keywords are the function's parameter names where its
-    schema lists them, else any identifier."""
+    declared function ("required") or to the named one. Each declared parameter appears at most once (required
+    ones always, first), with a value of its schema's type or enum; a function that declares no parameters takes
+    any identifiers."""
     tools = validate_tools(tools)
     choice = normalize_tool_choice(choice, tools)
     if choice in ("auto", "none"):
@@ -391,18 +393,56 @@ def tool_grammar(tools: list, choice: str | dict) -> str:
     # rules are numbered, not named after the tools, so a tool called `root` or `value` cannot clash
     rules = ['root ::= "```tool_code\\n" call "\\n```"', "call ::= " + " | ".join(f"f{i}" for i in range(len(fns)))]
     for i, fn in enumerate(fns):
-        props = fn["parameters"].get("properties") or {}
-        plain = " | ".join(f'"{k}"' for k in props if _is_kwarg(k)) or ("ident" if not props else "")
+        params = fn["parameters"]
+        props = params.get("properties") or {}
+        required = set(params.get("required") or ()) & set(props)
+        order = [k for k in props if k in required] + [k for k in props if k not in required]
+        plain = [(f'"{k}="', _value_rule(props[k]), k in required) for k in order if _is_kwarg(k)]
         # names that cannot be Python keywords (`from`, `my-key`) go in a trailing **{...}, as `_render_calls` does
-        odd = " | ".join('"' + json.dumps(k, ensure_ascii=False).replace("\\", "\\\\").replace('"', '\\"') + '"'
-                         for k in props if not _is_kwarg(k))
-        args = []
-        if plain:
-            rules.append(f'a{i} ::= ({plain}) "=" value')
-            args.append(f'a{i} ("," ws a{i})*' + (f' ("," ws s{i})?' if odd else ""))
+        odd = [(_gbnf(_py(k) + ": "), _value_rule(props[k]), k in required) for k in order if not _is_kwarg(k)]
+        if not props:
+            rules.append(f'f{i} ::= "{fn["name"]}(" (a{i} ("," ws a{i})*)? ")"')
+            rules.append(f'a{i} ::= ident "=" value')
+            continue
         if odd:
-            rules.append(f's{i} ::= "**{{" k{i} ":" ws value ("," ws k{i} ":" ws value)* "}}"')
-            rules.append(f"k{i} ::= {odd}")
-            args.append(f"s{i}")
-        rules.append(f'f{i} ::= "{fn["name"]}(" ({" | ".join(args)})? ")"' if args else f'f{i} ::= "{fn["name"]}()"')
+            rules += _chain(f"o{i}", odd)
+            plain.append((f'"**{{" o{i}_0 "}}"', "", any(r for _, _, r in odd)))
+        rules += _chain(f"p{i}", plain)
+        rules.append(f'f{i} ::= "{fn["name"]}(" p{i}_0 ")"')
     return "\n".join(rules) + _LITERALS
+
+
+def _chain(name: str, items: list[tuple[str, str, bool]]) -> list[str]:
+    """Rules `name_0` for a comma-separated list of the items in order, each at most once, the required ones
+    always. `name_i` is the list from item i on with nothing written yet, `name_t_i` after something was."""
+    rules, n = [], len(items)
+    rules.append(f'{name}_{n} ::= ""')
+    rules.append(f'{name}_t{n} ::= ""')
+    for i in range(n - 1, -1, -1):
+        key, value, req = items[i]
+        item = f"{key} {value}".strip()
+        tail = f'"," ws {item} {name}_t{i + 1}'
+        if i:  # a tail from the first item on is never needed
+            rules.append(f"{name}_t{i} ::= {tail}" + ("" if req else f" | {name}_t{i + 1}"))
+        rules.append(f"{name}_{i} ::= {item} {name}_t{i + 1}" + ("" if req else f" | {name}_{i + 1}"))
+    return rules
+
+
+def _gbnf(text: str) -> str:
+    """A GBNF string literal for `text`."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _value_rule(schema) -> str:
+    """The grammar of one argument's value: its enum, or its JSON type as a Python literal, else any value."""
+    if not isinstance(schema, dict):
+        return "value"
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(_jsonable(v) for v in enum):
+        return "(" + " | ".join(_gbnf(_py(v)) for v in enum) + ")"
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    rule = {"string": "string", "integer": "integer", "number": "number", "boolean": '"True" | "False"',
+            "array": "list", "object": "dict", "null": '"None"'}
+    alts = [rule[t] for t in types if isinstance(t, str) and t in rule]
+    return "(" + " | ".join(alts) + ")" if alts else "value"

@@ -133,13 +133,24 @@ def test_json_schema_output_validates(client, oclient):
         r = client.chat.completions.create(model=NAME, messages=msgs, seed=seed, max_tokens=80, response_format={
             "type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}})
         assert _valid(json.loads(r.choices[0].message.content)), r.choices[0].message.content
-    r = client.chat.completions.create(model=NAME, messages=msgs, seed=1, max_tokens=80,
+        assert r.choices[0].finish_reason == "stop"
+    # json_object alone does not bound the object; a 270M base model closes it when shown one (few-shot)
+    short = [{"role": "user", "content": "The capital of France, as JSON."},
+             {"role": "assistant", "content": '{"capital": "Paris"}'},
+             {"role": "user", "content": "The capital of Italy, as JSON."}]
+    r = client.chat.completions.create(model=NAME, messages=short, temperature=0, max_tokens=60,
                                        response_format={"type": "json_object"})
-    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
     o = oclient.chat(model=NAME, messages=msgs, format=SCHEMA, options={"seed": 2, "num_predict": 80})
     assert _valid(json.loads(o.message.content))
-    o = oclient.generate(model=NAME, prompt="Invent a person. JSON:", format="json", options={"num_predict": 60})
-    assert isinstance(json.loads(o.response), dict)
+    few_shot = ('Q: What is the capital of France?\nA (JSON): {"capital": "Paris"}\n\n'
+                "Q: What is the capital of Italy?\nA (JSON):")
+    unconstrained = oclient.generate(model=NAME, prompt=few_shot, raw=True, options={"num_predict": 40,
+                                                                                     "temperature": 0})
+    assert unconstrained.done_reason == "length"  # without the grammar it runs on into the next question
+    o = oclient.generate(model=NAME, prompt=few_shot, raw=True, format="json",
+                         options={"num_predict": 40, "temperature": 0})
+    assert o.done_reason == "stop" and isinstance(json.loads(o.response), dict)
 
 
 TOOLS = [{"type": "function", "function": {

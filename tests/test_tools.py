@@ -309,8 +309,9 @@ def accepts(compiler, ebnf, text):
 GOOD = [
     '```tool_code\nget_weather(city="Paris", unit="celsius")\n```',
     '```tool_code\nget_weather()\n```',
-    '```tool_code\nget_weather(city="a\\"b\\\\c\\u00e9 ü", unit=-12.5e-3)\n```',
-    '```tool_code\nget_time(zone=[1, None, True, False, {"k": [0, {}]}, []])\n```',
+    '```tool_code\nget_weather(city="a\\"b\\\\c\\u00e9 ü", unit="celsius")\n```',
+    '```tool_code\nfree(zone=[1, None, True, False, {"k": [0, {}]}, []], x=-12.5e-3)\n```',
+    '```tool_code\nget_time(zone="UTC")\n```',
     '```tool_code\nodd(ok=1, **{"from": "x", "my-key": 2})\n```',
     '```tool_code\nodd(**{"from": "x"})\n```',
     '```tool_code\nfree(anything_1=0)\n```',
@@ -328,7 +329,11 @@ BAD = [
     '```tool_code\nget_weather(city={1: 2})\n```',
     '```tool_code\nodd(**{"to": "x"})\n```',
     '```tool_code\nnope()\n```',
-    '```tool_code\nget_weather(city="x",      unit="y")\n```',  # unbounded whitespace
+    '```tool_code\nget_weather(city="x",      unit="celsius")\n```',  # unbounded whitespace
+    '```tool_code\nget_weather(city="x", city="y")\n```',  # a keyword twice
+    '```tool_code\nget_weather(unit="kelvin")\n```',  # not in the enum
+    '```tool_code\nget_time(zone=1)\n```',  # not a string
+    '```tool_code\nodd(**{"from": "x", "from": "y"})\n```',
 ]
 FREE = fn("free")
 
@@ -351,3 +356,14 @@ def test_named_grammar_allows_only_that_function(compiler):
     assert not accepts(compiler, ebnf, '```tool_code\nget_weather(city="Paris")\n```')
     with pytest.raises(InputError):
         tool_grammar(TOOLS, "auto")
+
+
+def test_grammar_requires_required_parameters_with_their_types(compiler):
+    tool = fn("book", {"day": {"type": "integer"}, "note": {"type": "string"}, "vip": {"type": "boolean"}})
+    tool["function"]["parameters"]["required"] = ["vip", "day"]
+    ebnf = tool_grammar([tool], "required")
+    assert accepts(compiler, ebnf, '```tool_code\nbook(day=3, vip=True)\n```')
+    assert accepts(compiler, ebnf, '```tool_code\nbook(day=-1, vip=False, note="x")\n```')
+    for text in ['book(vip=True)', 'book(day=3)', 'book(day=3.5, vip=True)', 'book(day=3, vip="yes")',
+                 'book(note="x", day=3, vip=True)']:
+        assert not accepts(compiler, ebnf, f"```tool_code\n{text}\n```"), text

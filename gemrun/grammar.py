@@ -1,0 +1,174 @@
+"""Constrained decoding: JSON, JSON schemas and EBNF grammars enforced token by token with xgrammar.
+
+A `Constraint` is a compiled grammar; each request takes its own `Matcher` from it, which masks the logits of
+every step to the tokens that keep the output inside the grammar and is told the token that was chosen. Control
+tokens are never allowed (their spellings would otherwise read as text); the stop tokens are allowed only where
+the grammar is complete, so a constrained answer always parses.
+
+Untrusted schemas are bounded before compiling (size, nesting depth) and compiling itself has a time limit.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import torch
+import xgrammar as xgr
+
+from .errors import InputError
+
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_DEPTH = 32
+COMPILE_TIMEOUT = 10.0
+STOP_TOKENS = ("<end_of_turn>", "<turn|>")  # besides eos: the end of a model turn (Gemma 3, Gemma 4)
+
+_compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemrun-grammar")
+
+
+def tokenizer_info(tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
+    """xgrammar's view of our vocabulary: sentencepiece pieces with byte fallback, control tokens blanked (never
+    allowed), stop tokens = eos and the end-of-turn token; rows past the tokenizer (a padded head) never allowed."""
+    vocab = [""] * tokenizer.vocab_size
+    for piece, i in tokenizer.backend.get_vocab(with_added_tokens=True).items():
+        vocab[i] = piece
+    for i in tokenizer.specials.values():
+        vocab[i] = ""
+    stops = [tokenizer.eos_id] + [tokenizer.specials[t] for t in STOP_TOKENS if t in tokenizer.specials]
+    return xgr.TokenizerInfo(vocab, xgr.VocabType.BYTE_FALLBACK, vocab_size=max(vocab_size, len(vocab)),
+                             stop_token_ids=stops, add_prefix_space=False)
+
+
+def compiler(tokenizer, vocab_size: int) -> xgr.GrammarCompiler:
+    """One grammar compiler (with its cache) per tokenizer."""
+    with _lock:
+        c = _compilers.get(tokenizer)
+        if c is None:
+            c = _compilers[tokenizer] = xgr.GrammarCompiler(tokenizer_info(tokenizer, vocab_size), max_threads=2)
+        return c
+
+
+class Matcher:
+    """One request's grammar state: `mask(logits)` before sampling, `accept(token)` after."""
+
+    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int):
+        self._m = xgr.GrammarMatcher(compiled)
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.vocab_size = vocab_size
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set the logits (float32 (V,), in place) of every token the grammar forbids next to -inf."""
+        self._m.fill_next_token_bitmask(self._bitmask)
+        xgr.apply_token_bitmask_inplace(logits[None] if logits.dim() == 1 else logits, self._bitmask,
+                                        vocab_size=self.vocab_size)
+
+    def accept(self, token: int) -> None:
+        if not self._m.accept_token(token):
+            raise RuntimeError(f"token {token} is outside the grammar")
+
+    @property
+    def is_terminated(self) -> bool:
+        return self._m.is_terminated()
+
+
+class Constraint:
+    """A compiled grammar; `matcher()` gives each request its own state."""
+
+    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int):
+        self.compiled, self.vocab_size = compiled, vocab_size
+
+    def matcher(self) -> Matcher:
+        return Matcher(self.compiled, self.vocab_size)
+
+
+def _compile(fn, *args, **kw) -> xgr.CompiledGrammar:
+    try:
+        return _pool.submit(fn, *args, **kw).result(timeout=COMPILE_TIMEOUT)
+    except FutureTimeout:
+        raise InputError(f"grammar took longer than {COMPILE_TIMEOUT:g} s to compile") from None
+    except (RuntimeError, ValueError, TypeError, xgr.InvalidJSONError) as e:
+        raise InputError(f"invalid grammar: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
+
+
+def _depth(value, limit: int = MAX_DEPTH) -> None:
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            raise InputError(f"JSON schema nested deeper than {limit} levels")
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+
+
+def check_schema(schema) -> str:
+    """A JSON schema (object or JSON text) within the bounds, as canonical JSON text."""
+    if isinstance(schema, str):
+        if len(schema.encode()) > MAX_SCHEMA_BYTES:
+            raise InputError(f"JSON schema larger than {MAX_SCHEMA_BYTES // 1024} KiB")
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise InputError(f"JSON schema is not valid JSON: {e}") from None
+    if isinstance(schema, bool):
+        schema = {} if schema else {"not": {}}
+    if not isinstance(schema, dict):
+        raise InputError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    _depth(schema)
+    text = json.dumps(schema)
+    if len(text.encode()) > MAX_SCHEMA_BYTES:
+        raise InputError(f"JSON schema larger than {MAX_SCHEMA_BYTES // 1024} KiB")
+    return text
+
+
+def compile_constraint(tokenizer, config, *, ebnf: str | None = None, schema=None, json_object: bool = False,
+                       strict: bool = True) -> Constraint:
+    """Exactly one of: an EBNF grammar (xgrammar's GBNF dialect, root rule `root`), a JSON schema, or any JSON
+    object (`json_object`)."""
+    if sum((ebnf is not None, schema is not None, json_object)) != 1:
+        raise ValueError("give exactly one of ebnf, schema, json_object")
+    vocab_size = max(config.vocab_size, tokenizer.vocab_size)
+    c = compiler(tokenizer, vocab_size)
+    if ebnf is not None:
+        if len(ebnf.encode()) > MAX_SCHEMA_BYTES:
+            raise InputError(f"grammar larger than {MAX_SCHEMA_BYTES // 1024} KiB")
+        compiled = _compile(c.compile_grammar, ebnf)
+    elif json_object:
+        compiled = _compile(c.compile_json_schema, json.dumps({"type": "object"}), strict_mode=False)
+    else:
+        compiled = _compile(c.compile_json_schema, check_schema(schema), strict_mode=strict)
+    return Constraint(compiled, vocab_size)
+
+
+def from_response_format(tokenizer, config, rf: dict) -> Constraint | None:
+    """OpenAI `response_format`: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}."""
+    if not isinstance(rf, dict):
+        raise InputError("response_format must be an object")
+    kind = rf.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return compile_constraint(tokenizer, config, json_object=True)
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise InputError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+        return compile_constraint(tokenizer, config, schema=spec["schema"], strict=spec.get("strict") is not False)
+    raise InputError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+
+
+def from_ollama_format(tokenizer, config, fmt) -> Constraint | None:
+    """Ollama `format`: "json" or a JSON schema object."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return compile_constraint(tokenizer, config, json_object=True)
+    if isinstance(fmt, dict):
+        return compile_constraint(tokenizer, config, schema=fmt)
+    raise InputError('format must be "json" or a JSON schema object')

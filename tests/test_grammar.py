@@ -1,0 +1,121 @@
+"""Constrained decoding on the real Gemma 3 vocabulary: whatever the logits prefer, the output obeys the grammar."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gemrun import grammar
+from gemrun.errors import InputError
+
+CONFIG = SimpleNamespace(vocab_size=262_208)  # the 12B head: 64 rows past the tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(model_270m):
+    return model_270m.tokenizer
+
+
+def run(tok, constraint, seed: int, max_tokens: int = 400, prefer: list[int] | None = None) -> tuple[str, bool]:
+    """Decode under the constraint with random logits (favouring `prefer`, e.g. control tokens); -> (text,
+    terminated)."""
+    m = constraint.matcher()
+    g = torch.Generator().manual_seed(seed)
+    ids = []
+    for _ in range(max_tokens):
+        logits = torch.randn(CONFIG.vocab_size, generator=g) * 4
+        if prefer:
+            logits[prefer] += 50
+        m.mask(logits)
+        assert torch.isfinite(logits).any()
+        t = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
+        m.accept(t)
+        if m.is_terminated:
+            return tok.decode(ids), True
+        ids.append(t)
+    return tok.decode(ids), False
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+          "required": ["name", "n", "tags"], "additionalProperties": False}
+
+
+def test_schema_output_validates_under_random_logits(tok):
+    c = grammar.compile_constraint(tok, CONFIG, schema=SCHEMA)
+    done = 0
+    for seed in range(8):
+        text, terminated = run(tok, c, seed)
+        if terminated:
+            obj = json.loads(text)
+            assert set(obj) == {"name", "n", "tags"} and len(obj["name"]) <= 8 and 0 <= obj["n"] <= 9
+            assert isinstance(obj["tags"], list) and set(obj["tags"]) <= {"a", "b"} and len(obj["tags"]) <= 2
+            done += 1
+    assert done >= 4  # random logits still finish most objects (string lengths are bounded)
+
+
+def test_control_tokens_and_padded_rows_are_never_allowed(tok):
+    c = grammar.compile_constraint(tok, CONFIG, json_object=True)
+    controls = [i for name, i in tok.specials.items() if name not in ("<eos>", "<end_of_turn>")]
+    m = c.matcher()
+    logits = torch.zeros(CONFIG.vocab_size)
+    m.mask(logits)
+    assert torch.isinf(logits[controls]).all() and torch.isinf(logits[tok.vocab_size:]).all()
+    assert torch.isinf(logits[[tok.eos_id, tok.specials["<end_of_turn>"]]]).all()  # not before the object ends
+    texts = [run(tok, grammar.compile_constraint(tok, CONFIG, schema=SCHEMA), seed, prefer=controls) for seed in (0, 1)]
+    assert any(t for _, t in texts) and all(isinstance(json.loads(text), dict) for text, t in texts if t)
+
+
+def test_stop_token_allowed_only_when_complete(tok):
+    c = grammar.compile_constraint(tok, CONFIG, ebnf='root ::= "yes" | "no"')
+    m = c.matcher()
+    for t in tok.encode("yes"):
+        m.accept(t)
+    logits = torch.zeros(CONFIG.vocab_size)
+    m.mask(logits)
+    assert set(torch.isfinite(logits).nonzero().flatten().tolist()) == {tok.eos_id, tok.specials["<end_of_turn>"]}
+    with pytest.raises(RuntimeError, match="outside the grammar"):
+        m.accept(tok.encode("!")[0])
+    m.accept(tok.eos_id)
+    assert m.is_terminated
+
+
+@pytest.mark.parametrize("rf, match", [
+    ({"type": "xml"}, "json_object or json_schema"),
+    ({"type": "json_schema"}, "json_schema needs"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": "{not json"}}, "not valid JSON"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}, "must be an object"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strnig"}}}, "invalid grammar"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"k{i}": {"type": "string", "description": "x" * 200}
+                                         for i in range(400)}}}}, "larger than 64 KiB"),
+])
+def test_bad_response_formats_are_input_errors(tok, rf, match):
+    with pytest.raises(InputError, match=match):
+        grammar.from_response_format(tok, CONFIG, rf)
+
+
+def test_deep_schema_is_refused_before_compiling(tok):
+    deep: dict = {"type": "string"}
+    for _ in range(40):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(InputError, match="nested deeper"):
+        grammar.from_ollama_format(tok, CONFIG, deep)
+    with pytest.raises(InputError, match='"json" or a JSON schema'):
+        grammar.from_ollama_format(tok, CONFIG, "yaml")
+    with pytest.raises(InputError, match="invalid grammar"):
+        grammar.compile_constraint(tok, CONFIG, ebnf="root ::= undefined_rule")
+
+
+def test_formats_map_to_grammars(tok):
+    assert grammar.from_response_format(tok, CONFIG, {"type": "text"}) is None
+    assert grammar.from_ollama_format(tok, CONFIG, "") is None
+    c = grammar.from_ollama_format(tok, CONFIG, "json")
+    m = c.matcher()
+    logits = torch.zeros(CONFIG.vocab_size)
+    m.mask(logits)
+    assert all(tok.decode([i]).lstrip().startswith("{") for i in torch.isfinite(logits).nonzero().flatten().tolist())
