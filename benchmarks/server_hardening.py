@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,11 @@ def fuzz(s: LiveServer, examples: int, seed: int) -> int:
            "--seed", str(seed), "--workers", "2", "--request-timeout", "120", "--continue-on-failure"]
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    rc = subprocess.run(cmd).returncode
+    name = httpx.get(s.url + "/v1/models").json()["data"][0]["id"]
+    here = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks", "GEMRUN_FUZZ_MODEL": name,
+           "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    rc = subprocess.run(cmd, env=env).returncode
     print(f"fuzz: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
     return rc
 

@@ -221,8 +221,8 @@ def serve(model: ModelOpt = None,
 
     if not 0 < port < 65536:
         raise GemrunError(f"--port must be in 1..65535, got {port}")
-    if max_batch < 1 or max_queue < 0 or max_body_mb <= 0 or request_timeout <= 0:
-        raise GemrunError("--max-batch must be >= 1, --max-queue >= 0, --max-body-mb and --request-timeout > 0")
+    if not 1 <= max_batch <= 63 or max_queue < 0 or max_body_mb <= 0 or request_timeout <= 0:
+        raise GemrunError("--max-batch must be in 1..63, --max-queue >= 0, --max-body-mb and --request-timeout > 0")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings(host=host, port=port, api_key=api_key or None, cors_origins=list(cors_origin or []),
                         max_body=int(max_body_mb * (1 << 20)), max_batch=max_batch, max_queue=max_queue,

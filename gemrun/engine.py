@@ -95,6 +95,10 @@ class Counters:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, chunk: int = 256):
+        from .quant.native import DENSE_ROWS
+
+        if not 1 <= max_batch < DENSE_ROWS:  # a decode batch must stay on the packed kernels (batch-invariant)
+            raise GemrunError(f"max_batch must be in 1..{DENSE_ROWS - 1}, got {max_batch}")
         self.model, self.max_batch, self.max_queue, self.chunk = model, max_batch, max_queue, chunk
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []

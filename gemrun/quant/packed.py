@@ -18,6 +18,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 from torch import nn
 
+from . import native
+
 GROUP = 32
 INNER_K_TILES = 2
 
@@ -34,20 +36,34 @@ def _int4_pack(q: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
+    """4-bit weights in groups of 32: weight = (q - 8) * scale + zero. With the native kernels: Q4_0-ordered
+    nibbles and fp16 scale and minimum (zero - 8 * scale) per group; else PyTorch's int4 layout, bf16 scales."""
+
     def __init__(self, in_features: int, out_features: int, group: int = GROUP):
         super().__init__()
         self.in_features, self.out_features, self.group = in_features, out_features, group
-        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_zeros", torch.empty(in_features // group, out_features, 2,
-                                                         dtype=torch.bfloat16))
+        self.native = group == GROUP and native.supports(in_features)
+        if self.native:
+            self.register_buffer("nibbles", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(out_features, in_features // group, dtype=torch.float16))
+            self.register_buffer("mins", torch.empty(out_features, in_features // group, dtype=torch.float16))
+        else:
+            self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales_zeros", torch.empty(in_features // group, out_features, 2,
+                                                             dtype=torch.bfloat16))
 
     @classmethod
     def from_quants(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int = GROUP):
         """q (N, K) in 0..15, scales and zeros (N, K / group): weight = (q - 8) * scale + zero."""
         n, k = q.shape
         m = cls(k, n, group)
-        m.packed = _int4_pack(q)
-        m.scales_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
+        if m.native:
+            m.nibbles = native.pack_nibbles(q)
+            m.scales = scales.to(torch.float16)
+            m.mins = (zeros.double() - 8 * scales.double()).to(torch.float16)  # Q4_0: -8 s, Q4_1: m, exactly
+        else:
+            m.packed = _int4_pack(q)
+            m.scales_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
         return m
 
     @classmethod
@@ -61,25 +77,38 @@ class Int4Linear(nn.Module):
         return cls.from_quants(q.reshape(n, k), scale, lo + 8 * scale, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return native.q4_mm(x, self.nibbles, self.scales, self.mins).to(x.dtype)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         return _flat(x, self.out_features, lambda a: mm(a, self.packed, self.group, self.scales_zeros)).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
+    """int8 weights, one scale per output row; with the native kernels the rows are stored in their pair
+    order (`native.q8_reorder`) and the scales in float32."""
+
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
+        self.native = native.supports(in_features)
+        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.uint8 if self.native else torch.int8))
+        self.register_buffer("scales", torch.empty(out_features,
+                                                   dtype=torch.float32 if self.native else torch.bfloat16))
+
+    def set_rows(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight_int8 = native.q8_reorder(q) if self.native else q
+        self.scales = scale.to(self.scales.dtype)
 
     @classmethod
     def from_float(cls, w: torch.Tensor):
         n, k = w.shape
         m = cls(k, n)
-        m.weight_int8, m.scales = quantize_rows_int8(w)
+        m.set_rows(*quantize_rows_int8(w))
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return native.q8_mm(x, self.weight_int8, self.scales).to(x.dtype)
         mm = torch.ops.aten._weight_int8pack_mm
         return _flat(x, self.out_features, lambda a: mm(a, self.weight_int8, self.scales)).to(x.dtype)
 
@@ -92,29 +121,33 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Int8Embedding(nn.Module):
-    """Embedding rows stored int8 with a per-row scale; `project` is the tied output head."""
+class Int8Embedding(Int8Linear):
+    """The tied embedding: int8 rows with a per-row scale, dequantized on lookup; `project` is the output head."""
 
     def __init__(self, num: int, dim: int):
-        super().__init__()
+        super().__init__(dim, num)
         self.num_embeddings, self.embedding_dim = num, dim
-        self.register_buffer("weight_int8", torch.empty(num, dim, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(num, dtype=torch.bfloat16))
 
     @classmethod
     def from_float(cls, w: torch.Tensor, chunk: int = 16384):
-        m = cls(*w.shape)
-        parts = [quantize_rows_int8(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)]  # bounded temporaries
-        m.weight_int8 = torch.cat([p[0] for p in parts])
-        m.scales = torch.cat([p[1] for p in parts])
+        return cls.from_slices(*w.shape, (w[i:i + chunk] for i in range(0, w.shape[0], chunk)))
+
+    @classmethod
+    def from_slices(cls, num: int, dim: int, slices):
+        """From float row slices produced one at a time (the float table is never whole in memory)."""
+        m = cls(num, dim)
+        parts = [quantize_rows_int8(w) for w in slices]
+        m.set_rows(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
         return m
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_int8[ids].to(torch.bfloat16) * self.scales[ids][..., None]
+        rows = self.weight_int8[ids]
+        if self.native:  # stored in the kernels' lane order, + 128
+            rows = rows[..., native.natural_order(self.embedding_dim)].int() - 128
+        return rows.to(torch.bfloat16) * self.scales[ids].to(torch.bfloat16)[..., None]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        mm = torch.ops.aten._weight_int8pack_mm
-        return _flat(x, self.num_embeddings, lambda a: mm(a, self.weight_int8, self.scales))
+        return super().forward(x)
 
 
 def q4_blocks(raw: np.ndarray, qtype: Q, rows: int, cols: int):

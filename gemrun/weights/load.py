@@ -120,11 +120,8 @@ def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
         raw = g.raw(info.name)
         if ours == "text.embed_tokens.weight":
             step = 8192  # dequantize in slices: the float table is never whole in memory
-            parts = [Int8Embedding.from_float(torch.from_numpy(dequantize(raw[r:r + step], info.qtype)))
-                     for r in range(0, info.shape[0], step)]
-            module = Int8Embedding(*info.shape)
-            module.weight_int8 = torch.cat([p.weight_int8 for p in parts])
-            module.scales = torch.cat([p.scales for p in parts])
+            module = Int8Embedding.from_slices(*info.shape, (
+                torch.from_numpy(dequantize(raw[r:r + step], info.qtype)) for r in range(0, info.shape[0], step)))
         elif len(info.shape) == 2 and ours.endswith("proj.weight"):
             module = pack_gguf(raw, info.qtype, info.shape)
         else:

@@ -1,0 +1,179 @@
+"""The AVX-512 VNNI kernels of `q4q8.c`: compiled with the system C compiler on first use, cached by source hash,
+called through ctypes. Where the CPU lacks the instructions or no compiler is found, `available()` is False and
+the packed modules fall back to PyTorch's own weight-only kernels (set GEMRUN_NATIVE=0 to force that)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("gemrun")
+SOURCE = Path(__file__).with_name("q4q8.c")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
+         "-shared", "-fPIC"]
+NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}
+GROUP = 32
+DENSE_ROWS = 64  # from this many activation rows on (long prompts), dequantize to bf16 and use a dense matmul;
+# batched decoding stays below it (the engine's batch limit), so a sequence's decode never changes kernels
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("GEMRUN_NATIVE", "1") == "0":
+        return None
+    missing = NEEDED - _cpu_flags()
+    if missing:
+        log.info("native kernels off: the CPU lacks %s", ", ".join(sorted(missing)))
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        log.warning("native kernels off: no C compiler found (packed weights use PyTorch's kernels)")
+        return None
+    from ..tokenizer import cache_dir
+
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"q4q8-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_so = Path(tmp) / out.name
+            r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
+            if r.returncode != 0:
+                log.warning("native kernels off: compiling failed: %s", r.stderr.strip()[:500])
+                return None
+            os.replace(tmp_so, out)  # atomic: concurrent builders never load a half-written file
+    lib = ctypes.CDLL(str(out))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.gemrun_q4_mm.argtypes = [p, i64, i64, p, p, p, i64, p, p, p, p, i32]
+    lib.gemrun_q8_mm.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i32]
+    lib.gemrun_q4_dequant.argtypes = [p, p, p, i64, i64, p, i32]
+    lib.gemrun_q8_dequant.argtypes = [p, p, i64, i64, p, i32]
+    lib.gemrun_q4_mm.restype = lib.gemrun_q8_mm.restype = None
+    lib.gemrun_q4_dequant.restype = lib.gemrun_q8_dequant.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    global _lib, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _lib = _build()
+            except OSError as e:
+                log.warning("native kernels off: %s", e)
+                _lib = None
+        return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def supports(in_features: int) -> bool:
+    """The kernels take K in whole chunks of 4 groups of 32."""
+    return in_features % (4 * GROUP) == 0 and available()
+
+
+@functools.cache
+def lane_order(k: int) -> torch.Tensor:
+    """order[p] = the row element stored at position p in the kernels' lane layout (see q4q8.c)."""
+    g, order, c = k // GROUP, [], 0
+    while c < g:
+        cg = 16 if g - c >= 16 else 8 if g - c >= 8 else 4
+        per = 16 // cg
+        for r in range(cg // 2):
+            for lane in range(16):
+                first = (c + lane % cg) * GROUP + 4 * (r * per + lane // cg)
+                order.extend(range(first, first + 4))
+        c += cg
+    return torch.tensor(order, dtype=torch.int32)
+
+
+@functools.cache
+def natural_order(k: int) -> torch.Tensor:
+    """The inverse of `lane_order`: stored[..., natural_order(k)] gives the row in element order."""
+    return torch.argsort(lane_order(k)).to(torch.long)
+
+
+def _work(m: int, k: int):
+    g = k // GROUP
+    return (torch.empty(2 * m, k, dtype=torch.int8), torch.empty(m, g, dtype=torch.float32),
+            torch.empty(m, g, dtype=torch.float32))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+
+
+def _dense(x: torch.Tensor, n: int, k: int, fill) -> torch.Tensor:
+    w = torch.empty(n, k, dtype=torch.bfloat16)
+    fill(w.data_ptr())
+    return torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
+
+
+def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """(..., K) activations x packed 4-bit (N, K/2) -> float32 (..., N)."""
+    n, k = nibbles.shape[0], x.shape[-1]
+    if x.numel() // k >= DENSE_ROWS:
+        return _dense(x, n, k, lambda out: library().gemrun_q4_dequant(
+            nibbles.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, k, out, torch.get_num_threads()))
+    a = _rows(x)
+    m = a.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    xq, xd, xs = _work(m, k)
+    library().gemrun_q4_mm(a.data_ptr(), m, k, nibbles.data_ptr(), scales.data_ptr(), mins.data_ptr(), n,
+                           y.data_ptr(), xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], n)
+
+
+def q8_reorder(w: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) rows -> the layout `q8_mm` reads: uint8 w + 128 in lane order."""
+    return (w[:, lane_order(w.shape[1]).long()].to(torch.int16) + 128).to(torch.uint8).contiguous()
+
+
+def q8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(..., K) activations x int8 weights (N, K) in `q8_reorder`'s layout, float32 row scales -> float32 (..., N)."""
+    n, k = weight.shape
+    if x.numel() // k >= DENSE_ROWS:
+        return _dense(x, n, k, lambda out: library().gemrun_q8_dequant(
+            weight.data_ptr(), scales.data_ptr(), n, k, out, torch.get_num_threads()))
+    a = _rows(x)
+    m = a.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    xq, xd, xs = _work(m, k)
+    library().gemrun_q8_mm(a.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
+                           xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], n)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) in 0..15 -> (N, K/2) bytes in lane order: per 128 stored values, 64 bytes whose low nibbles hold
+    the first 64 and high nibbles the next 64."""
+    n, k = q.shape
+    qs = q.to(torch.uint8)[:, lane_order(k).long()].reshape(n, k // 128, 2, 64)
+    return (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()

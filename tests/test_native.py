@@ -1,0 +1,72 @@
+"""The AVX-512 VNNI kernels (gemrun/quant/q4q8.c) against float64 math; the PyTorch fallback they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemrun.quant import native, packed
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="CPU without AVX-512 VNNI or no C compiler")
+
+
+def q4_case(n=96, k=640, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    s = (torch.rand(n, k // 32, generator=g) * 0.05).half()
+    m = (-8 * s.float() + torch.randn(n, k // 32, generator=g) * 0.01).half()
+    w = q.double() * s.double().repeat_interleave(32, 1) + m.double().repeat_interleave(32, 1)
+    return native.pack_nibbles(q), s, m, w
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 70])
+def test_q4_matches_float64(rows):
+    nib, s, m, w = q4_case()
+    x = torch.randn(rows, 640, generator=torch.Generator().manual_seed(rows))
+    ref = x.double() @ w.T
+    got = native.q4_mm(x, nib, s, m)
+    # two int8 levels per activation (~14 bits) below 64 rows; bf16 dense matmul from 64 rows on
+    tol = 1e-4 if rows < native.DENSE_ROWS else 1e-2
+    assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 6, 70])
+def test_q8_matches_float64(rows):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-127, 128, (80, 1152), dtype=torch.int8, generator=g)
+    scale = torch.rand(80, generator=g) * 0.01
+    x = torch.randn(rows, 1152, generator=g) * 3
+    ref = x.double() @ (w.double() * scale.double()[:, None]).T
+    got = native.q8_mm(x, native.q8_reorder(w), scale)
+    tol = 1e-4 if rows < native.DENSE_ROWS else 1e-2
+    assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_a_row_gets_the_same_bits_in_any_batch():
+    nib, s, m, _ = q4_case(seed=2)
+    x = torch.randn(7, 640)
+    batch = native.q4_mm(x, nib, s, m)
+    for i in range(7):
+        assert torch.equal(native.q4_mm(x[i:i + 1], nib, s, m)[0], batch[i])
+
+
+def test_embedding_lookup_undoes_the_kernel_layout():
+    w = torch.randn(300, 640)
+    emb = packed.Int8Embedding.from_float(w, chunk=64)
+    assert emb.native and emb.weight_int8.dtype == torch.uint8
+    q, scale = packed.quantize_rows_int8(w)
+    ids = torch.tensor([[0, 7, 299]])
+    assert torch.equal(emb(ids), (q[ids].float() * scale.float()[ids][..., None]).to(torch.bfloat16))
+
+
+def test_pytorch_fallback_agrees(monkeypatch):
+    """Where the kernels are unavailable the modules use PyTorch's int4/int8 kernels with bf16 activations."""
+    q = torch.randint(0, 16, (64, 640))
+    s, z = torch.rand(64, 20) * 0.05, torch.randn(64, 20) * 0.01
+    fast = packed.Int4Linear.from_quants(q, s, z)
+    monkeypatch.setattr(native, "supports", lambda k: False)
+    slow = packed.Int4Linear.from_quants(q, s, z)
+    assert fast.native and not slow.native
+    x = torch.randn(2, 640, dtype=torch.bfloat16)
+    a, b = fast(x).float(), slow(x).float()
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
