@@ -130,18 +130,32 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
 
+_scratch = threading.local()
+TILE = 2048  # weight rows dequantized at a time: the tile is reused while hot, the scratch stays small
+
+
 def _dense(x: torch.Tensor, n: int, k: int, fill) -> torch.Tensor:
-    w = torch.empty(n, k, dtype=torch.bfloat16)
-    fill(w.data_ptr())
-    return torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
+    """x . W^T with W dequantized to bf16, TILE rows at a time, in its stored (lane) order (x permuted to match).
+    `fill(first_row, rows, out_ptr)` writes rows of W."""
+    a = x.reshape(-1, k).to(torch.bfloat16)[:, lane_order(k).long()]
+    y = torch.empty(a.shape[0], n, dtype=torch.float32)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < TILE * k:
+        buf = _scratch.buf = torch.empty(TILE * k, dtype=torch.bfloat16)
+    for r in range(0, n, TILE):
+        t = min(TILE, n - r)
+        w = buf[:t * k].view(t, k)
+        fill(r, t, w.data_ptr())
+        y[:, r:r + t] = torch.nn.functional.linear(a, w)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """(..., K) activations x packed 4-bit (N, K/2) -> float32 (..., N)."""
     n, k = nibbles.shape[0], x.shape[-1]
     if x.numel() // k >= DENSE_ROWS:
-        return _dense(x, n, k, lambda out: library().gemrun_q4_dequant(
-            nibbles.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, k, out, torch.get_num_threads()))
+        return _dense(x, n, k, lambda r, t, out: library().gemrun_q4_dequant(
+            nibbles[r:].data_ptr(), scales[r:].data_ptr(), mins[r:].data_ptr(), t, k, out, torch.get_num_threads()))
     a = _rows(x)
     m = a.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
@@ -160,8 +174,8 @@ def q8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.
     """(..., K) activations x int8 weights (N, K) in `q8_reorder`'s layout, float32 row scales -> float32 (..., N)."""
     n, k = weight.shape
     if x.numel() // k >= DENSE_ROWS:
-        return _dense(x, n, k, lambda out: library().gemrun_q8_dequant(
-            weight.data_ptr(), scales.data_ptr(), n, k, out, torch.get_num_threads()))
+        return _dense(x, n, k, lambda r, t, out: library().gemrun_q8_dequant(
+            weight[r:].data_ptr(), scales[r:].data_ptr(), t, k, out, torch.get_num_threads()))
     a = _rows(x)
     m = a.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)

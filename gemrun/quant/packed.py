@@ -91,9 +91,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.native = native.supports(in_features)
-        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.uint8 if self.native else torch.int8))
-        self.register_buffer("scales", torch.empty(out_features,
-                                                   dtype=torch.float32 if self.native else torch.bfloat16))
+        wtype, stype = (torch.uint8, torch.float32) if self.native else (torch.int8, torch.bfloat16)
+        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=wtype))
+        self.register_buffer("scales", torch.empty(out_features, dtype=stype))
 
     def set_rows(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         self.weight_int8 = native.q8_reorder(q) if self.native else q

@@ -173,18 +173,15 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-// Dense bf16 copies of packed rows, for long prompts (many activation rows: a dense matmul is faster there).
-static inline void unlane_row(const uint8_t *stored, const float *s, const float *m, int64_t K, uint16_t *out) {
+// Dense bf16 copies of packed rows in their stored (lane) order, for long prompts (many activation rows: a dense
+// matmul is faster there); the caller permutes the activations to the same order.
+static inline void dense_row(const uint8_t *stored, const float *s, const float *m, int64_t K, uint16_t *out) {
     int64_t G = K / QK;
     for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
-        int cg = chunk_groups(G, c), per = 16 / cg;
-        for (int gg = 0; gg < cg; gg++) {
-            float sc = s[c + gg], mn = m[c + gg];
-            for (int slot = 0; slot < 8; slot++) {
-                const uint8_t *src = stored + c * QK + (slot / per) * 64 + ((slot % per) * cg + gg) * 4;
-                uint16_t *dst = out + (c + gg) * QK + slot * 4;
-                for (int j = 0; j < 4; j++) dst[j] = to_bf16((float)src[j] * sc + mn);
-            }
+        int cg = chunk_groups(G, c);
+        for (int64_t p = 0; p < cg * QK; p += 4) {
+            int64_t g = c + (p % 64 / 4) % cg;
+            for (int j = 0; j < 4; j++) out[c * QK + p + j] = to_bf16((float)stored[c * QK + p + j] * s[g] + m[g]);
         }
     }
 }
@@ -205,7 +202,7 @@ void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t 
                     stored[p * 128 + 64 + b] = row[p * 64 + b] >> 4;
                 }
             for (int64_t g = 0; g < G; g++) s[g] = _cvtsh_ss(scales[n * G + g]), m[g] = _cvtsh_ss(mins[n * G + g]);
-            unlane_row(stored, s, m, K, out + n * K);
+            dense_row(stored, s, m, K, out + n * K);
         }
     }
 }
@@ -218,7 +215,7 @@ void gemrun_q8_dequant(const uint8_t *w, const float *scales, int64_t N, int64_t
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             for (int64_t g = 0; g < G; g++) s[g] = scales[n], m[g] = -128.f * scales[n];
-            unlane_row(w + n * K, s, m, K, out + n * K);
+            dense_row(w + n * K, s, m, K, out + n * K);
         }
     }
 }
