@@ -177,13 +177,16 @@ def load(path: str | Path | None = None, device: str = "auto", dtype: str = "aut
          pan_and_scan: bool = False, packed: bool | None = None, quantize: str | None = None) -> Model:
     """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M. A GGUF's
     vision encoder comes from a separate llama.cpp-style `mmproj` GGUF. Pan & Scan is off by default, as in
-    the reference preprocessor. `packed` keeps a GGUF's quantized matrices low-bit for the CPU kernels; by
-    default that happens with bfloat16 on the CPU, while float32 dequantizes (exact against the reference).
-    `quantize` ("q4" | "q8") quantizes a float HF checkpoint at load, tensor by tensor."""
+    the reference preprocessor. `packed` keeps a GGUF's quantized matrices low-bit for the CPU kernels.
+    `quantize` ("q4" | "q8") quantizes a float HF checkpoint at load, tensor by tensor. On the CPU, dtype "auto"
+    means float32 activations over packed weights where gemrun's native kernels run (near-exact and fast),
+    "float32" alone the dense dequantized weights (exact), "bfloat16" packed weights with bf16 activations."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if packed is None:
-        packed = dev.type == "cpu" and dt == torch.bfloat16
+        from .quant import native
+
+        packed = dev.type == "cpu" and (dt == torch.bfloat16 or (dtype == "auto" and native.available()))
     if quantize in (None, "none"):
         quantize = None
     elif dtype == "auto":

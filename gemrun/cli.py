@@ -35,19 +35,23 @@ def _options(threads: Annotated[int | None, typer.Option("--threads", help="CPU 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or HF directory (default: the "
                                               "embedded Gemma 3 270M)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | mps")]
-DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 (float16 is refused); bfloat16 on the CPU "
-                                        "keeps a GGUF's quantized weights packed")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 (float16 is refused). On the CPU: auto = "
+                                        "float32 activations over packed low-bit weights, float32 = dense dequantized "
+                                        "weights (exact), bfloat16 = packed weights, bf16 activations")]
+PackedOpt = Annotated[bool | None, typer.Option("--packed/--dense", help="keep a GGUF's quantized matrices low-bit "
+                                                "(default: see --dtype)")]
 QuantOpt = Annotated[str | None, typer.Option("--quantize", help="q4 | q8 | none: quantize a float HF checkpoint "
                                               "at load")]
 
 
 def _load(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False,
-          mmproj: str | None = None, pan_and_scan: bool = False, quantize: str | None = None) -> Model:
+          mmproj: str | None = None, pan_and_scan: bool = False, quantize: str | None = None,
+          packed: bool | None = None) -> Model:
     with Progress(TextColumn("loading"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                   transient=True, disable=quiet) as bar:
         task = bar.add_task("load", total=None)
         m = load(model, device=device, dtype=dtype, max_context=max_context, mmproj=mmproj,
-                 pan_and_scan=pan_and_scan, quantize=quantize,
+                 pan_and_scan=pan_and_scan, quantize=quantize, packed=packed,
                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     return m
 
@@ -99,11 +103,11 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
              min_p: MinP = 0.0, repeat_penalty: Rep = 1.0, presence_penalty: Pres = 0.0,
              frequency_penalty: Freq = 0.0, seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto",
              dtype: DtypeOpt = "auto", max_context: Annotated[int | None, typer.Option()] = None,
-             quantize: QuantOpt = None) -> None:
+             quantize: QuantOpt = None, packed: PackedOpt = None) -> None:
     """Continue PROMPT as raw text and stream the continuation only."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
-    m = _load(model, device, dtype, max_context, quantize=quantize)
+    m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed)
     _emit(m.generate(prompt, params, stream=True))
     _report(m)
 
@@ -121,13 +125,15 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
          mmproj: Annotated[str | None, typer.Option(help="vision encoder GGUF (llama.cpp mmproj) for a GGUF "
                                                    "model")] = None,
          pan_and_scan: Annotated[bool, typer.Option("--pan-and-scan", help="add crops of large or elongated "
-                                                    "images")] = False, quantize: QuantOpt = None) -> None:
+                                                    "images")] = False, quantize: QuantOpt = None,
+         packed: PackedOpt = None) -> None:
     """Chat through the model's template. Interactive: end a line with '\\' to continue it; /reset clears the
     conversation, /system TEXT sets the system prompt, /image PATH attaches an image to the next message,
     /quit leaves."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
-    m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize)
+    m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize,
+              packed=packed)
     history: list[dict] = []
     pending: list[str] = list(image or [])
 
@@ -251,29 +257,54 @@ def tokenize(text: str, model: ModelOpt = None,
     print(json.dumps(m.tokenizer.encode(text, bos=bos)))
 
 
-@app.command()
-def perplexity(file: Annotated[Path, typer.Argument(help="UTF-8 text file")], model: ModelOpt = None,
-               context: Annotated[int, typer.Option(help="tokens per evaluation window")] = 1024,
-               device: DeviceOpt = "auto", dtype: DtypeOpt = "auto") -> None:
-    """Perplexity of FILE: the text is cut into windows of CONTEXT tokens, each starting with <bos>."""
+def _read_ids(m: Model, file: Path) -> list[int]:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise GemrunError(f"cannot read {file} as UTF-8 text: {e}") from None
-    m = _load(model, device, dtype)
     ids = m.tokenizer.encode(text)
     if not ids:
         raise GemrunError(f"{file} holds no text")
-    window = max(2, min(context, m.max_context)) - 1
-    nll, count, t0 = 0.0, 0, time.perf_counter()
-    for start in range(0, len(ids), window):
-        seq = [m.tokenizer.bos_id, *ids[start:start + window]]
-        logp = torch.log_softmax(m.logits(seq)[:-1], dim=-1)
-        target = torch.tensor(seq[1:])
-        nll -= float(logp.gather(1, target[:, None]).sum())
-        count += len(seq) - 1
-    print(json.dumps({"perplexity": math.exp(nll / count), "tokens": count}))
-    err.print(f"[dim]{count / (time.perf_counter() - t0):.1f} tokens/s[/dim]")
+    return ids
+
+
+ContextOpt = Annotated[int, typer.Option(help="tokens per evaluation window (each starts with <bos>)")]
+ChunkOpt = Annotated[int, typer.Option(help="tokens per forward pass (packed CPU weights: under 64 takes the "
+                                       "integer kernels, 64 and more the dense path)")]
+
+
+@app.command()
+def perplexity(file: Annotated[Path, typer.Argument(help="UTF-8 text file")], model: ModelOpt = None,
+               context: ContextOpt = 1024, chunk: ChunkOpt = 256, device: DeviceOpt = "auto",
+               dtype: DtypeOpt = "auto", quantize: QuantOpt = None, packed: PackedOpt = None) -> None:
+    """Perplexity of FILE: the text is cut into windows of CONTEXT tokens, each starting with <bos>."""
+    from .quality import evaluate
+
+    m = _load(model, device, dtype, quantize=quantize, packed=packed)
+    t0 = time.perf_counter()
+    res = evaluate(m, _read_ids(m, file), context=context, chunk=chunk)
+    print(json.dumps(res.as_dict()))
+    err.print(f"[dim]{res.tokens / (time.perf_counter() - t0):.1f} tokens/s[/dim]")
+
+
+@app.command()
+def quality(file: Annotated[Path, typer.Argument(help="UTF-8 text file")], model: ModelOpt = None,
+            ref: Annotated[str | None, typer.Option(help="reference model (default: MODEL itself, float32, "
+                                                    "dequantized)")] = None,
+            context: ContextOpt = 1024, chunk: ChunkOpt = 256, device: DeviceOpt = "auto",
+            dtype: DtypeOpt = "auto", quantize: QuantOpt = None, packed: PackedOpt = None,
+            ref_dtype: Annotated[str, typer.Option(help="dtype of the reference")] = "float32",
+            ref_quantize: Annotated[str | None, typer.Option(help="quantize the reference at load")] = None) -> None:
+    """What MODEL's format costs against REF on FILE: both perplexities, mean and max KL(REF || MODEL) of the
+    next-token distributions, top-1 agreement (teacher-forced)."""
+    from .quality import evaluate
+
+    a = _load(model, device, dtype, quantize=quantize, packed=packed)
+    b = _load(ref or model, device, ref_dtype, quantize=ref_quantize)
+    t0 = time.perf_counter()
+    res = evaluate(a, _read_ids(b, file), ref=b, context=context, chunk=chunk)
+    print(json.dumps(res.as_dict()))
+    err.print(f"[dim]{res.tokens / (time.perf_counter() - t0):.1f} tokens/s[/dim]")
 
 
 def _hwm_bytes() -> int:
@@ -293,9 +324,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
           repeat: Annotated[int, typer.Option(help="runs; medians are reported")] = 3,
           threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores)")] = None,
           device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-          packed: Annotated[bool | None, typer.Option("--packed/--dense", help="keep GGUF quantized matrices "
-                                                      "low-bit (default with bfloat16 on the CPU)")] = None,
-          quantize: QuantOpt = None) -> None:
+          packed: PackedOpt = None, quantize: QuantOpt = None) -> None:
     """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
     first token, and peak RSS, as JSON on stdout (medians over REPEAT runs)."""
     import statistics
@@ -383,7 +412,9 @@ def info(model: Annotated[str | None, typer.Argument(help="GGUF file, HF directo
     else:
         m = _load(model, "cpu", "auto", quiet=True)
         cfg, source = m.config, f"{m.loaded.format} {m.loaded.path}"
-        params = sum(p.numel() for p in m.model.parameters())
+        from .quant.packed import parameter_count
+
+        params = parameter_count(m.model)
     ctx = context or cfg.max_position_embeddings
     per = cfg.kv_bytes_per_token(2)
     layers = cfg.layers

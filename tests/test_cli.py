@@ -51,6 +51,13 @@ def test_perplexity(tiny_path, tmp_path):
     out = gemrun("perplexity", f, "--model", tiny_path, "--context", "16")
     res = json.loads(out.stdout)
     assert res["tokens"] > 50 and 1 < res["perplexity"] < 10_000
+    same = json.loads(gemrun("quality", f, "--model", tiny_path, "--context", "16", "--chunk", "5").stdout)
+    assert same["tokens"] == res["tokens"] and same["kl_mean"] == same["kl_max"] == 0 and same["top1_agreement"] == 1
+    assert same["perplexity"] == same["ref_perplexity"] and abs(same["perplexity"] / res["perplexity"] - 1) < 1e-5
+    bf16 = json.loads(gemrun("quality", f, "--model", tiny_path, "--dtype", "bfloat16", "--context", "16").stdout)
+    assert 0 < bf16["kl_mean"] <= bf16["kl_max"] < 0.1 and bf16["top1_agreement"] > 0.8
+    bad = gemrun("quality", tmp_path / "missing.txt", "--model", tiny_path)
+    assert bad.returncode == 2 and "cannot read" in bad.stderr
 
 
 def test_info(tiny_path):

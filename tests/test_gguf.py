@@ -43,7 +43,7 @@ def test_quantized_gguf_equals_dequantized_reference(ref, tmp_path, qtype):
     path = tmp_path / f"{qtype.name}.gguf"
     write_gguf(path, ref, qtype, qtype)
     g = GGUFFile(path)
-    loaded = gemrun.load(path, device="cpu").model.state_dict()
+    loaded = gemrun.load(path, device="cpu", dtype="float32").model.state_dict()
     name = "blk.0.attn_q.weight"
     info = g.tensors[name]
     assert info.qtype == qtype
@@ -226,13 +226,16 @@ def test_wrong_model_tensors_are_named(ref, tmp_path):
 
 def _fuzz(path, count, seed, mode="all", timeout=600):
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).with_name("gguf_fuzz.py")
+    root = str(script.parent.parent)  # gemrun importable in the child with or without an installed package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, str(script), str(path), str(count), str(seed), mode],
-                         capture_output=True, text=True, timeout=timeout)
+                         capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

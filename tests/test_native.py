@@ -33,11 +33,13 @@ def test_q4_matches_float64(rows):
 @pytest.mark.parametrize("rows", [1, 6, 70])
 def test_q8_matches_float64(rows):
     g = torch.Generator().manual_seed(1)
-    w = torch.randint(-127, 128, (80, 1152), dtype=torch.int8, generator=g)
-    scale = torch.rand(80, generator=g) * 0.01
+    q = torch.randint(0, 256, (80, 1152), generator=g)
+    s = (torch.rand(80, 36, generator=g) * 0.01).half()
+    m = (-128 * s.float() + torch.randn(80, 36, generator=g) * 0.01).half()
+    w = q.double() * s.double().repeat_interleave(32, 1) + m.double().repeat_interleave(32, 1)
     x = torch.randn(rows, 1152, generator=g) * 3
-    ref = x.double() @ (w.double() * scale.double()[:, None]).T
-    got = native.q8_mm(x, native.q8_reorder(w), scale)
+    ref = x.double() @ w.T
+    got = native.q8_mm(x, native.q8_reorder(q), s, m)
     tol = 1e-4 if rows < native.DENSE_ROWS else 1e-2
     assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
 
@@ -51,12 +53,16 @@ def test_a_row_gets_the_same_bits_in_any_batch():
 
 
 def test_embedding_lookup_undoes_the_kernel_layout():
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
     w = torch.randn(300, 640)
     emb = packed.Int8Embedding.from_float(w, chunk=64)
-    assert emb.native and emb.weight_int8.dtype == torch.uint8
-    q, scale = packed.quantize_rows_int8(w)
+    assert emb.native and emb.qweight.dtype == torch.uint8
     ids = torch.tensor([[0, 7, 299]])
-    assert torch.equal(emb(ids), (q[ids].float() * scale.float()[ids][..., None]).to(torch.bfloat16))
+    want = dequantize(quantize(w.numpy(), Q.Q8_0), Q.Q8_0).reshape(300, 640)  # Q8_0, bit for bit
+    assert np.array_equal(emb(ids)[0].numpy(), want[ids[0].numpy()])
 
 
 def test_pytorch_fallback_agrees(monkeypatch):

@@ -69,9 +69,8 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gemrun_q4_mm.argtypes = [p, i64, i64, p, p, p, i64, p, p, p, p, i32]
-    lib.gemrun_q8_mm.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i32]
-    lib.gemrun_q4_dequant.argtypes = [p, p, p, i64, i64, p, i32]
-    lib.gemrun_q8_dequant.argtypes = [p, p, i64, i64, p, i32]
+    lib.gemrun_q8_mm.argtypes = [p, i64, i64, p, p, p, i64, p, p, p, p, i32]
+    lib.gemrun_q4_dequant.argtypes = lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, p, i32]
     lib.gemrun_q4_mm.restype = lib.gemrun_q8_mm.restype = None
     lib.gemrun_q4_dequant.restype = lib.gemrun_q8_dequant.restype = None
     return lib
@@ -150,39 +149,37 @@ def _dense(x: torch.Tensor, n: int, k: int, fill) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
+def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape[0], x.shape[-1]
+    lib = library()
+    mm, dequant = (lib.gemrun_q4_mm, lib.gemrun_q4_dequant) if bits == 4 else (lib.gemrun_q8_mm, lib.gemrun_q8_dequant)
+    if x.numel() // k >= DENSE_ROWS:
+        return _dense(x, n, k, lambda r, t, out: dequant(q[r:].data_ptr(), scales[r:].data_ptr(), mins[r:].data_ptr(),
+                                                         t, k, out, torch.get_num_threads()))
+    a = _rows(x)
+    m = a.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    xq, xd, xs = _work(m, k)
+    mm(a.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, y.data_ptr(), xq.data_ptr(),
+       xd.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], n)
+
+
 def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """(..., K) activations x packed 4-bit (N, K/2) -> float32 (..., N)."""
-    n, k = nibbles.shape[0], x.shape[-1]
-    if x.numel() // k >= DENSE_ROWS:
-        return _dense(x, n, k, lambda r, t, out: library().gemrun_q4_dequant(
-            nibbles[r:].data_ptr(), scales[r:].data_ptr(), mins[r:].data_ptr(), t, k, out, torch.get_num_threads()))
-    a = _rows(x)
-    m = a.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    xq, xd, xs = _work(m, k)
-    library().gemrun_q4_mm(a.data_ptr(), m, k, nibbles.data_ptr(), scales.data_ptr(), mins.data_ptr(), n,
-                           y.data_ptr(), xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], n)
+    """(..., K) activations x 4-bit weights (N, K/2 bytes, `pack_nibbles`), weight = q * scale + min with fp16
+    scales and mins (N, K/32) -> float32 (..., N)."""
+    return _mm(4, x, nibbles, scales, mins)
 
 
-def q8_reorder(w: torch.Tensor) -> torch.Tensor:
-    """int8 (N, K) rows -> the layout `q8_mm` reads: uint8 w + 128 in lane order."""
-    return (w[:, lane_order(w.shape[1]).long()].to(torch.int16) + 128).to(torch.uint8).contiguous()
+def q8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """(..., K) activations x 8-bit weights (N, K bytes, `q8_reorder`), weight = q * scale + min with fp16 scales
+    and mins (N, K/32) -> float32 (..., N)."""
+    return _mm(8, x, q, scales, mins)
 
 
-def q8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(..., K) activations x int8 weights (N, K) in `q8_reorder`'s layout, float32 row scales -> float32 (..., N)."""
-    n, k = weight.shape
-    if x.numel() // k >= DENSE_ROWS:
-        return _dense(x, n, k, lambda r, t, out: library().gemrun_q8_dequant(
-            weight[r:].data_ptr(), scales[r:].data_ptr(), t, k, out, torch.get_num_threads()))
-    a = _rows(x)
-    m = a.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    xq, xd, xs = _work(m, k)
-    library().gemrun_q8_mm(a.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
-                           xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], n)
+def q8_reorder(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) in 0..255 -> the layout `q8_mm` reads: uint8 in lane order."""
+    return q[:, lane_order(q.shape[1]).long()].to(torch.uint8).contiguous()
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

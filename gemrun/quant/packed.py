@@ -1,13 +1,14 @@
-"""Weight-only low-bit modules over PyTorch's CPU kernels, swapped in for `nn.Linear` / `nn.Embedding`.
+"""Weight-only low-bit modules, swapped in for `nn.Linear` / `nn.Embedding`. Every format is groups of 32 along
+the input with weight = q * scale + min (fp16 scale and min per group); the products run through gemrun's AVX-512
+VNNI kernels (`native.py`, `q4q8.c`), or PyTorch's CPU kernels where those are missing.
 
-- `Int4Linear`: 4-bit weights in groups of 32 along the input, value = (q - 8) * scale + zero, through
-  `aten._weight_int4pack_mm_for_cpu` (bf16 activations). GGUF Q4_0 and Q4_1 map onto it block for block; the
-  only change is the fp16 block scale (and Q4_1 minimum) rounded to bf16, the kernel's scale type.
-- `Int8Linear`: 8-bit weights with one scale per output channel, through `aten._weight_int8pack_mm`.
-- `Int8Embedding`: the tied embedding as int8 rows with a scale per row: rows are dequantized on lookup and the
-  output head runs through the int8 kernel, so the 262k x E table is never held in floating point.
-
-Other GGUF block types are dequantized and requantized (see `pack_gguf`); `docs` in the README say which.
+- `Int4Linear`: q in 0..15. GGUF Q4_0 and Q4_1 map onto it exactly, Q4_K with its 6-bit sub-scales times the
+  super-block scales rounded to fp16. PyTorch's fallback (`aten._weight_int4pack_mm_for_cpu`) rounds them to bf16.
+- `Int8Linear`: q in 0..255. Q8_0, Q5_0, Q5_1 (and any 4-bit type) exactly, Q5_K with fp16-rounded sub-scales,
+  Q6_K (16-value sub-blocks with their own scales) by an 8-bit min/max fit per group. PyTorch's fallback
+  (`aten._weight_int8pack_mm`) takes int8 with one scale per output row.
+- `Int8Embedding`: the tied embedding as an `Int8Linear`: rows are dequantized on lookup and the output head runs
+  through the int8 kernel, so the 262k x E table is never held in floating point.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 from torch import nn
 
 from . import native
@@ -36,8 +37,8 @@ def _int4_pack(q: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """4-bit weights in groups of 32: weight = (q - 8) * scale + zero. With the native kernels: Q4_0-ordered
-    nibbles and fp16 scale and minimum (zero - 8 * scale) per group; else PyTorch's int4 layout, bf16 scales."""
+    """4-bit weights in groups of 32: weight = q * scale + min, q in 0..15. Native: nibbles in lane order
+    (`native.pack_nibbles`), fp16 scale and min per group; else PyTorch's int4 layout, bf16 scale and zero."""
 
     def __init__(self, in_features: int, out_features: int, group: int = GROUP):
         super().__init__()
@@ -53,28 +54,23 @@ class Int4Linear(nn.Module):
                                                              dtype=torch.bfloat16))
 
     @classmethod
-    def from_quants(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int = GROUP):
-        """q (N, K) in 0..15, scales and zeros (N, K / group): weight = (q - 8) * scale + zero."""
+    def from_quants(cls, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int = GROUP):
+        """q (N, K) in 0..15, scales and mins (N, K / group): weight = q * scale + min."""
         n, k = q.shape
         m = cls(k, n, group)
         if m.native:
             m.nibbles = native.pack_nibbles(q)
-            m.scales = scales.to(torch.float16)
-            m.mins = (zeros.double() - 8 * scales.double()).to(torch.float16)  # Q4_0: -8 s, Q4_1: m, exactly
-        else:
+            m.scales, m.mins = scales.to(torch.float16), mins.to(torch.float16)
+        else:  # PyTorch's kernel: weight = (q - 8) * scale + zero
             m.packed = _int4_pack(q)
+            zeros = mins.double() + 8 * scales.double()
             m.scales_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
         return m
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group: int = GROUP):
         """Asymmetric min/max 4-bit quantization in groups (for weights that are not already 4-bit)."""
-        n, k = w.shape
-        g = w.float().reshape(n, k // group, group)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-10)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
-        return cls.from_quants(q.reshape(n, k), scale, lo + 8 * scale, group)
+        return cls.from_quants(*fit_groups(w, 15, group), group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
@@ -83,32 +79,68 @@ class Int4Linear(nn.Module):
         return _flat(x, self.out_features, lambda a: mm(a, self.packed, self.group, self.scales_zeros)).to(x.dtype)
 
 
+def fit_groups(w: torch.Tensor, top: int, group: int = GROUP):
+    """Asymmetric min/max fit per group: (q in 0..top, scale, min) with weight ~ q * scale + min."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / top).clamp(min=1e-10).to(torch.float16).float()
+    mins = lo.to(torch.float16).float()
+    q = torch.round((g - mins[..., None]) / scale[..., None]).clamp(0, top)
+    return q.reshape(n, k).to(torch.uint8), scale, mins
+
+
 class Int8Linear(nn.Module):
-    """int8 weights, one scale per output row; with the native kernels the rows are stored in their pair
-    order (`native.q8_reorder`) and the scales in float32."""
+    """8-bit weights. Native: groups of 32, weight = q * scale + min, q in 0..255 in lane order (`native.q8_reorder`),
+    fp16 scale and min per group. Else PyTorch's layout: int8 with one bf16 scale per output row."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.native = native.supports(in_features)
-        wtype, stype = (torch.uint8, torch.float32) if self.native else (torch.int8, torch.bfloat16)
-        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=wtype))
-        self.register_buffer("scales", torch.empty(out_features, dtype=stype))
+        if self.native:
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(out_features, in_features // GROUP, dtype=torch.float16))
+            self.register_buffer("mins", torch.empty(out_features, in_features // GROUP, dtype=torch.float16))
+        else:
+            self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
 
-    def set_rows(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.weight_int8 = native.q8_reorder(q) if self.native else q
-        self.scales = scale.to(self.scales.dtype)
+    @classmethod
+    def from_quants(cls, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
+        """q (N, K) in 0..255, scales and mins (N, K / 32): weight = q * scale + min."""
+        n, k = q.shape
+        m = cls(k, n)
+        if m.native:
+            m.qweight = native.q8_reorder(q)
+            m.scales, m.mins = scales.to(torch.float16), mins.to(torch.float16)
+        else:
+            w = q.float().reshape(n, -1, GROUP) * scales.float()[..., None] + mins.float()[..., None]
+            m.weight_int8, m.scales = quantize_rows_int8(w.reshape(n, k))
+        return m
 
     @classmethod
     def from_float(cls, w: torch.Tensor):
+        """Symmetric 8-bit per group of 32, bit for bit the `gguf` package's Q8_0 (without the native kernels:
+        int8 per output row)."""
         n, k = w.shape
         m = cls(k, n)
-        m.set_rows(*quantize_rows_int8(w))
-        return m
+        if not m.native:
+            m.weight_int8, m.scales = quantize_rows_int8(w)
+            return m
+        return cls.from_quants(*int8_blocks(quantize(w.float().numpy(), Q.Q8_0), Q.Q8_0, n, k))
+
+    def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight, dequantized to float32."""
+        if not self.native:
+            return self.weight_int8[ids].float() * self.scales[ids].float()[..., None]
+        q = self.qweight[ids][..., native.natural_order(self.in_features)].float()
+        q = q.unflatten(-1, (-1, GROUP)) * self.scales[ids].float()[..., None] + self.mins[ids].float()[..., None]
+        return q.flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            return native.q8_mm(x, self.weight_int8, self.scales).to(x.dtype)
+            return native.q8_mm(x, self.qweight, self.scales, self.mins).to(x.dtype)
         mm = torch.ops.aten._weight_int8pack_mm
         return _flat(x, self.out_features, lambda a: mm(a, self.weight_int8, self.scales)).to(x.dtype)
 
@@ -122,7 +154,7 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Embedding(Int8Linear):
-    """The tied embedding: int8 rows with a per-row scale, dequantized on lookup; `project` is the output head."""
+    """The tied embedding as 8-bit rows, dequantized on lookup; `project` is the output head."""
 
     def __init__(self, num: int, dim: int):
         super().__init__(dim, num)
@@ -130,70 +162,121 @@ class Int8Embedding(Int8Linear):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, chunk: int = 16384):
-        return cls.from_slices(*w.shape, (w[i:i + chunk] for i in range(0, w.shape[0], chunk)))
+        return cls.from_parts(*w.shape, (Int8Linear.from_float(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)))
 
     @classmethod
-    def from_slices(cls, num: int, dim: int, slices):
-        """From float row slices produced one at a time (the float table is never whole in memory)."""
+    def from_parts(cls, num: int, dim: int, parts):
+        """From `Int8Linear`s of consecutive row slices, made one at a time (the float table is never whole)."""
         m = cls(num, dim)
-        parts = [quantize_rows_int8(w) for w in slices]
-        m.set_rows(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        parts = list(parts)
+        for name, _ in list(m.named_buffers()):
+            setattr(m, name, torch.cat([getattr(p, name) for p in parts]))
         return m
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight_int8[ids]
-        if self.native:  # stored in the kernels' lane order, + 128
-            rows = rows[..., native.natural_order(self.embedding_dim)].int() - 128
-        return rows.to(torch.bfloat16) * self.scales[ids].to(torch.bfloat16)[..., None]
+        return self.weight_rows(ids)  # float32; the model casts to its dtype
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
 
 
-def q4_blocks(raw: np.ndarray, qtype: Q, rows: int, cols: int):
-    """Q4_0 / Q4_1 raw bytes -> (q (N, K) 0..15, scale (N, K/32), zero (N, K/32)) with weight = (q-8)*s + z."""
-    size = 18 if qtype == Q.Q4_0 else 20
-    b = raw.reshape(rows, cols // 32, size)
-    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = b[..., size - 16:]
-    q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, cols)  # low nibbles: 0..15, high: 16..31
-    if qtype == Q.Q4_0:
-        zero = np.zeros_like(d)
-    else:
-        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        zero = m + 8 * d  # q * d + m == (q - 8) * d + (m + 8 d)
-    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero)
+def parameter_count(model: nn.Module) -> int:
+    """Weights as the float model holds them: packed modules count by their shape."""
+    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear)))
+    return packed + sum(p.numel() for p in model.parameters())
 
 
-def q4k_blocks(raw: np.ndarray, rows: int, cols: int):
-    """Q4_K raw bytes -> (q, scale, zero) per group of 32. A Q4_K super-block of 256 holds d, dmin, eight 6-bit
-    (scale, min) pairs and 4-bit quants; group j is d*sc_j*q - dmin*m_j = (q - 8)*s + (8 s - dmin*m_j)."""
-    b = raw.reshape(rows, cols // 256, 144)
-    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    dmin = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+def _f16(b: np.ndarray, at: int) -> np.ndarray:
+    return b[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 packed 6-bit (scale, min) pairs of a Q4_K / Q5_K super-block (bytes 4..16)."""
     sc = b[..., 4:16].astype(np.int32)
     scale = np.concatenate([sc[..., 0:4] & 63, (sc[..., 8:12] & 15) | ((sc[..., 0:4] >> 6) << 4)], axis=-1)
     mins = np.concatenate([sc[..., 4:8] & 63, (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)], axis=-1)
-    qs = b[..., 16:144].reshape(rows, cols // 256, 4, 32)
-    q = np.stack([qs & 15, qs >> 4], axis=-2).reshape(rows, cols)  # per 64: low nibbles, then high nibbles
-    s = d[..., None] * scale
-    zero = 8 * s - dmin[..., None] * mins
-    return torch.from_numpy(q), torch.from_numpy(s.reshape(rows, -1)), torch.from_numpy(zero.reshape(rows, -1))
+    return scale, mins
+
+
+def _bits(qh: np.ndarray, count: int) -> np.ndarray:
+    """Little-endian bit planes of uint8 bytes: (..., nbytes) -> (..., nbytes * 8) in bit order."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")[..., :count]
+
+
+def q4_blocks(raw: np.ndarray, qtype: Q, rows: int, cols: int):
+    """Q4_0 / Q4_1 / Q4_K raw bytes -> (q (N, K) 0..15, scale (N, K/32), min (N, K/32)), weight = q * s + m.
+    Q4_K: a super-block of 256 holds d, dmin, eight 6-bit (scale, min) pairs and 4-bit quants; group j is
+    d*sc_j*q - dmin*m_j."""
+    if qtype == Q.Q4_K:
+        b = raw.reshape(rows, cols // 256, 144)
+        scale, mins = _k_scales(b)
+        qs = b[..., 16:144].reshape(rows, cols // 256, 4, 32)
+        q = np.stack([qs & 15, qs >> 4], axis=-2).reshape(rows, cols)  # per 64: low nibbles, then high nibbles
+        s, m = _f16(b, 0)[..., None] * scale, -_f16(b, 2)[..., None] * mins
+    else:
+        size = 18 if qtype == Q.Q4_0 else 20
+        b = raw.reshape(rows, cols // 32, size)
+        qs = b[..., size - 16:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, cols)  # low nibbles: 0..15, high: 16..31
+        s = _f16(b, 0)
+        m = -8 * s if qtype == Q.Q4_0 else _f16(b, 2)
+    return torch.from_numpy(q), torch.from_numpy(s.reshape(rows, -1)), torch.from_numpy(m.reshape(rows, -1))
+
+
+def int8_blocks(raw: np.ndarray, qtype: Q, rows: int, cols: int):
+    """Q8_0 / Q5_0 / Q5_1 / Q5_K (and the 4-bit types) raw bytes -> (q (N, K) 0..255, scale, min), exact."""
+    if qtype in INT4_DIRECT:
+        return q4_blocks(raw, qtype, rows, cols)
+    if qtype == Q.Q8_0:
+        b = raw.reshape(rows, cols // 32, 34)
+        q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        s = _f16(b, 0)
+        m = -128 * s
+    elif qtype in (Q.Q5_0, Q.Q5_1):
+        at = 2 if qtype == Q.Q5_0 else 4
+        b = raw.reshape(rows, cols // 32, at + 20)
+        qs, high = b[..., at + 4:], _bits(b[..., at:at + 4], 32)
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1) | (high << 4)
+        s = _f16(b, 0)
+        m = -16 * s if qtype == Q.Q5_0 else _f16(b, 2)
+    elif qtype == Q.Q5_K:
+        b = raw.reshape(rows, cols // 256, 176)
+        scale, mins = _k_scales(b)
+        high = _bits(b[..., 16:48], 256).reshape(rows, cols // 256, 32, 8)  # bit j of byte l: group j, element l
+        qs = b[..., 48:176].reshape(rows, cols // 256, 4, 32)
+        low = np.stack([qs & 15, qs >> 4], axis=-2).reshape(rows, cols // 256, 8, 32)
+        q = low | (high.transpose(0, 1, 3, 2) << 4)
+        s, m = _f16(b, 0)[..., None] * scale, -_f16(b, 2)[..., None] * mins
+    else:
+        raise ValueError(f"{qtype.name} has no exact 8-bit form")
+    return (torch.from_numpy(np.ascontiguousarray(q).reshape(rows, cols)), torch.from_numpy(s.reshape(rows, -1)),
+            torch.from_numpy(m.reshape(rows, -1)))
 
 
 INT4_DIRECT = {Q.Q4_0, Q.Q4_1, Q.Q4_K}
 INT4_REQUANT = {Q.Q2_K, Q.Q3_K}  # 2-3 bit types: 4-bit groups of 32 keep their precision
-INT8_REQUANT = {Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0}  # 5-8 bit types: per-channel int8
+INT8_DIRECT = {Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q5_K}
+INT8_REQUANT = {Q.Q6_K}  # 16-value sub-blocks with their own scales: an 8-bit fit per group of 32
+
+
+def int8_module(raw: np.ndarray, qtype: Q, shape: tuple[int, int], cls=Int8Linear) -> Int8Linear:
+    """An 8-bit module (`cls`) for any quantized GGUF matrix: exact where the block format allows."""
+    n, k = shape
+    if qtype in INT8_DIRECT | INT4_DIRECT and k % GROUP == 0:
+        return cls.from_quants(*int8_blocks(raw, qtype, n, k))
+    w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))
+    if qtype in INT8_REQUANT | INT4_REQUANT and k % GROUP == 0 and native.supports(k):
+        return cls.from_quants(*fit_groups(w, 255))
+    return cls.from_float(w)
 
 
 def pack_gguf(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> nn.Module | None:
     """A packed module for a GGUF matrix (N, K), or None for float types (kept dense)."""
     n, k = shape
     if qtype in INT4_DIRECT and k % GROUP == 0:
-        blocks = q4k_blocks(raw, n, k) if qtype == Q.Q4_K else q4_blocks(raw, qtype, n, k)
-        return Int4Linear.from_quants(*blocks)
+        return Int4Linear.from_quants(*q4_blocks(raw, qtype, n, k))
     if qtype in INT4_REQUANT and k % GROUP == 0:
         return Int4Linear.from_float(torch.from_numpy(dequantize(raw, qtype).reshape(n, k)))
-    if qtype in INT8_REQUANT:
-        return Int8Linear.from_float(torch.from_numpy(dequantize(raw, qtype).reshape(n, k)))
+    if qtype in INT8_DIRECT | INT8_REQUANT:
+        return int8_module(raw, qtype, shape)
     return None

@@ -12,7 +12,7 @@
 //
 // q4: weight = q * s + m, q in 0..15, fp16 s and m per group. Nibbles of vector pairs (r, r+1): 64 bytes whose low
 //     halves are vector r and high halves vector r+1.
-// q8: int8 with one fp32 scale per row, stored + 128 (unsigned) in vector order.
+// q8: weight = q * s + m, q in 0..255 in vector order, fp16 s and m per group (Q8_0: q = int8 + 128, m = -128 s).
 //
 // Built by gemrun/quant/native.py with gcc; called through ctypes. The index maps are made in native.py.
 
@@ -72,8 +72,8 @@ static inline __m512i lane_groups(int cg) {
                             _mm512_set1_epi32(cg - 1));
 }
 
-// One weight row against `mt` activation rows (mt constant after inlining). q4: w4 nibbles, ws/wm fp16 scale/min;
-// q8: w8 bytes (+128), the row scale applied by the caller.
+// One weight row against `mt` activation rows (mt constant after inlining): w4 nibbles or w8 bytes, ws/wm the
+// row's fp16 scales and mins per group.
 static inline __attribute__((always_inline)) void dot_row(const uint8_t *w4, const uint8_t *w8, const uint16_t *ws,
                                                           const uint16_t *wm, int64_t G, int64_t K, const int8_t *xq,
                                                           const int8_t *xl, const float *xd, const float *xs,
@@ -106,14 +106,13 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w4, con
             }
         }
         __m512i idx = lane_groups(cg);
-        __m512 sv = w4 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + c)) : _mm512_set1_ps(1.f);
+        __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + c));
         for (int i = 0; i < mt; i++) {
             __m512 f = _mm512_permutexvar_ps(idx, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xd + i * G + c)));
             __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dh[i], 7), dl[i]);
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[i]);
-            if (w4)
-                accm[i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + c)),
-                                          _mm512_maskz_loadu_ps(k, xs + i * G + c), accm[i]);
+            accm[i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + c)),
+                                      _mm512_maskz_loadu_ps(k, xs + i * G + c), accm[i]);
         }
     }
     for (int i = 0; i < mt; i++) out[i] = hsum(_mm512_add_ps(acc[i], accm[i]));
@@ -146,20 +145,16 @@ void gemrun_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *q, const 
     }
 }
 
-// int8 weights (+128): sum (w + 128) x = sum w x + 128 sum x, and sum x is the same for every weight row.
-void gemrun_q8_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scales, int64_t N, float *y,
-                  int8_t *xq, float *xd, float *xs, int nthreads) {
+// y[m, n] for n in [0, N): weights q (N, K) bytes, scales/mins (N, K/32) fp16.
+void gemrun_q8_mm(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scales,
+                  const uint16_t *mins, int64_t N, float *y, int8_t *xq, float *xd, float *xs, int nthreads) {
     int64_t G = K / QK;
     quantize_rows(x, M, K, xq, xd, xs, nthreads);
-    float xt[M];
-    for (int64_t m = 0; m < M; m++) {
-        xt[m] = 0.f;
-        for (int64_t g = 0; g < G; g++) xt[m] += xs[m * G + g];
-    }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-#define CALL(mt) dot_row(0, w + n * K, 0, 0, G, K, xq + m0 * K, xq + M * K + m0 * K, xd + m0 * G, 0, mt, o)
-#define FINISH(v) (((v) - 128.f * xt[m0 + i]) * scales[n])
+#define CALL(mt) dot_row(0, q + n * K, scales + n * G, mins + n * G, G, K, xq + m0 * K, xq + M * K + m0 * K, \
+                         xd + m0 * G, xs + m0 * G, mt, o)
+#define FINISH(v) (v)
         ROWS(CALL)
 #undef CALL
 #undef FINISH
@@ -207,15 +202,16 @@ void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t 
     }
 }
 
-void gemrun_q8_dequant(const uint8_t *w, const float *scales, int64_t N, int64_t K, uint16_t *out, int nthreads) {
+void gemrun_q8_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t N, int64_t K,
+                       uint16_t *out, int nthreads) {
     int64_t G = K / QK;
 #pragma omp parallel num_threads(nthreads)
     {
         float s[G], m[G];
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            for (int64_t g = 0; g < G; g++) s[g] = scales[n], m[g] = -128.f * scales[n];
-            dense_row(w + n * K, s, m, K, out + n * K);
+            for (int64_t g = 0; g < G; g++) s[g] = _cvtsh_ss(scales[n * G + g]), m[g] = _cvtsh_ss(mins[n * G + g]);
+            dense_row(q + n * K, s, m, K, out + n * K);
         }
     }
 }

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gguf.quants import dequantize
 from torch import nn
 
 from ..config import TextConfig, from_gguf_metadata, from_hf_config
@@ -77,8 +76,8 @@ def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, 
 
 
 def quantizer(kind: str) -> Packer:
-    """`--quantize q4|q8` for float checkpoints: text matrices to int4 (groups of 32) or int8 per channel, the
-    embedding to int8 rows; norms and the vision encoder stay in floating point."""
+    """`--quantize q4|q8` for float checkpoints: text matrices to 4-bit (min/max per group of 32) or 8-bit (Q8_0),
+    the embedding to 8-bit rows; norms and the vision encoder stay in floating point."""
     from ..quant.packed import Int4Linear, Int8Embedding, Int8Linear
 
     if kind not in ("q4", "q8"):
@@ -111,7 +110,7 @@ def _check_loaded(model: nn.Module) -> None:
 def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
     """Quantized GGUF matrices stay low-bit: repacked for the CPU int4/int8 kernels (`quant/packed.py`), the
     embedding as int8 rows; float tensors (norms) stay dense."""
-    from ..quant.packed import Int8Embedding, pack_gguf
+    from ..quant.packed import Int8Embedding, int8_module, pack_gguf
 
     def pack(ours: str, get: Getter) -> nn.Module | None:
         info = g.tensors[names[ours]]
@@ -120,8 +119,9 @@ def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
         raw = g.raw(info.name)
         if ours == "text.embed_tokens.weight":
             step = 8192  # dequantize in slices: the float table is never whole in memory
-            module = Int8Embedding.from_slices(*info.shape, (
-                torch.from_numpy(dequantize(raw[r:r + step], info.qtype)) for r in range(0, info.shape[0], step)))
+            n, k = info.shape
+            module = Int8Embedding.from_parts(n, k, (int8_module(raw[r:r + step], info.qtype, (min(step, n - r), k))
+                                                     for r in range(0, n, step)))
         elif len(info.shape) == 2 and ours.endswith("proj.weight"):
             module = pack_gguf(raw, info.qtype, info.shape)
         else:
@@ -149,8 +149,8 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
 
     pack = None
     if packed and any(t.qtype.name not in ("F32", "F16", "BF16") for t in g.tensors.values()):
-        if device.type != "cpu" or dtype != torch.bfloat16:
-            raise WeightsError("packed low-bit weights run on the CPU with bfloat16 activations")
+        if device.type != "cpu":
+            raise WeightsError("packed low-bit weights run on the CPU")
         pack = gguf_packer(g, names)
 
     def getter(name: str) -> Getter:
