@@ -83,7 +83,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16", help="gemrun activations (bfloat16: packed low-bit weights)")
+    ap.add_argument("--dtype", default="auto", help="gemrun activations: auto (float32) or bfloat16, over packed "
+                    "low-bit weights")
     ap.add_argument("--llama-site", default="/opt/llamacpp-venv/lib/python3.11/site-packages")
     ap.add_argument("--worker", choices=["gemrun", "llama"])
     args = ap.parse_args()

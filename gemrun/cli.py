@@ -364,6 +364,37 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     print(json.dumps(out))
 
 
+@app.command()
+def convert(src: Annotated[Path, typer.Argument(help="GGUF file or HF directory")],
+            out: Annotated[Path, typer.Argument(help="a .gguf file, or an HF directory")],
+            quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1; HF: "
+                                               "bf16 | f16 | f32 | int4-channel | int4-block | fp8")] = "bf16",
+            group_size: Annotated[int, typer.Option(help="int4-block group size")] = 32,
+            fp8_scales: Annotated[str, typer.Option(help="fp8 scales: channel | tensor")] = "channel",
+            keep: Annotated[list[str] | None, typer.Option(help="tensors (glob on gemrun names) kept in bf16 by "
+                                                           "quantized HF schemes; default: the embedding")] = None,
+            embed_quant: Annotated[str | None, typer.Option(help="GGUF type of the embedding (default: q8_0 under "
+                                                            "4/5-bit types)")] = None) -> None:
+    """Convert between HF safetensors and GGUF (llama.cpp layout), or write quantized HF safetensors; streaming,
+    tensor by tensor."""
+    from .convert import DEFAULT_KEEP
+    from .convert import convert as run
+
+    if fp8_scales not in ("channel", "tensor"):
+        raise GemrunError(f"--fp8-scales must be channel or tensor, got {fp8_scales!r}")
+    if not src.exists():
+        raise GemrunError(f"{src} does not exist")
+    if out.exists() and out.resolve() == src.resolve():
+        raise GemrunError("OUT must differ from SRC")
+    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("convert", total=None)
+        path = run(src, out, quant, group=group_size, fp8_per_channel=fp8_scales == "channel",
+                   keep=tuple(keep) if keep else DEFAULT_KEEP,
+                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+    print(json.dumps({"out": str(path), "quant": quant}))
+
+
 @app.command("make-random")
 def make_random(out: Annotated[Path, typer.Argument(help="output GGUF file, or directory for --format hf")],
                 preset: Annotated[str, typer.Option(help="config preset: " + ", ".join(PRESETS))] = "gemma-3-12b",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig, from_gguf_metadata, from_hf_config
+from ..convert import quantized_module, quantized_parts, read_scheme
 from ..errors import WeightsError
 from ..model.gemma3 import Gemma3
 from ..model.vision import Gemma3Vision, VisionConfig, vision_from_hf_config
@@ -167,7 +168,9 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
 
 
 def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
-            quantize: str | None = None) -> Loaded:
+            quantize: str | None = None, packed: bool = True) -> Loaded:
+    """An HF directory; a quantized one (`gemrun convert`, `gemrun_quant.json`) keeps int4 groups packed on the
+    CPU unless `packed` is False (then, like fp8, dequantized on load)."""
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise WeightsError(f"{root} has no config.json")
@@ -180,8 +183,15 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
     config = from_hf_config(raw)  # auto_map / trust_remote_code are never looked at
     vision = vision_from_hf_config(raw)
     ckpt = SafetensorsCheckpoint(root)
+    scheme = read_scheme(root)
+    parts = quantized_parts(ckpt.shapes) if scheme else {}
+    companions = {n for pair in parts.values() for n in pair}
+    shapes = {n: s for n, s in ckpt.shapes.items() if n not in companions}
+    for weight, (values, _) in parts.items():  # a quantized matrix stands in as its float (N, K)
+        n, k = ckpt.shapes[values]
+        shapes[weight] = (n, k * 2 if values.endswith(".qweight") else k)
     names: dict[str, str] = {}
-    for name in ckpt.shapes:
+    for name in shapes:
         text, image = hf_to_gemrun(name), hf_vision_to_gemrun(name)
         ours = "text." + text if text else ("vision." + image if image and vision else None)
         if ours is None:
@@ -189,12 +199,29 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
         if ours in names:
             raise WeightsError(f"tensors {names[ours]!r} and {name!r} both map to {ours!r}")
         names[ours] = name
-    back = {v: k for k, v in names.items()}
-    provided = {ours: ckpt.shapes[name] for ours, name in names.items()}
-    tensors = ((back[n], lambda t=t: t) for n, t in ckpt.tensors(list(names.values())))
+    provided = {ours: shapes[name] for ours, name in names.items()}
     if quantize and (device.type != "cpu" or dtype != torch.bfloat16):
         raise WeightsError("--quantize runs on the CPU with bfloat16 activations")
+    if quantize and scheme:
+        raise WeightsError(f"{root} is already quantized ({scheme['scheme']}); --quantize takes float checkpoints")
+
+    def read(name: str) -> torch.Tensor:
+        return next(ckpt.tensors([name]))[1]
+
+    def getter(name: str) -> Getter:
+        if name in parts:
+            return lambda: quantized_module(scheme, *map(read, parts[name]), packed=False)
+        return lambda: read(name)
+
+    tensors = ((ours, getter(name)) for ours, name in names.items())
     pack = quantizer(quantize) if quantize else None
+    if scheme and packed and device.type == "cpu":
+        def pack(ours: str, get: Getter) -> nn.Module | None:
+            name = names[ours]
+            if name not in parts or scheme["scheme"] == "fp8":
+                return None  # fp8: dequantized by the getter
+            module = quantized_module(scheme, *map(read, parts[name]), packed=True)
+            return module if isinstance(module, nn.Module) else None
     model, vision_model = _build(config, vision, provided, tensors, dtype, device, progress, pack)
     return Loaded(model, config, root, "safetensors", hf_config=raw, vision=vision_model)
 
@@ -206,7 +233,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
     if p.is_dir():
         if mmproj is not None:
             raise WeightsError("--mmproj goes with a GGUF model; an HF directory carries its own vision tower")
-        return load_hf(p, dtype, device, progress, quantize)
+        return load_hf(p, dtype, device, progress, quantize, packed)
     if p.is_file():
         if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
             raise WeightsError(f"{p}: pickled checkpoints are never loaded; use safetensors or GGUF")

@@ -17,7 +17,6 @@ from ..config import TextConfig, preset
 from ..errors import ConfigError
 from ..model.gemma3 import Gemma3
 from ..model.vision import VISION_PRESETS, Gemma3Vision
-from .names import GGUF_GLOBAL, GGUF_LAYER
 
 Progress = Callable[[int, int], None]
 STD = 0.02
@@ -112,15 +111,6 @@ def write_random_hf(preset_name: str, out: Path, vision: bool = False, dtype: st
     return out
 
 
-def _gguf_name(ours: str) -> str:
-    back = {v: k for k, v in GGUF_GLOBAL.items()}
-    if ours in back:
-        return back[ours]
-    _, n, rest = ours.split(".", 2)
-    layer = {v: k for k, v in GGUF_LAYER.items()}[rest.rsplit(".", 1)[0]]
-    return f"blk.{n}.{layer}.weight"
-
-
 def _random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Raw blocks of a block-quantized type: random quants with a small fixed fp16 scale (values ~ 0.01)."""
     block, size = GGML_QUANT_SIZES[qtype]
@@ -136,6 +126,7 @@ def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_qu
     """A llama.cpp-layout Gemma 3 GGUF of random weights: matrices in `quant`, the embedding in `embed_quant`,
     norms F32 (stored as 1 + w), tokenizer metadata of the embedded model."""
     from ..api import default_model_path
+    from ..convert import add_gemma3_metadata, add_tokenizer_metadata, gguf_name
     from .gguf import GGUFFile
 
     if quant not in GGUF_TYPES or embed_quant not in GGUF_TYPES:
@@ -144,27 +135,8 @@ def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_qu
     # llama.cpp's files (and loader) size the embedding to the tokenizer: 262144 rows, not HF's 262208
     cfg = preset(preset_name).replace(vocab_size=len(meta["tokenizer.ggml.tokens"]))
     w = GGUFWriter(str(out), "gemma3")
-    for key, value in (("context_length", cfg.max_position_embeddings), ("embedding_length", cfg.hidden_size),
-                       ("block_count", cfg.num_layers), ("feed_forward_length", cfg.intermediate_size),
-                       ("attention.head_count", cfg.num_heads), ("attention.head_count_kv", cfg.num_kv_heads),
-                       ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim),
-                       ("attention.sliding_window", cfg.sliding_window)):
-        w.add_uint32(f"gemma3.{key}", value)
-    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
-    w.add_float32("gemma3.rope.freq_base", cfg.rope_global.theta)
-    if cfg.rope_global.factor != 1.0:
-        w.add_string("gemma3.rope.scaling.type", "linear")
-        w.add_float32("gemma3.rope.scaling.factor", cfg.rope_global.factor)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(meta["tokenizer.ggml.tokens"])
-    w.add_token_scores(meta["tokenizer.ggml.scores"].tolist())
-    w.add_token_types(meta["tokenizer.ggml.token_type"].tolist())
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
-    w.add_add_bos_token(True)
+    add_gemma3_metadata(w, cfg)
+    add_tokenizer_metadata(w, {k: v for k, v in meta.items() if k.startswith("tokenizer.ggml.")})
     tensors = _shapes(lambda: Gemma3(cfg))
     plan = []
     for name, shape in tensors:
@@ -177,7 +149,7 @@ def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_qu
         nbytes = int(np.prod(shape)) // block * size
         plan.append((name, shape, q, nbytes))
         byte_shape = (*shape[:-1], shape[-1] // block * size)
-        w.add_tensor_info(_gguf_name(name), byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=q)
+        w.add_tensor_info(gguf_name(name), byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import WeightsError
 
-ALLOWED_DTYPES = {"F32", "F16", "BF16"}
+ALLOWED_DTYPES = {"F32", "F16", "BF16", "U8", "F8_E4M3"}  # U8 and F8_E4M3: quantized directories
 INDEX = "model.safetensors.index.json"
 
 
