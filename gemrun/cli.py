@@ -390,7 +390,7 @@ def convert(src: Annotated[Path, typer.Argument(help="GGUF file or HF directory"
                   console=err, transient=True) as bar:
         task = bar.add_task("convert", total=None)
         path = run(src, out, quant, group=group_size, fp8_per_channel=fp8_scales == "channel",
-                   keep=tuple(keep) if keep else DEFAULT_KEEP,
+                   keep=tuple(keep) if keep else DEFAULT_KEEP, embed_quant=embed_quant,
                    progress=lambda done, total: bar.update(task, completed=done, total=total))
     print(json.dumps({"out": str(path), "quant": quant}))
 

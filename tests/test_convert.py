@@ -148,6 +148,9 @@ def test_convert_refuses_bad_requests(tiny_hf, tmp_path):
                       ((root, root), "differ")]:
         r = run(*args)
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+    r = run(root, tmp_path / "e.gguf", "--quant", "q4_0", "--embed-quant", "f16")
+    assert r.returncode == 0, r.stderr
+    assert GGUFFile(tmp_path / "e.gguf").tensors["token_embd.weight"].qtype == Q.F16
     convert(root, tmp_path / "q4", "int4-block")
     r = run(tmp_path / "q4", tmp_path / "z.gguf", "--quant", "q8_0")
     assert r.returncode == 2 and "already quantized" in r.stderr
