@@ -27,11 +27,11 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
-from safetensors.torch import save_file
 
 from .config import TextConfig, from_gguf_metadata, from_hf_config
 from .errors import ConfigError, WeightsError
 from .weights.names import GGUF_GLOBAL, GGUF_LAYER, gguf_to_gemrun, hf_to_gemrun, is_gemma_norm
+from .weights.safetensors import ShardWriter
 
 log = logging.getLogger("gemrun.convert")
 Progress = Callable[[int, int], None]
@@ -318,24 +318,9 @@ def write_hf(src: Source, out: Path, quant: str, group: int = 32, fp8_per_channe
         raise ConfigError(f"HF output types are {', '.join([*HF_FLOATS, *HF_QUANTS])}; got {quant!r}")
     out.mkdir(parents=True, exist_ok=True)
     float_dtype = HF_FLOATS.get(quant, torch.bfloat16)
-    weight_map, shard, size, index = {}, {}, 0, 0
+    shards = ShardWriter(out, shard_bytes)
+    put = shards.put
     kept, quantized = [], []
-
-    def flush():
-        nonlocal shard, size, index
-        if shard:
-            index += 1
-            name = f"model-{index:05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-            shard, size = {}, 0
-
-    def put(name: str, t: torch.Tensor):
-        nonlocal size
-        if size + t.nbytes > shard_bytes:
-            flush()
-        shard[name] = t.contiguous()
-        size += t.nbytes
 
     for i, (ours, shape) in enumerate(src.shapes.items()):
         t = src.read(ours)
@@ -356,8 +341,7 @@ def write_hf(src: Source, out: Path, quant: str, group: int = 32, fp8_per_channe
             put("model." + ours, t.to(float_dtype))
         if progress:
             progress(i + 1, len(src.shapes))
-    flush()
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shards.close()
     config = hf_config_dict(src.config, vision=False)
     config["torch_dtype"] = str(float_dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
-from safetensors.torch import save_file
 
 from ..config import TextConfig, preset
 from ..errors import ConfigError
 from ..model.gemma3 import Gemma3
 from ..model.vision import VISION_PRESETS, Gemma3Vision
+from .safetensors import ShardWriter
 
 Progress = Callable[[int, int], None]
 STD = 0.02
@@ -82,27 +82,12 @@ def write_random_hf(preset_name: str, out: Path, vision: bool = False, dtype: st
         for n, s in _shapes(lambda: Gemma3Vision(VISION_PRESETS[cfg.name])):
             tensors.append((n.replace("vision_tower.", "vision_tower.vision_model.", 1), s))
     gen = torch.Generator().manual_seed(seed)
-    weight_map, shard, size, index = {}, {}, 0, 0
-
-    def flush():
-        nonlocal shard, size, index
-        if shard:
-            index += 1
-            name = f"model-{index:05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-            shard, size = {}, 0
-
+    shards = ShardWriter(out, shard_bytes)
     for i, (name, shape) in enumerate(tensors):
-        t = _values(name, shape, gen).to(HF_DTYPES[dtype])
-        if size + t.nbytes > shard_bytes:
-            flush()
-        shard[name] = t
-        size += t.nbytes
+        shards.put(name, _values(name, shape, gen).to(HF_DTYPES[dtype]))
         if progress:
             progress(i + 1, len(tensors))
-    flush()
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shards.close()
     (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, vision), indent=2))
     tok = from_gguf_metadata(GGUFFile(default_model_path()).metadata, image_token=vision)
     tok.backend.save(str(out / "tokenizer.json"))

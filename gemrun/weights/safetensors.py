@@ -79,3 +79,33 @@ class SafetensorsCheckpoint:
             except SafetensorError as e:
                 raise WeightsError(f"{self.where[n]}: cannot read tensor {n!r} ({e})") from None
             yield n, t
+
+
+class ShardWriter:
+    """Writes tensors into `model-NNNNN.safetensors` shards of at most `shard_bytes` and, on `close`, the index."""
+
+    def __init__(self, out: Path, shard_bytes: int = 2 << 30):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.weight_map: dict[str, str] = {}
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.index = 0
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        if self.size + t.nbytes > self.shard_bytes:
+            self._flush()
+        self.shard[name] = t.contiguous()
+        self.size += t.nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.shard:
+            self.index += 1
+            name = f"model-{self.index:05d}.safetensors"
+            save_file(self.shard, str(self.out / name), metadata={"format": "pt"})
+            self.weight_map.update(dict.fromkeys(self.shard, name))
+            self.shard, self.size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        (self.out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": self.weight_map}))
