@@ -1,0 +1,158 @@
+"""Audio in, for Gemma 4 Unified (encoder-free): decode WAV/FLAC/OGG/MP3 from untrusted sources, mix to mono, resample
+to 16 kHz, and cut into 640-sample frames, one soft token per 40 ms, as transformers'
+`Gemma4UnifiedAudioFeatureExtractor` (facts 4.5). Also the byte-level reading shared with video."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+from ..errors import InputError
+
+SAMPLE_RATE = 16_000
+SAMPLES_PER_TOKEN = 640  # 40 ms at 16 kHz
+FORMATS = ("WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3")  # soundfile's names; anything else libsndfile reads is refused
+_BLOCK = 1 << 16  # frames decoded at a time, so memory follows the real length, never a header's claim
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    """What one audio input may be. 30 s is the processor's documented cap of 750 soft tokens (`audio_seq_length`)."""
+
+    max_seconds: float = 30.0
+    max_bytes: int = 50 << 20
+    max_rate: int = 384_000
+    max_channels: int = 32
+
+    @property
+    def max_tokens(self) -> int:
+        return math.ceil(self.max_seconds * SAMPLE_RATE / SAMPLES_PER_TOKEN)
+
+
+@dataclass(frozen=True)
+class ProcessedAudio:
+    """`features` (n, 640) float32 frames of the 16 kHz mono waveform (the last zero-padded); `mask` (n,) bool, all
+    True for one input (the reference's `input_features_mask`, needed by its forward)."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.features.shape[0])
+
+
+def _b64(data: str, what: str, max_bytes: int) -> bytes:
+    if len(data) > max_bytes * 4 // 3 + 4:
+        raise InputError(f"{what} is larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{what} is not valid base64") from None
+
+
+def read_media_bytes(source: str | bytes | Path, what: str, max_bytes: int, allowed_dir: Path | None = None) -> bytes:
+    """Bytes of a medium (`what` names it in errors) given as raw bytes, a `data:...;base64,` URL or a local path
+    (inside `allowed_dir` when set); at most `max_bytes`. Remote URLs are refused: nothing is downloaded."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, str) and source.startswith("data:"):
+        head, _, payload = source.partition(",")
+        if not head.endswith(";base64") or not payload:
+            raise InputError(f"{what} data: URL must be data:<type>;base64,<data>")
+        data = _b64(payload, what, max_bytes)
+    elif isinstance(source, str) and source.split(":", 1)[0].lower() in ("http", "https", "ftp", "file"):
+        raise InputError(f"remote {what} URLs are not fetched; pass a file, bytes or a data: URL")
+    elif isinstance(source, (str, Path)):
+        path = Path(source).expanduser().resolve()
+        if allowed_dir is not None and Path(allowed_dir).resolve() not in path.parents:
+            raise InputError(f"{what} path {source} is outside the allowed directory")
+        if not path.is_file():
+            raise InputError(f"{what} file {source} does not exist or is not a regular file")
+        if path.stat().st_size > max_bytes:
+            raise InputError(f"{what} file {source} is larger than {max_bytes} bytes")
+        data = path.read_bytes()
+    else:
+        raise InputError(f"unsupported {what} source of type {type(source).__name__}")
+    if len(data) > max_bytes:
+        raise InputError(f"{what} is larger than {max_bytes} bytes")
+    if not data:
+        raise InputError(f"{what} is empty")
+    return data
+
+
+def input_audio_bytes(data: str, format: str, limits: AudioLimits = AudioLimits()) -> bytes:
+    """Bytes of an OpenAI `input_audio` part: base64 `data` of a `format` among wav, mp3, flac, ogg."""
+    if format.lower() not in ("wav", "mp3", "flac", "ogg"):
+        raise InputError(f"input_audio format {format!r} is not one of wav, mp3, flac, ogg")
+    data = _b64(data, "audio", limits.max_bytes)
+    if not data:
+        raise InputError("audio is empty")
+    return data
+
+
+def decode_audio(data: bytes, limits: AudioLimits = AudioLimits()) -> tuple[np.ndarray, int]:
+    """(mono float32 waveform, sample rate) of encoded WAV/FLAC/OGG/MP3 bytes; channels are averaged. The declared
+    and the decoded lengths are both checked against `limits.max_seconds`."""
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if f.format not in FORMATS:
+                raise InputError(f"audio format {f.format} is not one of {', '.join(FORMATS)}")
+            rate, channels = f.samplerate, f.channels
+            if not 1 <= rate <= limits.max_rate or not 1 <= channels <= limits.max_channels:
+                raise InputError(f"audio with {channels} channels at {rate} Hz is refused (at most "
+                                 f"{limits.max_channels} channels, 1..{limits.max_rate} Hz)")
+            max_frames = int(limits.max_seconds * rate)
+            if f.frames > max_frames:
+                raise InputError(f"audio of {f.frames / rate:.1f} s is longer than the limit of "
+                                 f"{limits.max_seconds:g} s")
+            blocks, n = [], 0
+            while block := len(chunk := f.read(_BLOCK, dtype="float32", always_2d=True)):
+                n += block
+                if n > max_frames:
+                    raise InputError(f"audio is longer than the limit of {limits.max_seconds:g} s")
+                blocks.append(chunk.mean(axis=1, dtype=np.float32))
+    except InputError:
+        raise
+    except (sf.SoundFileError, RuntimeError, ValueError, TypeError, EOFError, OverflowError) as e:
+        raise InputError(f"audio cannot be decoded (WAV, FLAC, OGG or MP3 expected): {e}") from None
+    if n == 0:
+        raise InputError("audio has no samples")
+    return np.concatenate(blocks), rate
+
+
+def frames(wave: np.ndarray, rate: int, limits: AudioLimits = AudioLimits()) -> ProcessedAudio:
+    """Frames of a mono waveform at `rate` Hz: resampled to 16 kHz (soxr 'HQ'), zero-padded to a multiple of 640 and
+    reshaped to (n, 640), as `Gemma4UnifiedAudioFeatureExtractor` does with a 16 kHz array. Non-finite samples
+    become 0 (one NaN would otherwise poison the frame's RMSNorm)."""
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if wave.size == 0:
+        raise InputError("audio has no samples")
+    if wave.size > limits.max_seconds * rate:
+        raise InputError(f"audio of {wave.size / rate:.1f} s is longer than the limit of {limits.max_seconds:g} s")
+    wave = np.nan_to_num(wave, nan=0.0, posinf=0.0, neginf=0.0)
+    if rate != SAMPLE_RATE:
+        wave = soxr.resample(wave, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+        # the length was checked at the source rate; resampling may round it up by a sample past the cap
+        wave = wave[: int(limits.max_seconds * SAMPLE_RATE)]
+    n = -(-wave.size // SAMPLES_PER_TOKEN)
+    padded = np.zeros(n * SAMPLES_PER_TOKEN, dtype=np.float32)
+    padded[: wave.size] = wave
+    return ProcessedAudio(torch.from_numpy(padded.reshape(n, SAMPLES_PER_TOKEN)), torch.ones(n, dtype=torch.bool))
+
+
+def process_audio(source: str | bytes | Path, limits: AudioLimits = AudioLimits(),
+                  allowed_dir: Path | None = None) -> ProcessedAudio:
+    """Frames of an audio file given as bytes, a `data:` URL or a path (see `input_audio_bytes` for OpenAI's
+    base64 + format). Anything malformed, empty or past `limits` raises InputError."""
+    wave, rate = decode_audio(read_media_bytes(source, "audio", limits.max_bytes, allowed_dir), limits)
+    return frames(wave, rate, limits)
