@@ -1,8 +1,15 @@
-"""Function calling for Gemma 3, which has no tool tokens: Google's prompted convention, as in ai.google.dev
-"Function calling with Gemma". Declarations go into the first user turn as JSON; the model calls with Python
-syntax in a ```tool_code block; results come back to it in a ```tool_output block inside a user turn.
+"""Function calling.
 
-Model output is parsed with `ast` only (literals through `ast.literal_eval`), never executed.
+Gemma 3 has no tool tokens: Google's prompted convention, as in ai.google.dev "Function calling with Gemma".
+Declarations go into the first user turn as JSON; the model calls with Python syntax in a ```tool_code block;
+results come back to it in a ```tool_output block inside a user turn (`apply_tools`, `parse_tool_calls`).
+
+Gemma 4 has native tool tokens, and its chat template declares tools and renders OpenAI `tool_calls` / `role:
+tool` messages itself (`native_tools` only validates); the model calls `<|tool_call>call:NAME{...}<tool_call|>`
+(`parse_gemma4_tool_calls`, `Gemma4OutputParser`).
+
+Model output is parsed, never executed: Gemma 3 calls with `ast` (literals through `ast.literal_eval`), Gemma 4
+calls with a small recursive-descent reader.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ import secrets
 from typing import Any
 
 from .errors import InputError
+from .thinking import ThinkingSplitter, _prefix_tail, split_thinking
 
 __all__ = ["validate_tools", "normalize_tool_choice", "apply_tools", "parse_tool_calls", "ToolStreamParser",
-           "tool_grammar"]
+           "tool_grammar", "native_tools", "parse_gemma4_args", "parse_gemma4_tool_calls", "Gemma4ToolStreamParser",
+           "parse_gemma4_output", "Gemma4OutputParser"]
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 MAX_TOOLS = 128
@@ -138,6 +147,16 @@ def apply_tools(messages: list[dict], tools: list[dict] | None, tool_choice: Any
     return result
 
 
+def native_tools(tools: list | None, tool_choice: Any = "auto") -> list[dict] | None:
+    """The `tools` to hand a template that declares tools itself (Gemma 4): the validated list, or None when there
+    are none or tool_choice is "none". Messages need no rewriting: `tool_calls` and `role: tool` messages go to
+    the template as they are (`chat.normalize_messages` checks them). The template has no way to force a call, so
+    "required" and a named function are only honoured by constraining decoding."""
+    tools = validate_tools(tools)
+    choice = normalize_tool_choice(tool_choice, tools)
+    return tools if tools and choice != "none" else None
+
+
 def _role(m: Any) -> Any:
     return m.get("role") if isinstance(m, dict) else None
 
@@ -225,56 +244,72 @@ def parse_tool_calls(text: str, tools: list | None = None) -> tuple[str, list[di
     return "".join(content).strip(), calls
 
 
-class ToolStreamParser:
-    """Incremental `parse_tool_calls`: push text deltas, get ("content", str) and ("tool_call", dict) events.
+class _CallStream:
+    """Incremental call extraction: push text deltas, get ("content", str) and ("tool_call", dict) events.
 
-    Text passes through at once, except a tail that could begin "```tool_code" and trailing whitespace (content
-    is stripped, as in the one-shot parser). A block is held until its closing fence, then becomes calls or, if it
-    does not parse, content; a block past `MAX_BLOCK` is streamed as content while its closing fence is sought."""
+    Text passes through at once, except a tail that could begin `OPEN` and trailing whitespace (content is
+    stripped, as in the one-shot parsers). A block is held until its closing marker, then becomes calls or, if it
+    does not parse, content; a block past `MAX_BLOCK` is streamed as content while its closing marker is sought."""
+
+    OPEN = CLOSE = ""
 
     def __init__(self, tools: list | None = None):
         self.names = _names(tools)
         self.buf = ""
         self.mode = "text"  # "text" | "block" (held) | "long" (too long to parse, passed through)
+        self.scan = 0  # where the search for the block's end resumes (each push scans only new text)
         self.started = False  # content emitted yet (leading whitespace is dropped)
         self.space = ""  # trailing whitespace held until more content follows
 
     def push(self, text: str) -> list[tuple[str, Any]]:
-        seen = len(self.buf)  # already searched for a closing fence: each push scans only new text
         self.buf += text
         events: list[tuple[str, Any]] = []
         while True:
             if self.mode == "text":
-                start = self.buf.find(OPEN)
+                start = self.buf.find(self.OPEN)
                 if start < 0:
-                    keep = _prefix_tail(self.buf, OPEN)
+                    keep = _prefix_tail(self.buf, self.OPEN)
                     self._content(self.buf[:len(self.buf) - keep], events)
                     self.buf = self.buf[len(self.buf) - keep:]
                     return events
                 self._content(self.buf[:start], events)
-                self.buf, self.mode, seen = self.buf[start:], "block", 0
-            end = self.buf.find(CLOSE, max(len(OPEN) if self.mode == "block" else 0, seen - len(CLOSE) + 1))
+                self.buf, self.mode = self.buf[start:], "block"
+                self._start_block()
+            end = self._block_end() if self.mode == "block" else self.buf.find(self.CLOSE)
             if end < 0:
-                if self.mode == "block" and len(self.buf) - len(OPEN) > MAX_BLOCK + len(CLOSE):
+                if self.mode == "block" and len(self.buf) - len(self.OPEN) > MAX_BLOCK + len(self.CLOSE):
                     self.mode = "long"  # the body is already too long, whatever follows
                 if self.mode == "long":
-                    keep = _prefix_tail(self.buf, CLOSE)
+                    keep = _prefix_tail(self.buf, self.CLOSE)
                     self._content(self.buf[:len(self.buf) - keep], events)
                     self.buf = self.buf[len(self.buf) - keep:]
                 return events
-            raw, self.buf, seen = self.buf[:end + len(CLOSE)], self.buf[end + len(CLOSE):], 0
-            parsed = _parse_block(raw[len(OPEN):end], self.names) if self.mode == "block" else None
+            raw, self.buf = self.buf[:end + len(self.CLOSE)], self.buf[end + len(self.CLOSE):]
+            parsed = self._parse(raw[len(self.OPEN):end]) if self.mode == "block" else None
             if parsed is None:
                 self._content(raw, events)
             events += [("tool_call", c) for c in parsed or []]
             self.mode = "text"
 
     def finish(self) -> list[tuple[str, Any]]:
-        """Flush what is held: an unfinished fence or block is content; trailing whitespace is dropped."""
+        """Flush what is held: an unfinished marker or block is content; trailing whitespace is dropped."""
         events: list[tuple[str, Any]] = []
         self._content(self.buf, events)
         self.buf, self.mode, self.space = "", "text", ""
         return events
+
+    def _start_block(self) -> None:
+        self.scan = len(self.OPEN)
+
+    def _block_end(self) -> int:
+        """Index in `buf` (which starts with OPEN) of the CLOSE that ends the block, or -1 while none has come."""
+        end = self.buf.find(self.CLOSE, self.scan)
+        if end < 0:
+            self.scan = max(self.scan, len(self.buf) - len(self.CLOSE) + 1)
+        return end
+
+    def _parse(self, body: str) -> list[dict] | None:
+        raise NotImplementedError
 
     def _content(self, text: str, events: list) -> None:
         if not self.started:
@@ -287,12 +322,13 @@ class ToolStreamParser:
             self.started = True
 
 
-def _prefix_tail(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that is a proper prefix of `marker` (it may become `marker`)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
+class ToolStreamParser(_CallStream):
+    """Incremental `parse_tool_calls` (Gemma 3's ```tool_code blocks); see `_CallStream`."""
+
+    OPEN, CLOSE = OPEN, CLOSE
+
+    def _parse(self, body: str) -> list[dict] | None:
+        return _parse_block(body, self.names)
 
 
 def _names(tools: list | None) -> set[str] | None:
@@ -360,6 +396,207 @@ def _jsonable(v: Any) -> bool:
     if isinstance(v, dict):
         return all(isinstance(k, str) and _jsonable(x) for k, x in v.items())
     return False
+
+
+# ---- Gemma 4: native tool tokens ----
+# The model calls `<|tool_call>call:NAME{key:value,...}<tool_call|>`: keys bare, strings between `<|"|>` marks,
+# numbers, true/false/null, nested {} and [] (Google's template writes past calls the same way, see
+# `format_argument`). The text must be decoded with special tokens kept.
+
+G4_OPEN, G4_CLOSE, G4_QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+_G4_CALL = re.compile(r"\s*call:([A-Za-z_][\w.\-]*)\s*")
+_G4_KEY = re.compile(r"\s*([^\s:,{}\[\]<>\"]+)\s*:")
+_G4_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_G4_WORDS = {"true": True, "false": False, "null": None}
+_G4_DEPTH = 64  # nesting deeper than this is not a call
+
+
+def parse_gemma4_args(text: str) -> dict:
+    """The arguments object of a Gemma 4 call, `{city:<|"|>Paris<|"|>,n:3}`, as a dict; ValueError if malformed."""
+    value, pos = _g4_value(text, 0, 0)
+    if not isinstance(value, dict) or text[pos:].strip():
+        raise ValueError("not one object")
+    return value
+
+
+def _g4_skip(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def _g4_value(text: str, pos: int, depth: int) -> tuple[Any, int]:
+    pos = _g4_skip(text, pos)
+    if depth > _G4_DEPTH:
+        raise ValueError("nested too deeply")
+    if text.startswith(G4_QUOTE, pos):
+        end = text.find(G4_QUOTE, pos + len(G4_QUOTE))
+        if end < 0:
+            raise ValueError("unterminated string")
+        return text[pos + len(G4_QUOTE):end], end + len(G4_QUOTE)
+    if text.startswith("{", pos):
+        out: dict[str, Any] = {}
+        pos = _g4_skip(text, pos + 1)
+        if text.startswith("}", pos):
+            return out, pos + 1
+        while True:
+            pos = _g4_skip(text, pos)
+            if text.startswith(G4_QUOTE, pos):  # quoted keys, as declarations write them
+                key, pos = _g4_value(text, pos, depth + 1)
+                pos = _g4_skip(text, pos)
+                if not text.startswith(":", pos):
+                    raise ValueError("expected ':'")
+                pos += 1
+            elif m := _G4_KEY.match(text, pos):
+                key, pos = m.group(1), m.end()
+            else:
+                raise ValueError("expected a key")
+            out[key], pos = _g4_value(text, pos, depth + 1)
+            pos = _g4_skip(text, pos)
+            if text.startswith("}", pos):
+                return out, pos + 1
+            if not text.startswith(",", pos):
+                raise ValueError("expected ',' or '}'")
+            pos += 1
+    if text.startswith("[", pos):
+        items: list[Any] = []
+        pos = _g4_skip(text, pos + 1)
+        if text.startswith("]", pos):
+            return items, pos + 1
+        while True:
+            item, pos = _g4_value(text, pos, depth + 1)
+            items.append(item)
+            pos = _g4_skip(text, pos)
+            if text.startswith("]", pos):
+                return items, pos + 1
+            if not text.startswith(",", pos):
+                raise ValueError("expected ',' or ']'")
+            pos += 1
+    for word, value in _G4_WORDS.items():
+        if text.startswith(word, pos) and not text[pos + len(word):pos + len(word) + 1].isalnum():
+            return value, pos + len(word)
+    if m := _G4_NUMBER.match(text, pos):
+        if text[m.end():m.end() + 1].isalnum() or text[m.end():m.end() + 1] in "._":
+            raise ValueError("not a number")
+        num = m.group(0)
+        value = float(num) if any(c in num for c in ".eE") else int(num)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return value, m.end()
+    raise ValueError(f"unexpected text at {pos}")
+
+
+def _g4_call(body: str, names: set[str] | None) -> dict | None:
+    """One call from the text between `<|tool_call>` and `<tool_call|>`, or None when it is not a well-formed
+    call (to a declared function, when `names` is given)."""
+    m = _G4_CALL.match(body)
+    if m is None or len(body) > MAX_BLOCK or (names is not None and m.group(1) not in names):
+        return None
+    try:
+        args = parse_gemma4_args(body[m.end():])
+        arguments = json.dumps(args, ensure_ascii=False, allow_nan=False)
+    except (ValueError, RecursionError):
+        return None
+    return {"id": "call_" + secrets.token_hex(12), "type": "function",
+            "function": {"name": m.group(1), "arguments": arguments}}
+
+
+def _g4_close(text: str, pos: int) -> int:
+    """Index of the `<tool_call|>` that ends a call whose body starts at `pos` (one inside a `<|"|>` string does
+    not), or -1."""
+    quoted = False
+    while True:
+        q = text.find(G4_QUOTE, pos)
+        if not quoted:
+            c = text.find(G4_CLOSE, pos)
+            if c >= 0 and (q < 0 or c < q):
+                return c
+        if q < 0:
+            return -1
+        quoted, pos = not quoted, q + len(G4_QUOTE)
+
+
+def parse_gemma4_tool_calls(text: str, tools: list | None = None) -> tuple[str, list[dict]]:
+    """(content with the parsed `<|tool_call>...<tool_call|>` blocks removed, stripped; OpenAI tool calls
+    `{"id", "type": "function", "function": {"name", "arguments": JSON string}}`). A block that does not parse, is
+    too long, or names an undeclared function (when `tools` is given) stays in the content, markers and all."""
+    names = _names(tools)
+    content, calls, pos = [], [], 0
+    while (start := text.find(G4_OPEN, pos)) >= 0:
+        end = _g4_close(text, start + len(G4_OPEN))
+        if end < 0:
+            break  # unclosed: everything after it is content
+        call = _g4_call(text[start + len(G4_OPEN):end], names)
+        content.append(text[pos:start] if call is not None else text[pos:end + len(G4_CLOSE)])
+        calls += [call] if call is not None else []
+        pos = end + len(G4_CLOSE)
+    content.append(text[pos:])
+    return "".join(content).strip(), calls
+
+
+class Gemma4ToolStreamParser(_CallStream):
+    """Incremental `parse_gemma4_tool_calls`; see `_CallStream`. The end of a call is sought outside its
+    `<|"|>` strings."""
+
+    OPEN, CLOSE = G4_OPEN, G4_CLOSE
+
+    def _start_block(self) -> None:
+        self.scan, self.quoted = len(self.OPEN), False
+
+    def _block_end(self) -> int:
+        pos = self.scan
+        while True:
+            q = self.buf.find(G4_QUOTE, pos)
+            if not self.quoted:
+                c = self.buf.find(G4_CLOSE, pos)
+                if c >= 0 and (q < 0 or c < q):
+                    return c
+            if q < 0:
+                # resume where a marker cut by the end of the buffer may begin
+                self.scan = max(pos, len(self.buf) - max(len(G4_QUOTE), len(G4_CLOSE)) + 1)
+                return -1
+            self.quoted, pos = not self.quoted, q + len(G4_QUOTE)
+
+    def _parse(self, body: str) -> list[dict] | None:
+        call = _g4_call(body, self.names)
+        return None if call is None else [call]
+
+
+def parse_gemma4_output(text: str, tools: list | None = None,
+                        in_thought: bool = False) -> tuple[str, str, list[dict]]:
+    """A whole Gemma 4 reply -> (reasoning, content, tool calls): the thought channel is split off first
+    (`thinking.split_thinking`; calls inside the reasoning stay reasoning), then calls are taken from the answer.
+    `in_thought`: the prompt ended inside an open thought channel (`thinking.opens_in_thought`)."""
+    reasoning, answer = split_thinking(text, in_thought)
+    content, calls = parse_gemma4_tool_calls(answer, tools)
+    return reasoning, content, calls
+
+
+class Gemma4OutputParser:
+    """Incremental `parse_gemma4_output`: push decoded text deltas (special tokens kept), get ("reasoning", str),
+    ("content", str) and ("tool_call", dict) events; `finish()` at the end of generation. Pass `tools=None` to
+    leave tool calls unparsed (they stay content)."""
+
+    def __init__(self, tools: list | None = None, in_thought: bool = False, parse_tools: bool = True):
+        self.thinking = ThinkingSplitter(in_thought)
+        self.calls = Gemma4ToolStreamParser(tools) if parse_tools else None
+
+    def push(self, text: str) -> list[tuple[str, Any]]:
+        return self._route(self.thinking.push(text), final=False)
+
+    def finish(self) -> list[tuple[str, Any]]:
+        return self._route(self.thinking.finish(), final=True)
+
+    def _route(self, events: list[tuple[str, str]], final: bool) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        for kind, text in events:
+            if kind == "content" and self.calls is not None:
+                out += self.calls.push(text)
+            else:
+                out.append((kind, text))
+        if final and self.calls is not None:
+            out += self.calls.finish()
+        return out
 
 
 # ---- constrained decoding ----
