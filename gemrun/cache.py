@@ -37,10 +37,11 @@ class FullCache:
         self.k[:, :, self.length:self.length + t] = k
         self.v[:, :, self.length:self.length + t] = v
         self.length += t
-        return self.view()
+        self.last = self.view()
+        return self.last
 
     def view(self):
-        """(k, v, positions) of everything cached; also what a layer sharing this cache reads."""
+        """(k, v, positions) of everything cached."""
         return self.k[:, :, :self.length], self.v[:, :, :self.length], torch.arange(self.length, device=self.k.device)
 
     def trim(self, n: int) -> None:
@@ -76,7 +77,8 @@ class SlidingCache:
             self.v[:, :, slot] = v[:, :, 0]
             self.pos[slot] = positions[0]
             self.length += 1
-            return self.view()
+            self.last = self.view()
+            return self.last
         out = (torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), torch.cat([self.pos, positions]))
         keep = min(t, cap)
         slots = positions[-keep:] % cap
@@ -84,6 +86,7 @@ class SlidingCache:
         self.v[:, :, slots] = v[:, :, -keep:]
         self.pos[slots] = positions[-keep:]
         self.length += t
+        self.last = out
         return out
 
     def view(self):
@@ -103,14 +106,34 @@ class SlidingCache:
         return self.k.nbytes + self.v.nbytes
 
 
+class SharedCache:
+    """A layer that reuses another layer's K/V (Gemma 4 KV sharing): it reads what its source layer's latest
+    update returned (the source runs first in the same forward) and stores nothing."""
+
+    def __init__(self, source: FullCache | SlidingCache):
+        self.source = source
+
+    def update(self, k, v, positions: torch.Tensor):
+        return self.source.last
+
+    @property
+    def length(self) -> int:
+        return self.source.length
+
+    def trim(self, n: int) -> None:
+        pass  # the source layer's cache is trimmed on its own
+
+    nbytes = 0
+
+
 def make_caches(layers: tuple[LayerSpec, ...], batch: int, dtype: torch.dtype, device: torch.device | str,
                 capacity: int = 256, spare: int = 0) -> list:
-    """One cache per layer, following each layer's spec. A layer that shares KV (Gemma 4) gets its source
-    layer's cache object and only reads it (`view`); nothing is stored twice."""
+    """One cache per layer, following each layer's spec. A layer that shares KV (Gemma 4) reads its source
+    layer's cache through a `SharedCache`; nothing is stored twice."""
     caches: list = []
     for spec in layers:
         if spec.kv_source is not None:
-            caches.append(caches[spec.kv_source])
+            caches.append(SharedCache(caches[spec.kv_source]))
         elif spec.window is not None:
             caches.append(SlidingCache(batch, spec.num_kv_heads, spec.head_dim, spec.window, dtype, device, spare))
         else:

@@ -15,10 +15,12 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class Rope:
-    """Rotary embedding of one layer type. `factor` is linear position scaling (inv_freq / factor)."""
+    """Rotary embedding of one layer type. `factor` is linear position scaling (inv_freq / factor); `partial` < 1
+    is Gemma 4's proportional RoPE: only that fraction of the frequency slots rotate, the rest are zero."""
 
     theta: float
     factor: float = 1.0
+    partial: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class LayerSpec:
     rope: Rope
     window: int | None  # keys seen by a query, itself included (None: all)
     kv_source: int | None = None  # layer whose cache this layer reads instead of writing its own
+    k_eq_v: bool = False  # Gemma 4 global layers: values come from the key projection (no v_proj)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,67 @@ class TextConfig:
         return total
 
 
+@dataclass(frozen=True)
+class Gemma4TextConfig(TextConfig):
+    """The Gemma 4 (Unified) text decoder, as transformers' Gemma4UnifiedTextConfig: global layers have their own
+    head size and KV heads, keys double as values there (`attention_k_eq_v`), the last layer is always global,
+    and the last `num_kv_shared_layers` layers reuse the K/V of the last earlier layer of their type."""
+
+    vocab_size: int = 262_144
+    sliding_window: int = 1024
+    max_position_embeddings: int = 262_144
+    global_head_dim: int = 512
+    num_global_kv_heads: int | None = None
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    double_wide_mlp: bool = False  # KV-sharing layers get a 2x wide MLP (E2B)
+    # Image/video tokens attend to each other: "sliding" on sliding layers only (the documented intent, and the
+    # reference's generate path), "all" on every layer (the reference's plain forward), None never.
+    vision_attention: str | None = "sliding"
+    rope_global: Rope = field(default_factory=lambda: Rope(1_000_000.0, partial=0.25))
+    stop_token_ids: tuple[int, ...] = (1, 106, 50)  # <eos>, <turn|>, <|tool_response>
+    name: str = "gemma4"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vision_attention not in (None, "sliding", "all"):
+            raise ConfigError(f"vision_attention must be 'sliding', 'all' or None, got {self.vision_attention!r}")
+        if not 0 <= self.num_kv_shared_layers < self.num_layers:
+            raise ConfigError(f"num_kv_shared_layers {self.num_kv_shared_layers} is out of range")
+        heads = self.num_global_kv_heads
+        if heads is not None and (heads <= 0 or self.num_heads % heads):
+            raise ConfigError(f"num_global_kv_heads {heads} does not divide num_heads {self.num_heads}")
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        types = list(self.layer_types or (
+            "full_attention" if (i + 1) % self.sliding_window_pattern == 0 else "sliding_attention"
+            for i in range(self.num_layers)))
+        types[-1] = "full_attention"  # forced by the reference config
+        return tuple(types)
+
+    @property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        kinds = self.layer_kinds
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        # a sharing layer reads the last non-sharing layer of its type ("store" in kv_sharing_modes)
+        source = {kind: max(i for i in range(first_shared) if kinds[i] == kind) for kind in set(kinds)
+                  if self.num_kv_shared_layers and kind in kinds[:first_shared]}
+        specs = []
+        for i, kind in enumerate(kinds):
+            shared = source.get(kind) if i >= first_shared else None
+            if i >= first_shared and shared is None:
+                raise ConfigError(f"layer {i} ({kind}) shares KV but no earlier layer of that type stores it")
+            if kind == "sliding_attention":
+                specs.append(LayerSpec(True, self.head_dim, self.num_kv_heads, self.rope_local, self.sliding_window,
+                                       shared))
+            else:
+                kv = self.num_global_kv_heads if self.attention_k_eq_v and self.num_global_kv_heads else self.num_kv_heads
+                specs.append(LayerSpec(False, self.global_head_dim, kv, self.rope_global, None, shared,
+                                       k_eq_v=self.attention_k_eq_v))
+        return tuple(specs)
+
+
 def _gemma3(**kw: Any) -> TextConfig:
     return TextConfig(**kw)
 
@@ -137,6 +201,9 @@ PRESETS: dict[str, TextConfig] = {
     "gemma-3-27b": _gemma3(name="gemma-3-27b", vocab_size=262_208, hidden_size=5376, intermediate_size=21504,
                            num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168,
                            sliding_window=1024, max_position_embeddings=131_072, rope_global=_SCALED),
+    "gemma-4-12b": Gemma4TextConfig(name="gemma-4-12b", hidden_size=3840, intermediate_size=15360, num_layers=48,
+                                    num_heads=16, num_kv_heads=8, head_dim=256, global_head_dim=512,
+                                    num_global_kv_heads=1, attention_k_eq_v=True, final_logit_softcapping=30.0),
 }
 
 
@@ -151,10 +218,11 @@ def preset(name: str) -> TextConfig:
 def _rope_from(params: dict[str, Any] | None, default_theta: float) -> Rope:
     params = params or {}
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", "linear"):
-        raise ConfigError(f"unsupported rope_type {kind!r} for Gemma 3")
-    factor = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
-    return Rope(float(params.get("rope_theta", default_theta)), factor)
+    if kind not in ("default", "linear", "proportional"):
+        raise ConfigError(f"unsupported rope_type {kind!r}")
+    factor = float(params.get("factor", 1.0)) if kind in ("linear", "proportional") else 1.0
+    partial = float(params.get("partial_rotary_factor", 1.0)) if kind == "proportional" else 1.0
+    return Rope(float(params.get("rope_theta", default_theta)), factor, partial)
 
 
 def from_hf_config(raw: dict[str, Any]) -> TextConfig:
@@ -165,6 +233,8 @@ def from_hf_config(raw: dict[str, Any]) -> TextConfig:
     top = raw
     text = dict(raw.get("text_config") or raw)
     model_type = text.get("model_type") or top.get("model_type", "")
+    if model_type.startswith("gemma4"):
+        return gemma4_from_hf_config(raw)
     if model_type and not model_type.startswith("gemma3"):
         raise ConfigError(f"model_type {model_type!r} is not a Gemma 3 text model")
     defaults = TextConfig()
@@ -242,3 +312,51 @@ def from_gguf_metadata(meta: dict[str, Any]) -> TextConfig:
     if kw["hidden_size"] == 5376 and heads == 32:
         kw["query_pre_attn_scalar"] = 168.0
     return TextConfig(**kw)
+
+
+def gemma4_from_hf_config(raw: dict[str, Any]) -> Gemma4TextConfig:
+    """Gemma 4 (Unified) text config from `config.json` (the composite file or its `text_config`)."""
+    text = dict(raw.get("text_config") or raw)
+    names = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+             "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+             "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim", "global_head_dim": "global_head_dim",
+             "num_global_key_value_heads": "num_global_kv_heads", "attention_k_eq_v": "attention_k_eq_v",
+             "num_kv_shared_layers": "num_kv_shared_layers", "use_double_wide_mlp": "double_wide_mlp",
+             "sliding_window": "sliding_window", "max_position_embeddings": "max_position_embeddings",
+             "rms_norm_eps": "rms_norm_eps", "final_logit_softcapping": "final_logit_softcapping",
+             "pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id"}
+    kw: dict[str, Any] = {ours: text[hf] for hf, ours in names.items() if text.get(hf) is not None}
+    overrides = text.get("per_layer_config") or {}  # files saved by transformers: the global shapes per layer
+    if overrides:
+        types = text.get("layer_types") or []
+        shapes = {(o.get("head_dim"), o.get("num_key_value_heads")) for o in overrides.values()}
+        if len(shapes) != 1 or any(types and types[int(i)] != "full_attention" for i in overrides):
+            raise ConfigError("per_layer_config must give every global layer the same shape, and only them")
+        head_dim, kv_heads = shapes.pop()
+        if head_dim is not None:
+            kw["global_head_dim"] = head_dim
+        if kv_heads is not None:
+            kw["num_global_kv_heads"] = kv_heads
+    if text.get("layer_types"):
+        kw["layer_types"] = tuple(text["layer_types"][:-1]) + ("full_attention",)
+    bidirectional = text.get("use_bidirectional_attention", "vision")
+    if bidirectional == "all":
+        raise ConfigError("use_bidirectional_attention='all' (bidirectional text) is not a generative setting")
+    if bidirectional != "vision":
+        kw["vision_attention"] = None
+    if text.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ConfigError(f"unsupported hidden_activation {text['hidden_activation']!r}")
+    rope = text.get("rope_parameters") or {}
+    if rope.get("full_attention"):
+        kw["rope_global"] = _rope_from(rope["full_attention"], 1_000_000.0)
+    if rope.get("sliding_attention"):
+        kw["rope_local"] = _rope_from(rope["sliding_attention"], 10_000.0)
+    eos = raw.get("eos_token_id", text.get("eos_token_id"))
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+    if eos_ids:
+        kw["eos_token_id"] = eos_ids[0]
+    kw["stop_token_ids"] = tuple(dict.fromkeys((*eos_ids, 1, 106, 50)))
+    try:
+        return Gemma4TextConfig(**kw)
+    except TypeError as e:
+        raise ConfigError(f"bad config.json value: {e}") from None

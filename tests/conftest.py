@@ -11,6 +11,22 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def _torchvision_ops() -> None:
+    """PyPI torchvision (a test dependency: the Gemma 4 reference processors need it) is a CUDA build whose C ops
+    do not load beside the CPU torch; its import, and so transformers', fails unless the op schemas it registers
+    fakes for exist. Only its pure-torch transforms are used."""
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 (already defined: a real build, or defined earlier)
+    except (AttributeError, RuntimeError):
+        global _TORCHVISION_LIB
+        _TORCHVISION_LIB = torch.library.Library("torchvision", "DEF")
+        _TORCHVISION_LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_LIB.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+_torchvision_ops()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
     # the GGUF tokenizer cache of the session lives in a temporary directory, not the user's home

@@ -114,21 +114,21 @@ def test_kv_arithmetic_12b():
 
 
 def test_per_layer_cache_shapes_and_sharing():
-    """Layers with their own head size / KV heads get caches of that shape; a sharing layer reuses its source's
-    cache object and adds no bytes (the structure Gemma 4's per-layer shapes and KV sharing need)."""
-    from gemrun.cache import FullCache, SlidingCache, make_caches
+    """Layers with their own head size / KV heads get caches of that shape; a sharing layer reads what its
+    source's latest update returned and adds no bytes (Gemma 4's per-layer shapes and KV sharing)."""
+    from gemrun.cache import FullCache, SharedCache, SlidingCache, make_caches
     from gemrun.config import LayerSpec, Rope, TextConfig
 
     specs = (LayerSpec(True, 16, 2, Rope(1e4), 8), LayerSpec(False, 32, 1, Rope(1e6), None),
              LayerSpec(True, 16, 2, Rope(1e4), 8, kv_source=0), LayerSpec(False, 32, 1, Rope(1e6), None, kv_source=1))
     caches = make_caches(specs, 1, torch.float32, "cpu", capacity=4)
     assert isinstance(caches[0], SlidingCache) and isinstance(caches[1], FullCache)
-    assert caches[2] is caches[0] and caches[3] is caches[1]
+    assert isinstance(caches[2], SharedCache) and caches[3].source is caches[1] and caches[3].nbytes == 0
     assert caches[1].k.shape == (1, 1, 4, 32) and caches[0].k.shape == (1, 2, 8, 16)
     k = torch.randn(1, 1, 3, 32)
     caches[1].update(k, k, torch.arange(3))
-    kk, _, pos = caches[3].view()
-    assert torch.equal(kk, k) and pos.tolist() == [0, 1, 2]
+    kk, _, pos = caches[3].update(None, None, torch.arange(3))
+    assert torch.equal(kk, k) and pos.tolist() == [0, 1, 2] and caches[3].length == 3
 
     class Shared(TextConfig):
         @property

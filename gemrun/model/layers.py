@@ -25,8 +25,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, rope: Rope) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), float32, as transformers computes them; linear scaling divides them."""
+    """Inverse frequencies (head_dim/2,), float32, as transformers computes them; linear scaling divides them.
+    Proportional RoPE (Gemma 4 global layers) keeps the first `partial * head_dim / 2` frequencies, still over the
+    full head_dim, and zeroes the rest: those dims pass through (modeling_rope_utils, proportional)."""
     inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.partial < 1.0:
+        inv[int(rope.partial * head_dim // 2):] = 0.0
     return inv / rope.factor
 
 
@@ -57,19 +61,23 @@ class GatedMLP(nn.Module):
 
 
 def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None,
-                   blocks: torch.Tensor | None = None) -> torch.Tensor:
+                   blocks: torch.Tensor | None = None, block_in_window: bool = True) -> torch.Tensor:
     """(T, S) boolean mask from absolute positions: causal, empty slots (position -1) hidden, and on sliding
     layers only keys with kv > q - window (a query sees `window` keys, itself included; masking_utils.py).
 
     `blocks` (T,) gives the new tokens' image block ids (-1 for text): tokens of one image also see each other's
-    later tokens. The new tokens are the last T keys; the window still bounds sliding layers (facts 2.5)."""
+    later tokens. The new tokens are the last T keys. By default the window still bounds sliding layers
+    ((causal | block) & window, facts 2.5); `block_in_window=False` is (causal & window) | block."""
     q, kv = q_pos[:, None], kv_pos[None, :]
     mask = (kv >= 0) & (kv <= q)
-    if blocks is not None and len(q_pos) > 1:
-        t = len(q_pos)
-        mask[:, -t:] |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
     if window is not None:
         mask &= kv > q - window
+    if blocks is not None and len(q_pos) > 1:
+        t = len(q_pos)
+        same = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+        if window is not None and block_in_window:
+            same &= kv[:, -t:] > q - window
+        mask[:, -t:] |= same
     return mask
 
 

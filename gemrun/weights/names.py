@@ -78,3 +78,24 @@ def gguf_to_gemrun(name: str) -> str | None:
 def is_gemma_norm(name: str) -> bool:
     """llama.cpp bakes Gemma's (1 + w) into stored norm weights; these get 1 subtracted on load."""
     return name.endswith("norm.weight")
+
+
+# Gemma 4 Unified: hub checkpoints name the vision embedder `model.vision_embedder.*` and its final projection
+# `model.embed_vision.embedding_projection`; transformers' modules are `model.embed_vision.*` (conversion_mapping).
+GEMMA4_RENAMES = (
+    ("model.language_model.", "text."),
+    ("model.embed_vision.embedding_projection.", "media.embed_vision.multimodal_embedder.embedding_projection."),
+    ("model.vision_embedder.", "media.embed_vision."),
+    ("model.embed_vision.", "media.embed_vision."),
+    ("model.embed_audio.", "media.embed_audio."),
+)
+
+
+def gemma4_hf_to_gemrun(name: str) -> str | None:
+    """gemrun name (`text.*`, `media.*`) of a Gemma 4 Unified HF tensor; None for the tied head."""
+    if name.startswith(("lm_head.", "model.lm_head.")):
+        return None
+    for prefix, ours in GEMMA4_RENAMES:
+        if name.startswith(prefix):
+            return ours + name[len(prefix):]
+    return "text." + name.removeprefix("model.")  # text-only files (Gemma4UnifiedForCausalLM)

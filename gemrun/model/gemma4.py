@@ -1,0 +1,256 @@
+"""Gemma 4 (Unified): the text decoder and the encoder-free image/audio embedders, as transformers'
+`modeling_gemma4_unified.py` defines them.
+
+What differs from Gemma 3 (facts 4.2): RMSNorm scales by w (not 1 + w); attention has no scaling (1.0) and
+normalises Q, K and V (V without a weight); global layers have their own head size and KV heads, take V from the
+key projection and use proportional RoPE; every layer ends by multiplying the residual stream by its
+`layer_scalar`; logits are soft-capped. Media have no encoder: image patches and audio frames are normalised and
+projected straight into the embedding space.
+
+Shapes: B batch, T new tokens, H query heads, KV key/value heads, D head_dim, E hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Gemma4TextConfig, LayerSpec
+from .gemma3 import Gemma3
+from .layers import GatedMLP, apply_rope, attend, attention_mask
+
+
+class RMSNorm(nn.Module):
+    """Gemma 4 RMSNorm: x * (mean(x^2) + eps)^-0.5 * w in float32, w starting at 1; `scale=False` has no weight
+    (Gemma4UnifiedRMSNorm; the pow form is the reference's, chosen to match JAX)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        return (y if self.weight is None else y * self.weight.float()).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma4TextConfig, spec: LayerSpec):
+        super().__init__()
+        self.spec, self.heads = spec, cfg.num_heads
+        self.block_in_window = cfg.vision_attention != "all"
+        # which layers let one image's tokens see each other: sliding only (default) or all
+        self.bidirectional = cfg.vision_attention == "all" or (cfg.vision_attention == "sliding" and spec.sliding)
+        d, kv, e = spec.head_dim, spec.num_kv_heads, cfg.hidden_size
+        self.q_proj = nn.Linear(e, cfg.num_heads * d, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        if spec.kv_source is None:  # layers that share KV have no K/V weights at all
+            self.k_proj = nn.Linear(e, kv * d, bias=False)
+            self.v_proj = None if spec.k_eq_v else nn.Linear(e, kv * d, bias=False)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.v_norm = RMSNorm(d, cfg.rms_norm_eps, scale=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, e, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache, positions: torch.Tensor,
+                blocks: torch.Tensor | None = None):
+        b, t, _ = x.shape
+        d, kv = self.spec.head_dim, self.spec.num_kv_heads
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.heads, d).transpose(1, 2)), *rope)  # (B, H, T, D)
+        k = v = None
+        if self.spec.kv_source is None:
+            k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, KV, T, D)
+            v = k if self.v_proj is None else self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+            k, v = apply_rope(self.k_norm(k), *rope), self.v_norm(v)
+        blocks = blocks if self.bidirectional else None
+        if isinstance(cache, tuple):  # batched decoding: row i is its own sequence, with its own cache
+            y = torch.cat([self.attend(q[i:i + 1], *((k[i:i + 1], v[i:i + 1]) if k is not None else (None, None)),
+                                       c, positions[i], blocks) for i, c in enumerate(cache)])
+        else:
+            y = self.attend(q, k, v, cache, positions, blocks)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
+
+    def attend(self, q, k, v, cache, positions, blocks):
+        k, v, kv_pos = cache.update(k, v, positions)  # (B, KV, S, D), kv_pos (S,)
+        mask = attention_mask(positions, kv_pos, self.spec.window, blocks, self.block_in_window)
+        return attend(q, k, v, mask, 1.0)  # Gemma 4 attends unscaled: the Q/K norms set the scale
+
+
+class Block(nn.Module):
+    """Gemma 3's sandwich, then the whole residual stream scaled by the layer's scalar."""
+
+    def __init__(self, cfg: Gemma4TextConfig, spec: LayerSpec):
+        super().__init__()
+        eps, e = cfg.rms_norm_eps, cfg.hidden_size
+        wide = 2 if cfg.double_wide_mlp and spec.kv_source is not None else 1
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = GatedMLP(e, cfg.intermediate_size * wide)
+        self.input_layernorm = RMSNorm(e, eps)
+        self.post_attention_layernorm = RMSNorm(e, eps)
+        self.pre_feedforward_layernorm = RMSNorm(e, eps)
+        self.post_feedforward_layernorm = RMSNorm(e, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+    def forward(self, x, rope, cache, positions, blocks=None):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, positions, blocks))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x * self.layer_scalar
+
+
+class Gemma4(Gemma3):
+    """Token ids in, logits out (Gemma 3's embedding, RoPE tables, caches, batching and head; Gemma 4 blocks)."""
+
+    def __init__(self, cfg: Gemma4TextConfig):
+        nn.Module.__init__(self)
+        self.config = cfg
+        self.specs = cfg.layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ropes = sorted({(s.head_dim, s.rope) for s in self.specs}, key=repr)
+
+    def hidden(self, tokens: torch.Tensor | None, caches: list, embeds: torch.Tensor | None = None,
+               blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """Like `forward`, but returns the final-normed hidden states (B, T, E) (what the MTP drafter reads)."""
+        start = caches[0].length
+        x = self.embed(tokens) if embeds is None else embeds
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        return self.norm(self.layers_forward(x, caches, positions, blocks))
+
+
+# --- encoder-free media embedders ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """Image/video and audio embedders and their token ids (Gemma4UnifiedConfig and its vision/audio parts)."""
+
+    patch_size: int = 16
+    pooling_kernel_size: int = 3  # 3x3 patches of 16 px merge into one 48-px model patch
+    mm_embed_dim: int = 3840
+    mm_posemb_size: int = 1120
+    vision_eps: float = 1e-6
+    audio_embed_dim: int | None = 640  # None: no audio embedder
+    audio_eps: float = 1e-6
+    vision: bool = True
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+    image_token_id: int = 258_880
+    video_token_id: int = 258_884
+    boa_token_id: int = 256_000
+    eoa_token_id: int = 258_883
+    audio_token_id: int = 258_881
+
+    @property
+    def patch_dim(self) -> int:
+        return (self.patch_size * self.pooling_kernel_size) ** 2 * 3
+
+
+def media_from_hf_config(raw: dict[str, Any]) -> MediaConfig | None:
+    """The media part of a Gemma 4 Unified `config.json`, or None for a text-only file."""
+    vision, audio = raw.get("vision_config"), raw.get("audio_config")
+    if not vision and not audio:
+        return None
+    kw: dict[str, Any] = {"vision": bool(vision)}
+    for key in ("patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size"):
+        if vision and vision.get(key) is not None:
+            kw[key] = int(vision[key])
+    if vision:
+        kw["vision_eps"] = float(vision.get("rms_norm_eps", 1e-6))
+        if vision.get("output_proj_dims", kw.get("mm_embed_dim", 3840)) != kw.get("mm_embed_dim", 3840):
+            raise ValueError("vision output_proj_dims must equal mm_embed_dim")  # the projection's input width
+    kw["audio_embed_dim"] = int(audio.get("audio_embed_dim", 640)) if audio else None
+    if audio:
+        kw["audio_eps"] = float(audio.get("rms_norm_eps", 1e-6))
+    for key in ("boi_token_id", "eoi_token_id", "image_token_id", "video_token_id", "boa_token_id", "audio_token_id"):
+        if isinstance(raw.get(key), int):
+            kw[key] = raw[key]
+    if isinstance(raw.get("eoa_token_index"), int):
+        kw["eoa_token_id"] = raw["eoa_token_index"]
+    return MediaConfig(**kw)
+
+
+class Projection(nn.Module):
+    """RMSNorm without weight, then a bias-free linear into the text width (Gemma4UnifiedMultimodalEmbedder)."""
+
+    def __init__(self, dim: int, hidden: int, eps: float):
+        super().__init__()
+        self.embedding_pre_projection_norm = RMSNorm(dim, eps, scale=False)
+        self.embedding_projection = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding_projection(self.embedding_pre_projection_norm(x))
+
+
+class VisionEmbedder(nn.Module):
+    """48x48x3 pixel patches (values in [0, 1]) -> soft tokens: LayerNorm, linear, LayerNorm, plus a factorised
+    2-D position embedding, LayerNorm, then the projection. The LayerNorms use torch's default eps 1e-5, as the
+    reference's `nn.LayerNorm` does (not the config eps)."""
+
+    def __init__(self, cfg: MediaConfig, hidden: int):
+        super().__init__()
+        d = cfg.mm_embed_dim
+        self.patch_ln1 = nn.LayerNorm(cfg.patch_dim)
+        self.patch_dense = nn.Linear(cfg.patch_dim, d)
+        self.patch_ln2 = nn.LayerNorm(d)
+        self.pos_embedding = nn.Parameter(torch.zeros(cfg.mm_posemb_size, 2, d))  # (position, axis x|y, d)
+        self.pos_norm = nn.LayerNorm(d)
+        self.multimodal_embedder = Projection(d, hidden, cfg.vision_eps)
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """patches (N, 6912), positions (N, 2) as (column, row) -> (N, E)."""
+        dtype = self.patch_dense.weight.dtype
+        x = self.patch_ln2(self.patch_dense(self.patch_ln1(patches.to(dtype))))
+        if int(positions.max()) >= self.pos_embedding.shape[0] or int(positions.min()) < 0:
+            raise ValueError(f"patch positions must lie in [0, {self.pos_embedding.shape[0]})")
+        x = x + self.pos_embedding[positions[:, 0], 0] + self.pos_embedding[positions[:, 1], 1]
+        return self.multimodal_embedder(self.pos_norm(x))
+
+
+class Gemma4Media(nn.Module):
+    """The embedders of a Unified checkpoint: `embed_vision` (images and video frames), `embed_audio`."""
+
+    def __init__(self, cfg: MediaConfig, hidden: int):
+        super().__init__()
+        self.config = cfg
+        self.embed_vision = VisionEmbedder(cfg, hidden) if cfg.vision else None
+        self.embed_audio = (Projection(cfg.audio_embed_dim, hidden, cfg.audio_eps)
+                            if cfg.audio_embed_dim else None)
+
+    def image(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.embed_vision is None:
+            raise ValueError("this checkpoint has no image embedder")
+        return self.embed_vision(patches, positions)
+
+    def audio(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (M, 640) raw 16 kHz samples, one soft token per 40 ms -> (M, E)."""
+        if self.embed_audio is None:
+            raise ValueError("this checkpoint has no audio embedder")
+        return self.embed_audio(frames.to(self.embed_audio.embedding_projection.weight.dtype))
+
+
+def vision_blocks(ids: torch.Tensor, vision_ids: tuple[int, ...]) -> torch.Tensor:
+    """(T,) block id of each token: runs of image/video soft tokens form blocks 0, 1, ...; the rest is -1
+    (get_block_sequence_ids_for_mask; audio stays causal)."""
+    is_vision = torch.isin(ids, torch.tensor(vision_ids, device=ids.device))
+    starts = is_vision & ~torch.cat([is_vision.new_zeros(1), is_vision[:-1]])
+    return torch.where(is_vision, torch.cumsum(starts.long(), 0) - 1, torch.full_like(ids, -1))
+
+
+def prompt_embeddings(model: Gemma4, ids: torch.Tensor, soft: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(1, T, E): scaled token embeddings with each placeholder id's positions replaced, in order, by its soft
+    tokens (M, E) (unscaled). Placeholders embed as pad (0) first, as the reference does."""
+    x = model.embed(ids.masked_fill(torch.isin(ids, torch.tensor(list(soft) or [-1])), 0)[None])
+    for token_id, tokens in soft.items():
+        where = ids == token_id
+        if int(where.sum()) != tokens.shape[0]:
+            raise ValueError(f"{int(where.sum())} placeholder tokens {token_id} for {tokens.shape[0]} soft tokens")
+        x[0, where] = tokens.to(x.dtype)
+    return x
+
+
+__all__ = ["Gemma4", "Gemma4Media", "MediaConfig", "RMSNorm", "media_from_hf_config", "prompt_embeddings",
+           "vision_blocks"]

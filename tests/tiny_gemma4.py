@@ -1,0 +1,71 @@
+"""Tiny random Gemma 4 Unified reference models (transformers) and the same weights in gemrun (facts section 7)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+LAYERS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+          "full_attention"]
+IDS = dict(boi_token_id=500, eoi_token_id=501, image_token_id=502, audio_token_id=503, boa_token_id=504,
+           eoa_token_index=505, video_token_id=506)
+
+
+def reference(seed: int = 0, **text_overrides):
+    """A 322k-parameter Gemma4UnifiedForConditionalGeneration with perturbed norms, position table and scalars."""
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                attention_k_eq_v=True, sliding_window=8, final_logit_softcapping=30.0, layer_types=list(LAYERS),
+                max_position_embeddings=4096) | text_overrides
+    vision = dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32, output_proj_dims=32, mm_posemb_size=64)
+    cfg = Gemma4UnifiedConfig(text_config=text, vision_config=vision, audio_config=dict(audio_embed_dim=640), **IDS)
+    torch.manual_seed(seed)
+    ref = Gemma4UnifiedForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name or "_ln" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            if "pos_embedding" in name:
+                p.normal_(0, 0.1)
+        for i, (name, b) in enumerate(ref.named_buffers()):
+            if name.endswith("layer_scalar"):
+                b.fill_(0.8 + 0.05 * (i % 4))
+    return ref
+
+
+def ours(ref, vision_attention: str | None = "sliding"):
+    """gemrun's text model and media embedders holding the reference's weights."""
+    from gemrun.config import gemma4_from_hf_config
+    from gemrun.model.gemma4 import Gemma4, Gemma4Media, media_from_hf_config
+    from gemrun.weights.names import gemma4_hf_to_gemrun
+
+    raw = json.loads(ref.config.to_json_string())
+    text_cfg = gemma4_from_hf_config(raw).replace(vision_attention=vision_attention)
+    parts = torch.nn.ModuleDict({"text": Gemma4(text_cfg), "media": Gemma4Media(media_from_hf_config(raw), 64)})
+    state = {gemma4_hf_to_gemrun(n): t for n, t in ref.state_dict().items() if gemma4_hf_to_gemrun(n)}
+    parts.load_state_dict(state, strict=True)
+    return parts["text"].eval(), parts["media"].eval()
+
+
+def multimodal_inputs(seed: int = 1, n_image: int = 12, n_audio: int = 5):
+    """Reference kwargs for a prompt with text, an image of `n_image` soft tokens (12 > the window of 8), audio
+    frames and a two-frame video, with padding rows as the processors make them."""
+    g = torch.Generator().manual_seed(seed)
+    seq = ([2, 10, 11, 500] + [502] * n_image + [501, 12, 13, 504] + [503] * n_audio + [505, 14]
+           + [500] + [506] * 4 + [501, 15] + [500] + [506] * 4 + [501, 16, 17])
+    ids = torch.tensor([seq])
+    types = torch.zeros_like(ids)
+    types[ids == 502], types[ids == 506], types[ids == 503] = 1, 2, 3
+    pixels, positions = torch.rand(1, n_image + 4, 192, generator=g), torch.full((1, n_image + 4, 2), -1)
+    cols = 4
+    positions[0, :n_image] = torch.tensor([(i % cols, i // cols) for i in range(n_image)])
+    video, video_pos = torch.rand(2, 5, 192, generator=g), torch.full((2, 5, 2), -1)
+    video_pos[:, :4] = torch.tensor([(0, 0), (1, 0), (0, 1), (1, 1)])
+    audio, audio_mask = torch.randn(1, n_audio + 1, 640, generator=g), torch.ones(1, n_audio + 1, dtype=torch.bool)
+    audio_mask[0, -1] = False
+    return dict(input_ids=ids, pixel_values=pixels, image_position_ids=positions, pixel_values_videos=video,
+                video_position_ids=video_pos, num_frames_per_video=torch.tensor([2]), input_features=audio,
+                input_features_mask=audio_mask, mm_token_type_ids=types)
