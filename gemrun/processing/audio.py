@@ -18,6 +18,9 @@ import torch
 
 from ..errors import InputError
 
+__all__ = ["AudioLimits", "ProcessedAudio", "read_media_bytes", "input_audio_bytes", "decode_audio", "waveform_frames",
+           "process_audio"]
+
 SAMPLE_RATE = 16_000
 SAMPLES_PER_TOKEN = 640  # 40 ms at 16 kHz
 FORMATS = ("WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3")  # soundfile's names; anything else libsndfile reads is refused
@@ -130,7 +133,7 @@ def decode_audio(data: bytes, limits: AudioLimits = AudioLimits()) -> tuple[np.n
     return np.concatenate(blocks), rate
 
 
-def frames(wave: np.ndarray, rate: int, limits: AudioLimits = AudioLimits()) -> ProcessedAudio:
+def waveform_frames(wave: np.ndarray, rate: int, limits: AudioLimits = AudioLimits()) -> ProcessedAudio:
     """Frames of a mono waveform at `rate` Hz: resampled to 16 kHz (soxr 'HQ'), zero-padded to a multiple of 640 and
     reshaped to (n, 640), as `Gemma4UnifiedAudioFeatureExtractor` does with a 16 kHz array. Non-finite samples
     become 0 (one NaN would otherwise poison the frame's RMSNorm)."""
@@ -155,4 +158,4 @@ def process_audio(source: str | bytes | Path, limits: AudioLimits = AudioLimits(
     """Frames of an audio file given as bytes, a `data:` URL or a path (see `input_audio_bytes` for OpenAI's
     base64 + format). Anything malformed, empty or past `limits` raises InputError."""
     wave, rate = decode_audio(read_media_bytes(source, "audio", limits.max_bytes, allowed_dir), limits)
-    return frames(wave, rate, limits)
+    return waveform_frames(wave, rate, limits)

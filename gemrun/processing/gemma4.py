@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .audio import AudioLimits, ProcessedAudio, frames, read_media_bytes
+from .audio import AudioLimits, ProcessedAudio, read_media_bytes, waveform_frames
 from .image import load_image
 
 __all__ = [
@@ -184,7 +184,7 @@ def _video_audio(data: bytes, fmt: str, limits: AudioLimits) -> ProcessedAudio |
             return None
     if not 1 <= rate <= limits.max_rate:
         raise InputError(f"video audio rate {rate} Hz is outside 1..{limits.max_rate}")
-    return frames(np.concatenate(chunks), rate, limits)
+    return waveform_frames(np.concatenate(chunks), rate, limits)
 
 
 def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio: bool = True,
