@@ -405,7 +405,7 @@ def _jsonable(v: Any) -> bool:
 
 G4_OPEN, G4_CLOSE, G4_QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 _G4_CALL = re.compile(r"\s*call:([A-Za-z_][\w.\-]*)\s*")
-_G4_KEY = re.compile(r"\s*([^\s:,{}\[\]<>\"]+)\s*:")
+_G4_KEY = re.compile(r"\s*([^\s:,{}\[\]<>\"](?:[^:,{}\[\]<>\"]*[^\s:,{}\[\]<>\"])?)\s*:")
 _G4_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _G4_WORDS = {"true": True, "false": False, "null": None}
 _G4_DEPTH = 64  # nesting deeper than this is not a call
