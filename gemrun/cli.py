@@ -367,16 +367,23 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
 @app.command()
 def convert(src: Annotated[Path, typer.Argument(help="GGUF file or HF directory")],
             out: Annotated[Path, typer.Argument(help="a .gguf file, or an HF directory")],
-            quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1; HF: "
-                                               "bf16 | f16 | f32 | int4-channel | int4-block | fp8")] = "bf16",
+            quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | "
+                                               "q4_k; HF: bf16 | f16 | f32 | int4-channel | int4-block | "
+                                               "fp8")] = "bf16",
             group_size: Annotated[int, typer.Option(help="int4-block group size")] = 32,
             fp8_scales: Annotated[str, typer.Option(help="fp8 scales: channel | tensor")] = "channel",
-            keep: Annotated[list[str] | None, typer.Option(help="tensors (glob on gemrun names) kept in bf16 by "
-                                                           "quantized HF schemes; default: the embedding")] = None,
+            keep: Annotated[list[str] | None, typer.Option(help="matrices (glob on gemrun names, e.g. 'layers.0.*') "
+                                                           "kept in bf16 by quantized HF schemes; default: the "
+                                                           "embedding (= the tied output head); norms always")] = None,
             embed_quant: Annotated[str | None, typer.Option(help="GGUF type of the embedding (default: q8_0 under "
-                                                            "4/5-bit types)")] = None) -> None:
-    """Convert between HF safetensors and GGUF (llama.cpp layout), or write quantized HF safetensors; streaming,
-    tensor by tensor."""
+                                                            "4/5-bit types)")] = None,
+            mmproj: Annotated[Path | None, typer.Option(help="vision tower as a llama.cpp mmproj GGUF: written "
+                                                        "from an HF SRC with a .gguf OUT, read with a GGUF SRC "
+                                                        "and an HF OUT")] = None,
+            mmproj_quant: Annotated[str, typer.Option(help="mmproj matrices: f16 | f32 | bf16 | q8_0 (patch and "
+                                                      "position embeddings stay f32)")] = "f16") -> None:
+    """Convert between HF safetensors and GGUF (llama.cpp layout, vision tower as an mmproj file), or write
+    quantized HF safetensors; streaming, tensor by tensor."""
     from .convert import DEFAULT_KEEP
     from .convert import convert as run
 
@@ -390,9 +397,10 @@ def convert(src: Annotated[Path, typer.Argument(help="GGUF file or HF directory"
                   console=err, transient=True) as bar:
         task = bar.add_task("convert", total=None)
         path = run(src, out, quant, group=group_size, fp8_per_channel=fp8_scales == "channel",
-                   keep=tuple(keep) if keep else DEFAULT_KEEP, embed_quant=embed_quant,
+                   keep=tuple(keep) if keep else DEFAULT_KEEP, embed_quant=embed_quant, mmproj=mmproj,
+                   mmproj_quant=mmproj_quant,
                    progress=lambda done, total: bar.update(task, completed=done, total=total))
-    print(json.dumps({"out": str(path), "quant": quant}))
+    print(json.dumps({"out": str(path), "quant": quant} | ({"mmproj": str(mmproj)} if mmproj else {})))
 
 
 @app.command("make-random")

@@ -218,11 +218,14 @@ def test_text_only_model_refuses_images(model_270m):
 
 def test_gguf_text_plus_mmproj(tmp_path):
     """A text GGUF with a llama.cpp-style mmproj GGUF gives the same model as the HF directory (the projection is
-    F16 in mmproj files, as llama.cpp writes it, so the comparison allows for that rounding)."""
+    F16 in llama.cpp's f16 mmproj files; rounded here so that any mmproj type compares alike)."""
     from gguf import GGUFReader
-    from tiny import write_gguf, write_mmproj
+    from tiny import write_gguf
 
     from gemrun.errors import WeightsError
+    from gemrun.model.vision import vision_from_hf_config
+    from gemrun.weights.mmproj import write_mmproj
+    from gemrun.weights.names import hf_vision_to_gemrun
 
     ref = hf_mm_model(seed=4)
     with torch.no_grad():
@@ -234,7 +237,9 @@ def test_gguf_text_plus_mmproj(tmp_path):
     text_only.state_dict = lambda: {k.replace("model.language_model.", "model."): v
                                     for k, v in ref.state_dict().items() if "language_model" in k}
     write_gguf(tmp_path / "text.gguf", text_only)
-    write_mmproj(tmp_path / "mmproj.gguf", ref)
+    state = {hf_vision_to_gemrun(k): v.float() for k, v in ref.state_dict().items() if hf_vision_to_gemrun(k)}
+    write_mmproj(tmp_path / "mmproj.gguf", vision_from_hf_config(ref.config.to_dict()),
+                 {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, quant="f32")
     r = GGUFReader(tmp_path / "mmproj.gguf")
     assert r.fields["general.architecture"].contents() == "clip"
     m = gemrun.load(tmp_path / "text.gguf", device="cpu", mmproj=tmp_path / "mmproj.gguf")

@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from ..config import TextConfig, preset
 from ..errors import ConfigError
 from ..model.gemma3 import Gemma3
-from ..model.vision import VISION_PRESETS, Gemma3Vision
+from ..model.vision import VISION_PRESETS, Gemma3Vision, VisionConfig
 from .safetensors import ShardWriter
 
 Progress = Callable[[int, int], None]
@@ -42,19 +42,23 @@ def _values(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Te
     return torch.randn(shape, generator=gen) * STD
 
 
-def hf_config_dict(cfg: TextConfig, vision: bool) -> dict:
+def _int_if_whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x  # transformers' strict config wants an int for a whole number
+
+
+def hf_config_dict(cfg: TextConfig, v: VisionConfig | None) -> dict:
+    """config.json of a Gemma3ForCausalLM, or with `v` of a Gemma3ForConditionalGeneration."""
     text = {"model_type": "gemma3_text", "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-            "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "sliding_window": cfg.sliding_window,
+            "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar), "sliding_window": cfg.sliding_window,
             "max_position_embeddings": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
             "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_global.theta,
             "rope_local_base_freq": cfg.rope_local.theta}
     if cfg.rope_global.factor != 1.0:
         text["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_global.factor}
-    if not vision:
+    if v is None:
         return {**text, "architectures": ["Gemma3ForCausalLM"], "eos_token_id": [1, 106]}
-    v = VISION_PRESETS.get(cfg.name)
     return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
             "text_config": text, "mm_tokens_per_image": v.mm_tokens_per_image, "boi_token_index": v.boi_token_id,
             "eoi_token_index": v.eoi_token_id, "image_token_index": v.image_token_id,
@@ -88,7 +92,8 @@ def write_random_hf(preset_name: str, out: Path, vision: bool = False, dtype: st
         if progress:
             progress(i + 1, len(tensors))
     shards.close()
-    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, vision), indent=2))
+    config = hf_config_dict(cfg, VISION_PRESETS[cfg.name] if vision else None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     tok = from_gguf_metadata(GGUFFile(default_model_path()).metadata, image_token=vision)
     tok.backend.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>",
