@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, probabilities, sample, speculative_choice
 from .tokenizer import Tokenizer
 
 
@@ -21,6 +21,12 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str | None = None
+    drafted_tokens: int = 0  # speculative decoding: tokens the drafter proposed, and how many the target kept
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prefill_tps(self) -> float:
@@ -110,7 +116,7 @@ class Sequence:
 
     def __init__(self, model, prompt: Prompt | list[int], params: SamplingParams, stop_ids: set[int],
                  max_context: int, vocab_limit: int, matcher=None, logprobs: int | None = None,
-                 chunk: int = 256, stats: Stats | None = None, reserve: int | None = None):
+                 chunk: int = 256, stats: Stats | None = None, reserve: int | None = None, spare: int = 0):
         self.prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         n = len(self.prompt.ids)
         check_context(n, max_context)
@@ -120,7 +126,7 @@ class Sequence:
         # global-layer caches are preallocated for `reserve` new tokens (default: all of max_tokens) and grow
         # by doubling past that
         want = params.max_tokens if reserve is None else min(params.max_tokens, reserve)
-        self.caches = model.make_caches(capacity=min(max_context, n + want))
+        self.caches = model.make_caches(capacity=min(max_context, n + want), spare=spare)
         self.counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=device)
         seen = torch.tensor([i for i in self.prompt.ids if i < model.config.vocab_size], dtype=torch.long,
                             device=device)
@@ -157,6 +163,22 @@ class Sequence:
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor) -> Token:
         """Sample the next token from float32 logits (V,); sets finish_reason when it ends the sequence."""
+        logits, raw = self._filter(logits)
+        return self._commit(sample(logits, self.counts, self.params, self.gen), raw)
+
+    @torch.inference_mode()
+    def choose_draft(self, logits: torch.Tensor, draft: int, q: torch.Tensor | None) -> Token:
+        """The next token given a drafted one, by the standard speculative rule: greedy keeps the target's
+        choice; sampling accepts the draft with probability min(1, p/q) and otherwise draws from the residual
+        max(p - q, 0), so tokens follow the target's distribution p exactly. q (V,) is what the draft was drawn
+        from."""
+        logits, raw = self._filter(logits)
+        if q is None or self.params.greedy:
+            return self._commit(sample(logits, self.counts, self.params, self.gen), raw)
+        p = probabilities(logits, self.counts, self.params)
+        return self._commit(speculative_choice(p, q, draft, self.gen), raw)
+
+    def _filter(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits[self.vocab_limit:] = float("-inf")  # rows past the tokenizer (262208-row 12B head) never sampled
         raw = logits.clone() if self.logprobs is not None else None
         if self.params.logit_bias:
@@ -164,7 +186,10 @@ class Sequence:
             logits.index_add_(0, ids, torch.tensor(list(self.params.logit_bias.values()), device=logits.device))
         if self.matcher is not None:
             self.matcher.mask(logits)
-        token = Token(sample(logits, self.counts, self.params, self.gen))
+        return logits, raw
+
+    def _commit(self, token_id: int, raw: torch.Tensor | None) -> Token:
+        token = Token(token_id)
         if raw is not None:
             lp = torch.log_softmax(raw, -1)
             token.logprob = float(lp[token.id])
@@ -197,9 +222,13 @@ def decode_step(model, sequences: list[Sequence]) -> torch.Tensor:
 
 
 def generate_ids(model, prompt: Prompt | list[int], params: SamplingParams, stop_ids: set[int], max_context: int,
-                 vocab_limit: int, stats: Stats, chunk: int = 256) -> Iterator[int]:
+                 vocab_limit: int, stats: Stats, chunk: int = 256, draft=None) -> Iterator[int]:
     """Token ids as they are sampled; the last one is a stop token when generation stopped on one.
-    Sets stats.finish_reason to "stop" or "length" (max_tokens or a full context)."""
+    Sets stats.finish_reason to "stop" or "length" (max_tokens or a full context). `draft` (a
+    `speculative.Speculator`) drafts tokens that the model verifies several at a time."""
+    if draft is not None:
+        yield from draft.generate(model, prompt, params, stop_ids, max_context, vocab_limit, stats, chunk)
+        return
     seq = Sequence(model, prompt, params, stop_ids, max_context, vocab_limit, chunk=chunk, stats=stats)
     while not seq.prefilled:
         seq.prefill_step()
@@ -267,12 +296,13 @@ def stop_ids_for(model, params: SamplingParams) -> set[int]:
 
 
 def stream(model, tokenizer: Tokenizer, prompt: Prompt | list[int], params: SamplingParams, max_context: int,
-           stats: Stats | None = None, chunk: int = 256) -> Iterator[Chunk]:
+           stats: Stats | None = None, chunk: int = 256, draft=None) -> Iterator[Chunk]:
     """Text chunks of the continuation (see TextStream); the last one carries the finish reason."""
     stats = stats if stats is not None else Stats()
     stop_ids = stop_ids_for(model, params)
     text = TextStream(tokenizer, params.stop, stop_ids)
-    for token in generate_ids(model, prompt, params, stop_ids, max_context, tokenizer.vocab_size, stats, chunk):
+    for token in generate_ids(model, prompt, params, stop_ids, max_context, tokenizer.vocab_size, stats, chunk,
+                              draft):
         piece = text.push(Token(token))
         if text.stopped:
             stats.finish_reason = "stop"

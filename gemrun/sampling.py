@@ -130,3 +130,24 @@ def sample(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams, gen: t
     logits = min_p_filter(top_p_filter(logits, p.top_p), p.min_p)
     choice = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
     return choice if ids is None else int(ids[choice])
+
+
+def probabilities(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from, as a full (V,) float32 vector (speculative sampling compares the
+    target's and the drafter's)."""
+    logits = apply_penalties(logits, counts, p)
+    if p.greedy:
+        return torch.nn.functional.one_hot(torch.argmax(logits), logits.shape[-1]).float()
+    logits = top_k_filter(logits / p.temperature, p.top_k)
+    return min_p_filter(top_p_filter(logits, p.top_p), p.min_p).softmax(-1)
+
+
+def speculative_choice(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Generator) -> int:
+    """The standard speculative-sampling rule: keep `draft` (drawn from q) with probability min(1, p/q), else
+    draw from max(p - q, 0) renormalised. The result is distributed exactly as p."""
+    u = float(torch.rand((), generator=gen, device=p.device))
+    if u * float(q[draft]) < float(p[draft]):
+        return draft
+    residual = (p - q).clamp(min=0)
+    residual = residual if float(residual.sum()) > 0 else p
+    return int(torch.multinomial(residual / residual.sum(), 1, generator=gen))

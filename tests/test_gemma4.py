@@ -108,3 +108,103 @@ def test_12b_preset_kv_cache_arithmetic():
         model = Gemma4(cfg)
     params = sum(p.numel() for p in model.parameters())
     assert 11.0e9 < params < 12.5e9  # ~11.8B with the tied embedding
+
+
+@torch.no_grad()
+def test_drafter_step_matches_reference_assistant():
+    """One MTP draft step over the target's stored K/V (sliding: the last W + 1 positions; global: all), from
+    [target embedding of the new token, target's last hidden state], at the new token's position."""
+    from tiny_gemma4 import ours_drafter, reference_pair
+
+    ref_target, ref_drafter = reference_pair()
+    ids = torch.randint(3, 500, (1, 21), generator=torch.Generator().manual_seed(5))  # longer than W + 1 = 9
+    out = ref_target(input_ids=ids, output_hidden_states=True, return_shared_kv_states=True)
+    token = out.logits[:, -1:].argmax(-1)
+    embed = ref_target.get_input_embeddings()(token)
+    kv = out.shared_kv_states
+    expected = ref_drafter(inputs_embeds=torch.cat([embed, out.hidden_states[-1][:, -1:]], -1),
+                           position_ids=torch.tensor([[21]]), shared_kv_states=dict(kv))
+    target, _ = ours(ref_target)
+    drafter = ours_drafter(ref_drafter)
+    caches = target.make_caches(capacity=4, spare=2)  # the ring keeps W + 2 positions, enough for the drafter
+    hidden = target.hidden(ids, caches)[:, -1:]
+    assert (hidden - out.hidden_states[-1][:, -1:]).abs().max() <= TOL
+    target_kv = {spec.sliding: caches[i].view() for i, spec in enumerate(target.specs)}  # last of each type
+    logits, nxt = drafter.step(target.embed(token), hidden, 21, target_kv)
+    assert (logits - expected.logits).abs().max() <= TOL
+    assert (nxt - expected.last_hidden_state).abs().max() <= TOL
+
+
+def _speculative_setup():
+    from tiny_gemma4 import ours_drafter, reference_pair
+
+    ref_target, ref_drafter = reference_pair()
+    target, _ = ours(ref_target)
+    return target, ours_drafter(ref_drafter)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3, 6])
+def test_speculative_greedy_output_equals_plain_greedy(draft_tokens):
+    from gemrun.generate import Stats, generate_ids
+    from gemrun.sampling import SamplingParams
+    from gemrun.speculative import Speculator
+
+    target, drafter = _speculative_setup()
+    prompt = torch.randint(3, 500, (23,), generator=torch.Generator().manual_seed(6)).tolist()
+    params = SamplingParams(max_tokens=40, temperature=0)
+    plain = list(generate_ids(target, prompt, params, {1}, 4096, 512, Stats(), chunk=8))
+    stats = Stats()
+    fast = list(generate_ids(target, prompt, params, {1}, 4096, 512, stats, chunk=8,
+                             draft=Speculator(drafter, draft_tokens)))
+    assert fast == plain and len(plain) == 40
+    assert stats.drafted_tokens > 0 and 0 <= stats.accepted_tokens <= stats.drafted_tokens
+    print(f"draft {draft_tokens}: acceptance rate {stats.acceptance_rate:.2f} "
+          f"({stats.accepted_tokens}/{stats.drafted_tokens})")
+
+
+def test_speculative_greedy_accepts_a_drafter_that_agrees():
+    """A drafter whose proposals are the target's own next tokens is always accepted (rate 1.0), and the cache
+    rewind/acceptance bookkeeping still yields the plain output."""
+    from gemrun.generate import Stats, generate_ids
+    from gemrun.sampling import SamplingParams
+    from gemrun.speculative import Speculator
+
+    target, drafter = _speculative_setup()
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    params = SamplingParams(max_tokens=13, temperature=0)
+    plain = list(generate_ids(target, prompt, params, set(), 4096, 512, Stats()))
+
+    class Oracle(Speculator):
+        def draft(self, model, seq, hidden, k):
+            done = len(seq.tokens)
+            return plain[done:done + k], [None] * k
+
+    stats = Stats()
+    assert list(generate_ids(target, prompt, params, set(), 4096, 512, stats, draft=Oracle(drafter, 4))) == plain
+    assert stats.drafted_tokens > 0 and stats.acceptance_rate == 1.0
+
+
+def test_speculative_sampling_rule_keeps_the_target_distribution():
+    from gemrun.sampling import speculative_choice
+
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1, 0.0])
+    q = torch.tensor([0.1, 0.6, 0.1, 0.1, 0.1])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5)
+    for _ in range(20_000):
+        draft = int(torch.multinomial(q, 1, generator=gen))
+        counts[speculative_choice(p, q, draft, gen)] += 1
+    assert (counts / counts.sum() - p).abs().max() < 0.015
+    assert counts[4] == 0  # never a token the target rules out
+
+
+def test_speculative_sampling_runs_and_stops_on_length():
+    from gemrun.generate import Stats, generate_ids
+    from gemrun.sampling import SamplingParams
+    from gemrun.speculative import Speculator
+
+    target, drafter = _speculative_setup()
+    params = SamplingParams(max_tokens=25, temperature=0.8, top_k=20, seed=3)
+    stats = Stats()
+    out = list(generate_ids(target, [2, 40, 41, 42], params, set(), 4096, 512, stats, draft=Speculator(drafter, 4)))
+    assert len(out) == 25 and stats.finish_reason == "length" and all(0 <= t < 512 for t in out)

@@ -69,3 +69,57 @@ def multimodal_inputs(seed: int = 1, n_image: int = 12, n_audio: int = 5):
     return dict(input_ids=ids, pixel_values=pixels, image_position_ids=positions, pixel_values_videos=video,
                 video_position_ids=video_pos, num_frames_per_video=torch.tensor([2]), input_features=audio,
                 input_features_mask=audio_mask, mm_token_type_ids=types)
+
+
+def patch_reference_drafting() -> None:
+    """The two stock transformers 5.23 bugs that stop the assistant (facts section 6): an all-sharing drafter
+    config is rejected, and a target with no sharing layers stores no K/V for it."""
+    from transformers.models.gemma4_unified import configuration_gemma4_unified as conf
+
+    cls = conf.Gemma4UnifiedTextConfig
+    if getattr(cls, "_gemrun_patched", False):
+        return
+    original = cls.kv_sharing_modes.fget
+
+    def modes(self):
+        if self.num_kv_shared_layers == self.num_hidden_layers:
+            return ["reuse"] * self.num_hidden_layers
+        return original(self)
+
+    cls.kv_sharing_modes, cls._gemrun_patched = property(modes), True
+
+
+def reference_pair(seed: int = 0):
+    """A tiny target (stores the K/V of its last sliding and last global layer) and a tiny assistant."""
+    from transformers import Gemma4UnifiedAssistantConfig, Gemma4UnifiedAssistantForCausalLM
+
+    patch_reference_drafting()
+    target = reference(seed)
+    types = target.config.text_config.layer_types
+    for kind in set(types):
+        last = max(i for i, t in enumerate(types) if t == kind)
+        target.model.language_model.layers[last].self_attn.store_full_length_kv = True
+    text = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                attention_k_eq_v=True, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                num_kv_shared_layers=2)
+    torch.manual_seed(seed + 100)
+    drafter = Gemma4UnifiedAssistantForCausalLM(Gemma4UnifiedAssistantConfig(text_config=text,
+                                                                              backbone_hidden_size=64)).eval()
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return target, drafter
+
+
+def ours_drafter(ref_drafter):
+    from gemrun.config import gemma4_from_hf_config
+    from gemrun.model.gemma4 import Drafter
+
+    raw = json.loads(ref_drafter.config.to_json_string())
+    model = Drafter(gemma4_from_hf_config(dict(raw["text_config"], num_kv_shared_layers=0)),
+                    raw["backbone_hidden_size"])
+    state = {n.removeprefix("model."): t for n, t in ref_drafter.state_dict().items() if n != "lm_head.weight"}
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -133,7 +133,10 @@ class Gemma3(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
+        return self.project(self.norm(x))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, T, E) -> logits (B, T, V), soft-capped where configured."""
         logits = self.head(x)  # (B, T, V)
         cap = self.config.final_logit_softcapping
         if cap is not None:

@@ -12,6 +12,7 @@ Shapes: B batch, T new tokens, H query heads, KV key/value heads, D head_dim, E 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,10 +104,10 @@ class Block(nn.Module):
 class Gemma4(Gemma3):
     """Token ids in, logits out (Gemma 3's embedding, RoPE tables, caches, batching and head; Gemma 4 blocks)."""
 
-    def __init__(self, cfg: Gemma4TextConfig):
+    def __init__(self, cfg: Gemma4TextConfig, specs: tuple[LayerSpec, ...] | None = None):
         nn.Module.__init__(self)
         self.config = cfg
-        self.specs = cfg.layers
+        self.specs = specs or cfg.layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -119,6 +120,45 @@ class Gemma4(Gemma3):
         x = self.embed(tokens) if embeds is None else embeds
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         return self.norm(self.layers_forward(x, caches, positions, blocks))
+
+
+# --- multi-token-prediction drafter (gemma4_unified_assistant) -----------------------------------------------------
+
+
+class TargetKV:
+    """A drafter layer's "cache": the target's K/V of its last layer of the same type, read as is."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        self.kv = (k, v, positions)
+        self.length = int(positions.max()) + 1 if positions.numel() else 0
+
+    def update(self, k, v, positions):
+        return self.kv
+
+
+class Drafter(Gemma4):
+    """The MTP assistant: a small Gemma 4 decoder without K/V projections whose every layer attends to the
+    target's K/V (last sliding layer / last global layer). One step reads [target embedding of the last token,
+    previous hidden state] (2 x backbone width) and gives draft logits and the next hidden state; every step of
+    a round sits at the position of the last accepted token (Gemma4UnifiedAssistantForCausalLM)."""
+
+    def __init__(self, cfg: Gemma4TextConfig, backbone_hidden: int):
+        # Sliding layers see the last W + 1 target positions: the reference builds an inclusive bidirectional
+        # window (|q - kv| <= W) and flips it onto the latest keys; global layers see every position.
+        specs = tuple(dataclasses.replace(s, kv_source=-1, window=s.window + 2 if s.sliding else None)
+                      for s in cfg.layers)
+        super().__init__(cfg, specs)
+        self.pre_projection = nn.Linear(2 * backbone_hidden, cfg.hidden_size, bias=False)
+        self.post_projection = nn.Linear(cfg.hidden_size, backbone_hidden, bias=False)
+
+    def step(self, token_embed: torch.Tensor, hidden: torch.Tensor, position: int,
+             target_kv: dict[bool, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_embed, hidden (B, 1, backbone); target_kv[sliding] = (k, v, positions) -> draft logits (B, 1, V)
+        (not soft-capped, as the reference) and the next hidden state (B, 1, backbone)."""
+        x = self.pre_projection(torch.cat([token_embed, hidden], dim=-1))
+        caches = [TargetKV(*target_kv[s.sliding]) for s in self.specs]
+        h = self.norm(self.layers_forward(x, caches, torch.tensor([position], device=x.device)))
+        return self.head(h), self.post_projection(h)
 
 
 # --- encoder-free media embedders ---------------------------------------------------------------------------------
@@ -252,5 +292,5 @@ def prompt_embeddings(model: Gemma4, ids: torch.Tensor, soft: dict[int, torch.Te
     return x
 
 
-__all__ = ["Gemma4", "Gemma4Media", "MediaConfig", "RMSNorm", "media_from_hf_config", "prompt_embeddings",
+__all__ = ["Drafter", "Gemma4", "Gemma4Media", "MediaConfig", "RMSNorm", "media_from_hf_config", "prompt_embeddings",
            "vision_blocks"]
