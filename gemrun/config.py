@@ -173,7 +173,8 @@ class Gemma4TextConfig(TextConfig):
                 specs.append(LayerSpec(True, self.head_dim, self.num_kv_heads, self.rope_local, self.sliding_window,
                                        shared))
             else:
-                kv = self.num_global_kv_heads if self.attention_k_eq_v and self.num_global_kv_heads else self.num_kv_heads
+                k_eq_v, global_kv = self.attention_k_eq_v, self.num_global_kv_heads
+                kv = global_kv if k_eq_v and global_kv else self.num_kv_heads
                 specs.append(LayerSpec(False, self.global_head_dim, kv, self.rope_global, None, shared,
                                        k_eq_v=self.attention_k_eq_v))
         return tuple(specs)
