@@ -13,9 +13,11 @@ import numpy as np
 import torch
 
 from . import tokenizer as tok
-from .chat import ChatTemplate, render_prompt
+from .chat import ChatTemplate, render_prompt, stop_token_ids, template_for
+from .config import Gemma4TextConfig
 from .errors import ConfigError, GemrunError, InputError
 from .generate import Prompt, Stats, prefill, stream
+from .model import gemma4
 from .model.multimodal import IMAGE_TOKEN, expand_images, image_blocks, prompt_embeddings
 from .processing.image import ImageConfig, load_image, preprocess
 from .sampling import SamplingParams
@@ -92,7 +94,11 @@ class Model:
         if max_context is not None and not 1 < max_context <= limit:
             raise ConfigError(f"max_context {max_context} must be between 2 and the model's {limit}")
         self.max_context = max_context or limit
-        self.template = ChatTemplate(tokenizer.chat_template)
+        self.gemma4 = isinstance(self.config, Gemma4TextConfig)
+        self.media = loaded.media
+        self.template = template_for(tokenizer) if self.gemma4 else ChatTemplate(tokenizer.chat_template)
+        self.stop_ids = stop_token_ids(tokenizer) if self.gemma4 else set()
+        self.draft = None  # a speculative.Speculator (Gemma 4 MTP drafter), set by `use_drafter`
         self.last_stats = Stats()
 
     @property
@@ -105,10 +111,57 @@ class Model:
         return params or SamplingParams(**kw)
 
     def _run(self, prompt: Prompt | list[int], params: SamplingParams, streaming: bool) -> str | Iterator[str]:
-        self.last_stats = Stats()
-        chunks = (c.text for c in stream(self.model, self.tokenizer, prompt, params, self.max_context,
-                                         self.last_stats))
+        chunks = (c.text for c in self._stream(prompt, params))
         return chunks if streaming else "".join(chunks)
+
+    def _stream(self, prompt: Prompt | list[int], params: SamplingParams, keep_special: bool = False):
+        if self.stop_ids:  # Gemma 4 checkpoints also stop on <|tool_response>, whatever their config says
+            params = dataclasses.replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | self.stop_ids))
+        self.last_stats = Stats()
+        return stream(self.model, self.tokenizer, prompt, params, self.max_context, self.last_stats,
+                      draft=self.draft, keep_special=keep_special)
+
+    def use_drafter(self, path: str | Path, tokens: int = 4) -> None:
+        """Speculative decoding with a Gemma 4 MTP assistant checkpoint drafting `tokens` per round."""
+        from .speculative import Speculator
+        from .weights.load import load_drafter
+
+        if not self.gemma4:
+            raise ConfigError("a drafter goes with a Gemma 4 model")
+        drafter = load_drafter(path, self.model.dtype, self.device)
+        if drafter.pre_projection.in_features != 2 * self.config.hidden_size:
+            raise ConfigError(f"the drafter was made for a {drafter.pre_projection.in_features // 2}-wide model, "
+                              f"this one is {self.config.hidden_size}")
+        self.draft = Speculator(drafter, tokens)
+
+    def chat_events(self, messages: Sequence[dict], params: SamplingParams | None = None, think: bool | None = None,
+                    tools: list[dict] | None = None, **kw: Any) -> Iterator[tuple[str, Any]]:
+        """Gemma 4: ("reasoning", text), ("content", text) and ("tool_call", {id, type, function}) events as
+        they are generated; the thought channel never reaches content. Gemma 3: content events only."""
+        from .thinking import opens_in_thought
+        from .tools import Gemma4OutputParser
+
+        params = self._params(params, kw)
+        prompt = self.chat_prompt(messages, think=think, tools=tools)
+        if not self.gemma4:
+            yield from (("content", c.text) for c in self._stream(prompt, params) if c.text)
+            return
+        parser = Gemma4OutputParser(tools, in_thought=prompt.in_thought, parse_tools=bool(tools))
+        for c in self._stream(prompt, params, keep_special=True):
+            yield from parser.push(c.text)
+        yield from parser.finish()
+
+    def chat_message(self, messages: Sequence[dict], params: SamplingParams | None = None,
+                     think: bool | None = None, tools: list[dict] | None = None, **kw: Any) -> dict:
+        """The whole reply as an OpenAI-style message: content, reasoning_content (Gemma 4 thinking) and
+        tool_calls."""
+        out: dict[str, Any] = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": []}
+        for kind, value in self.chat_events(messages, params, think, tools, **kw):
+            if kind == "tool_call":
+                out["tool_calls"].append(value)
+            else:
+                out["content" if kind == "content" else "reasoning_content"] += value
+        return out
 
     def generate(self, prompt: str, params: SamplingParams | None = None, stream: bool = False,
                  **kw: Any) -> str | Iterator[str]:
@@ -123,11 +176,19 @@ class Model:
         Image parts ({"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "image", "image": path,
         bytes or PIL image}) need a model with a vision encoder."""
         params = self._params(params, kw)
+        if self.gemma4:  # the answer only; chat_message / chat_events also give the thoughts and tool calls
+            pieces = (v for k, v in self.chat_events(messages, params) if k == "content")
+            return pieces if stream else "".join(pieces)
         return self._run(self.chat_prompt(messages, pan_and_scan=pan_and_scan), params, stream)
 
     def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                    pan_and_scan: bool | None = None) -> Prompt:
-        """Messages -> prompt ids, with image soft tokens and blocks when the messages carry images."""
+                    pan_and_scan: bool | None = None, think: bool | None = None, tools: list[dict] | None = None,
+                    image_tokens: int | None = None) -> Prompt:
+        """Messages -> prompt ids, with image soft tokens and blocks when the messages carry images. Gemma 4:
+        also audio and video, `think` switches the thought channel on/off, `tools` are declared natively and
+        `image_tokens` is the soft-token budget of each image (70, 140, 280 (default), 560 or 1120)."""
+        if self.gemma4:
+            return self._gemma4_prompt(messages, add_generation_prompt, think, tools, image_tokens)
         images: list | None = [] if self.vision is not None else None
         rendered = render_prompt(self.tokenizer, messages, add_generation_prompt, self.template, images)
         if not images:
@@ -142,6 +203,55 @@ class Model:
         ids_t = torch.tensor(ids, device=self.device)
         embeds = prompt_embeddings(self.model, ids_t, cfg.image_token_id, soft)
         return Prompt(ids, embeds, image_blocks(ids_t, cfg.image_token_id))
+
+    @torch.inference_mode()
+    def _gemma4_prompt(self, messages, add_generation_prompt, think, tools, image_tokens) -> Prompt:
+        from .processing.audio import input_audio_bytes, process_audio
+        from .processing.gemma4 import expand_prompt, process_image, process_video
+        from .thinking import opens_in_thought
+
+        media = self.media
+        has_vision = media is not None and media.embed_vision is not None
+        has_audio = media is not None and media.embed_audio is not None
+        images, audio, videos = ([] if has_vision else None), ([] if has_audio else None), ([] if has_vision else None)
+        extra: dict[str, Any] = {}
+        if think is not None:
+            extra["enable_thinking"] = bool(think)
+        if tools:
+            extra["tools"] = tools
+        rendered = render_prompt(self.tokenizer, messages, add_generation_prompt, self.template, images, audio,
+                                 videos, **extra)
+        if len(images or ()) + len(videos or ()) > MAX_IMAGES:
+            raise InputError(f"more than {MAX_IMAGES} images and videos in one prompt")
+        budget = image_tokens or 280
+        pics = [process_image(src, budget, self.image_dir) for src in images or ()]
+        clips = [process_audio(input_audio_bytes(str(src.get("data") or ""), str(src.get("format") or ""))
+                               if isinstance(src, dict) else src,
+                               allowed_dir=self.image_dir) for src in audio or ()]  # dict: OpenAI input_audio
+        vids = [process_video(src, audio=False, allowed_dir=self.image_dir) for src in videos or ()]
+        ids = self.tokenizer.encode_template(expand_prompt(rendered, pics, clips, vids) if pics or clips or vids
+                                             else rendered)
+        in_thought = opens_in_thought(rendered)
+        if not (pics or clips or vids):
+            return Prompt(ids, in_thought=in_thought)
+        cfg = media.config
+        soft = {}
+        if pics:
+            soft[cfg.image_token_id] = torch.cat([media.image(p.pixel_values.to(self.device),
+                                                              p.positions.to(self.device)) for p in pics])
+        if vids:
+            soft[cfg.video_token_id] = torch.cat([media.image(v.pixel_values.flatten(0, 1).to(self.device),
+                                                              v.positions.flatten(0, 1).to(self.device))
+                                                  for v in vids])
+        if clips:
+            soft[cfg.audio_token_id] = torch.cat([media.audio(c.features[c.mask].to(self.device)) for c in clips])
+        ids_t = torch.tensor(ids, device=self.device)
+        try:
+            embeds = gemma4.prompt_embeddings(self.model, ids_t, soft)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        blocks = gemma4.vision_blocks(ids_t, (cfg.image_token_id, cfg.video_token_id))
+        return Prompt(ids, embeds, blocks, in_thought=in_thought)
 
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray) -> torch.Tensor:

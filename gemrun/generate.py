@@ -46,6 +46,7 @@ class Prompt:
     ids: list[int]
     embeds: torch.Tensor | None = None
     blocks: torch.Tensor | None = None
+    in_thought: bool = False  # Gemma 4: the prompt ends inside an open thought channel
 
 
 @dataclass
@@ -253,8 +254,8 @@ class TextStream:
     clear they do not match), and a character split across tokens is only emitted whole. Used by `stream` and
     by the server for every request, so streamed text equals non-streamed text."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], stop_ids: set[int]):
-        self.decoder = tokenizer.stream(skip_special=True)
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], stop_ids: set[int], keep_special: bool = False):
+        self.decoder = tokenizer.stream(skip_special=not keep_special)
         self.stop, self.stop_ids = stop, stop_ids
         self.pending, self.tokens = "", []
         self.stopped = False  # a stop string matched: nothing more is to be shown
@@ -296,11 +297,12 @@ def stop_ids_for(model, params: SamplingParams) -> set[int]:
 
 
 def stream(model, tokenizer: Tokenizer, prompt: Prompt | list[int], params: SamplingParams, max_context: int,
-           stats: Stats | None = None, chunk: int = 256, draft=None) -> Iterator[Chunk]:
-    """Text chunks of the continuation (see TextStream); the last one carries the finish reason."""
+           stats: Stats | None = None, chunk: int = 256, draft=None, keep_special: bool = False) -> Iterator[Chunk]:
+    """Text chunks of the continuation (see TextStream); the last one carries the finish reason.
+    `keep_special` keeps control tokens in the text (Gemma 4's channel and tool-call syntax, parsed later)."""
     stats = stats if stats is not None else Stats()
     stop_ids = stop_ids_for(model, params)
-    text = TextStream(tokenizer, params.stop, stop_ids)
+    text = TextStream(tokenizer, params.stop, stop_ids, keep_special)
     for token in generate_ids(model, prompt, params, stop_ids, max_context, tokenizer.vocab_size, stats, chunk,
                               draft):
         piece = text.push(Token(token))

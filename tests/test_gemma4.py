@@ -208,3 +208,30 @@ def test_speculative_sampling_runs_and_stops_on_length():
     stats = Stats()
     out = list(generate_ids(target, [2, 40, 41, 42], params, set(), 4096, 512, stats, draft=Speculator(drafter, 4)))
     assert len(out) == 25 and stats.finish_reason == "length" and all(0 <= t < 512 for t in out)
+
+
+@torch.no_grad()
+def test_hf_directory_loads_strictly(ref, tmp_path):
+    """save_pretrained output (hub names: model.vision_embedder.*, model.embed_vision.embedding_projection) loads
+    through the strict loader, media embedders included; a drafter directory loads too."""
+    from tiny_gemma4 import reference_pair
+
+    from gemrun.errors import WeightsError
+    from gemrun.weights.load import load_checkpoint, load_drafter
+
+    ref.save_pretrained(tmp_path / "m")
+    loaded = load_checkpoint(tmp_path / "m", torch.float32, torch.device("cpu"))
+    assert loaded.media is not None and loaded.vision is None
+    kw = multimodal_inputs()
+    x = prompt_embeddings(loaded.model, kw["input_ids"][0], _soft(loaded.media, kw))
+    emb = ref.model.get_input_embeddings()(kw["input_ids"].clamp(max=511))
+    masks = ref.create_masks_for_generate(ref.config, emb, None, None, torch.arange(emb.shape[1])[None],
+                                          mm_token_type_ids=kw["mm_token_type_ids"])
+    got = loaded.model(None, loaded.model.make_caches(), embeds=x, blocks=vision_blocks(kw["input_ids"][0], (502, 506)))
+    assert (got - ref(**kw, attention_mask=masks).logits).abs().max() <= TOL
+    _, ref_drafter = reference_pair()
+    ref_drafter.save_pretrained(tmp_path / "d")
+    drafter = load_drafter(tmp_path / "d", torch.float32, torch.device("cpu"))
+    assert drafter.pre_projection.weight.shape == (32, 128)
+    with pytest.raises(WeightsError, match="not a Gemma 4 assistant"):
+        load_drafter(tmp_path / "m", torch.float32, torch.device("cpu"))

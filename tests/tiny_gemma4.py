@@ -123,3 +123,42 @@ def ours_drafter(ref_drafter):
     state = {n.removeprefix("model."): t for n, t in ref_drafter.state_dict().items() if n != "lm_head.weight"}
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+REAL_IDS = dict(boi_token_id=255_999, eoi_token_id=258_882, image_token_id=258_880, audio_token_id=258_881,
+                boa_token_id=256_000, eoa_token_index=258_883, video_token_id=258_884)
+
+
+def write_model_dir(path, seed: int = 0, with_drafter: bool = False):
+    """A loadable Gemma 4 Unified HF directory: tiny random weights over the full 262144-token vocabulary (so
+    Gemma 4's special tokens have their real ids), the test tokenizer (tiny4.py) without a chat template (the
+    built-in applies), image and audio embedders; optionally a matching drafter in `path/drafter`."""
+    from pathlib import Path
+
+    from tiny4 import gemma4_tokenizer
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    path = Path(path)
+    text = dict(vocab_size=262_144, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8, final_logit_softcapping=30.0,
+                layer_types=list(LAYERS), max_position_embeddings=4096, eos_token_id=[1, 106])
+    vision = dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=32, output_proj_dims=32, mm_posemb_size=1120)
+    cfg = Gemma4UnifiedConfig(text_config=text, vision_config=vision, audio_config=dict(audio_embed_dim=640),
+                              **REAL_IDS)
+    torch.manual_seed(seed)
+    Gemma4UnifiedForConditionalGeneration(cfg).eval().save_pretrained(path)
+    gemma4_tokenizer().backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "bos_token": "<bos>",
+                                                            "eos_token": "<eos>", "pad_token": "<pad>"}))
+    if with_drafter:
+        from transformers import Gemma4UnifiedAssistantConfig, Gemma4UnifiedAssistantForCausalLM
+
+        patch_reference_drafting()
+        dtext = dict(text, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=2)
+        dtext.pop("final_logit_softcapping")
+        torch.manual_seed(seed + 1)
+        Gemma4UnifiedAssistantForCausalLM(Gemma4UnifiedAssistantConfig(text_config=dtext, backbone_hidden_size=64)
+                                          ).eval().save_pretrained(path / "drafter")
+    return path

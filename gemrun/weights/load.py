@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import TextConfig, from_gguf_metadata, from_hf_config
+from ..config import Gemma4TextConfig, TextConfig, from_gguf_metadata, from_hf_config, gemma4_from_hf_config
 from ..convert import quantized_module, quantized_parts, read_scheme
 from ..errors import WeightsError
 from ..model.gemma3 import Gemma3
+from ..model.gemma4 import Drafter, Gemma4, Gemma4Media, MediaConfig, media_from_hf_config
 from ..model.vision import Gemma3Vision, VisionConfig, vision_from_hf_config
 from .gguf import GGUFFile, check_tokenizer_metadata
-from .names import gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
+from .names import gemma4_hf_to_gemrun, gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
 from .safetensors import SafetensorsCheckpoint
 
 Progress = Callable[[int, int], None]  # (tensors done, tensors total)
@@ -31,6 +32,7 @@ class Loaded:
     gguf: GGUFFile | None = None  # kept open for the tokenizer metadata
     hf_config: dict | None = None
     vision: Gemma3Vision | None = None  # image encoder of multimodal checkpoints
+    media: Gemma4Media | None = None  # Gemma 4 Unified: image/video and audio embedders
 
 
 def check_names(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[int, ...]]) -> None:
@@ -54,13 +56,17 @@ Packer = Callable[[str, Getter], "nn.Module | None"]  # a low-bit module for a t
 
 def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, tuple[int, ...]],
            tensors: Iterator[tuple[str, Getter]], dtype: torch.dtype, device: torch.device,
-           progress: Progress | None, pack: Packer | None = None) -> tuple[Gemma3, Gemma3Vision | None]:
-    """Build the text model (names `text.*`) and the vision encoder (`vision.*`) on `meta`, check every name
-    and shape, then fill them tensor by tensor; `pack` may swap in a low-bit module instead (quantization is
-    module substitution)."""
+           progress: Progress | None, pack: Packer | None = None, media: MediaConfig | None = None):
+    """Build the text model (names `text.*`) and the vision encoder (`vision.*`, Gemma 3) or media embedders
+    (`media.*`, Gemma 4) on `meta`, check every name and shape, then fill them tensor by tensor; `pack` may swap
+    in a low-bit module instead (quantization is module substitution). Returns the ModuleDict of the parts."""
     with torch.device("meta"):
-        parts = nn.ModuleDict({"text": Gemma3(config)} | ({"vision": Gemma3Vision(vision)} if vision else {}))
-    check_names({n: tuple(p.shape) for n, p in parts.named_parameters()}, provided)
+        text = Gemma4(config) if isinstance(config, Gemma4TextConfig) else Gemma3(config)
+        parts = nn.ModuleDict({"text": text} | ({"vision": Gemma3Vision(vision)} if vision else {})
+                              | ({"media": Gemma4Media(media, config.hidden_size)} if media else {}))
+    expected = {n: tuple(p.shape) for n, p in parts.named_parameters()}
+    expected |= {n: tuple(b.shape) for n, b in parts.named_buffers() if n.endswith("layer_scalar")}
+    check_names(expected, provided)
     state = {}
     for i, (name, get) in enumerate(tensors):
         module = pack(name, get) if pack else None
@@ -72,8 +78,7 @@ def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, 
             progress(i + 1, len(provided))
     parts.load_state_dict(state, strict=pack is None, assign=True)
     _check_loaded(parts)
-    parts = parts.to(device).eval().requires_grad_(False)
-    return parts["text"], (parts["vision"] if vision else None)
+    return parts.to(device).eval().requires_grad_(False)
 
 
 def quantizer(kind: str) -> Packer:
@@ -163,8 +168,8 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
 
     provided = {ours: g.tensors[name].shape for ours, name in names.items()}
     tensors = ((ours, getter(name)) for ours, name in names.items())
-    model, _ = _build(config, None, provided, tensors, dtype, device, progress, pack)
-    return Loaded(model, config, path, "gguf", gguf=g)
+    parts = _build(config, None, provided, tensors, dtype, device, progress, pack)
+    return Loaded(parts["text"], config, path, "gguf", gguf=g)
 
 
 def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
@@ -181,7 +186,12 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
     if not isinstance(raw, dict):
         raise WeightsError(f"{cfg_path} is not a JSON object")
     config = from_hf_config(raw)  # auto_map / trust_remote_code are never looked at
-    vision = vision_from_hf_config(raw)
+    gemma4 = isinstance(config, Gemma4TextConfig)
+    vision = None if gemma4 else vision_from_hf_config(raw)
+    try:
+        media = media_from_hf_config(raw) if gemma4 else None
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"bad vision/audio config in {cfg_path}: {e}") from None
     ckpt = SafetensorsCheckpoint(root)
     scheme = read_scheme(root)
     parts = quantized_parts(ckpt.shapes) if scheme else {}
@@ -192,8 +202,12 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
         shapes[weight] = (n, k * 2 if values.endswith(".qweight") else k)
     names: dict[str, str] = {}
     for name in shapes:
-        text, image = hf_to_gemrun(name), hf_vision_to_gemrun(name)
-        ours = "text." + text if text else ("vision." + image if image and vision else None)
+        if gemma4:
+            ours = gemma4_hf_to_gemrun(name)
+            ours = None if ours and ours.startswith("media.") and media is None else ours
+        else:
+            text, image = hf_to_gemrun(name), hf_vision_to_gemrun(name)
+            ours = "text." + text if text else ("vision." + image if image and vision else None)
         if ours is None:
             continue
         if ours in names:
@@ -222,8 +236,35 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
                 return None  # fp8: dequantized by the getter
             module = quantized_module(scheme, *map(read, parts[name]), packed=True)
             return module if isinstance(module, nn.Module) else None
-    model, vision_model = _build(config, vision, provided, tensors, dtype, device, progress, pack)
-    return Loaded(model, config, root, "safetensors", hf_config=raw, vision=vision_model)
+    parts = _build(config, vision, provided, tensors, dtype, device, progress, pack, media)
+    return Loaded(parts["text"], config, root, "safetensors", hf_config=raw, vision=parts["vision"] if vision else None,
+                  media=parts["media"] if media else None)
+
+
+def load_drafter(path: str | Path, dtype: torch.dtype, device: torch.device) -> Drafter:
+    """A Gemma 4 MTP assistant (`gemma4_unified_assistant`) HF directory, strict as the main loader."""
+    root = Path(path).expanduser()
+    try:
+        raw = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {root / 'config.json'}: {e}") from None
+    if not isinstance(raw, dict) or not str(raw.get("model_type", "")).endswith("_assistant"):
+        raise WeightsError(f"{root} is not a Gemma 4 assistant (drafter) checkpoint")
+    text = dict(raw.get("text_config") or {}, num_kv_shared_layers=0)  # every layer reads the target's K/V
+    config = gemma4_from_hf_config(text)
+    if raw.get("use_ordered_embeddings"):
+        raise WeightsError("drafters with ordered (centroid) embeddings are not supported")
+    ckpt = SafetensorsCheckpoint(root)
+    names = {n.removeprefix("model."): n for n in ckpt.shapes if not n.startswith("lm_head.")}
+    with torch.device("meta"):
+        drafter = Drafter(config, int(raw.get("backbone_hidden_size", 3840)))
+    expected = {n: tuple(p.shape) for n, p in drafter.named_parameters()}
+    expected |= {n: tuple(b.shape) for n, b in drafter.named_buffers() if n.endswith("layer_scalar")}
+    check_names(expected, {ours: ckpt.shapes[n] for ours, n in names.items()})
+    state = {ours: t.to(device=device, dtype=dtype) for ours, (_, t) in zip(names, ckpt.tensors(list(names.values())))}
+    drafter.load_state_dict(state, strict=True, assign=True)
+    _check_loaded(drafter)
+    return drafter.to(device).eval().requires_grad_(False)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
