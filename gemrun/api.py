@@ -138,7 +138,6 @@ class Model:
                     tools: list[dict] | None = None, **kw: Any) -> Iterator[tuple[str, Any]]:
         """Gemma 4: ("reasoning", text), ("content", text) and ("tool_call", {id, type, function}) events as
         they are generated; the thought channel never reaches content. Gemma 3: content events only."""
-        from .thinking import opens_in_thought
         from .tools import Gemma4OutputParser
 
         params = self._params(params, kw)
