@@ -6,6 +6,7 @@ makes Q8_0 / Q4_0 / Q4_K_M from our bf16 GGUF of the same weights. Each is score
 dequantized to float32 (the cost of the format alone), teacher-forced over TEXT against the reference in float32.
 
     python benchmarks/quant_quality.py --text /usr/share/common-licenses/GPL-3 --tokens 2048 --work /tmp/qq
+    python benchmarks/quant_quality.py --only Q4_K     # score only the rows whose name contains Q4_K
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--work", default="/tmp/gemrun-quant-quality")
     ap.add_argument("--llama-python", default="/opt/llamacpp-venv/bin/python")
+    ap.add_argument("--only", default="", help="score only the formats whose name contains this")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -57,6 +59,7 @@ def main() -> None:
     for name, out, extra in [("gemrun GGUF Q8_0", "q8_0.gguf", ["--quant", "q8_0"]),
                              ("gemrun GGUF Q4_0", "q4_0.gguf", ["--quant", "q4_0"]),
                              ("gemrun GGUF Q5_1", "q5_1.gguf", ["--quant", "q5_1"]),
+                             ("gemrun GGUF Q4_K (Q5_0 where rows are not of 256)", "q4_k.gguf", ["--quant", "q4_k"]),
                              ("gemrun int4 per channel", "int4-channel", ["--quant", "int4-channel"]),
                              ("gemrun int4 per block of 32", "int4-block32", ["--quant", "int4-block"]),
                              ("gemrun int4 per block of 128", "int4-block128", ["--quant", "int4-block",
@@ -64,6 +67,8 @@ def main() -> None:
                              ("gemrun fp8 e4m3, per-channel scales", "fp8-channel", ["--quant", "fp8"]),
                              ("gemrun fp8 e4m3, per-tensor scale", "fp8-tensor", ["--quant", "fp8",
                                                                                   "--fp8-scales", "tensor"])]:
+        if args.only not in name:
+            continue
         path = work / out
         if not path.exists():
             gemrun("convert", str(ref), str(path), *extra)
@@ -73,6 +78,8 @@ def main() -> None:
         gemrun("convert", str(ref), str(bf16_gguf), "--quant", "bf16")
     if Path(args.llama_python).exists():
         for name, ftype in LLAMA_FTYPES.items():
+            if args.only not in f"llama.cpp {name}":
+                continue
             path = work / f"llama-{name}.gguf"
             if not path.exists():
                 r = subprocess.run([args.llama_python, "-c", QUANTIZE, str(bf16_gguf), str(path), str(ftype)],
