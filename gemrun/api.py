@@ -138,10 +138,16 @@ class Model:
                     tools: list[dict] | None = None, **kw: Any) -> Iterator[tuple[str, Any]]:
         """Gemma 4: ("reasoning", text), ("content", text) and ("tool_call", {id, type, function}) events as
         they are generated; the thought channel never reaches content. Gemma 3: content events only."""
-        from .tools import Gemma4OutputParser
 
         params = self._params(params, kw)
         prompt = self.chat_prompt(messages, think=think, tools=tools)
+        yield from self.events(prompt, params, tools)
+
+    def events(self, prompt: Prompt, params: SamplingParams, tools: list[dict] | None = None
+               ) -> Iterator[tuple[str, Any]]:
+        """The events of `chat_events` for a prompt made by `chat_prompt`."""
+        from .tools import Gemma4OutputParser
+
         if not self.gemma4:
             yield from (("content", c.text) for c in self._stream(prompt, params) if c.text)
             return

@@ -56,12 +56,24 @@ def _load(model: str | None, device: str, dtype: str, max_context: int | None = 
     return m
 
 
-def _user_message(text: str, images: list[str]) -> dict:
-    """A user turn; images go before the text (Gemma's documented order)."""
-    if not images:
+def _user_message(text: str, images: list[str], audio: list[str] = (), videos: list[str] = ()) -> dict:
+    """A user turn; images and videos go before the text (Gemma's documented order), audio after it."""
+    if not (images or audio or videos):
         return {"role": "user", "content": text}
-    return {"role": "user", "content": [*({"type": "image", "image": p} for p in images), {"type": "text",
-                                                                                        "text": text}]}
+    return {"role": "user", "content": [*({"type": "image", "image": p} for p in images),
+                                        *({"type": "video", "video": p} for p in videos),
+                                        {"type": "text", "text": text},
+                                        *({"type": "audio", "audio": p} for p in audio)]}
+
+
+DraftOpt = Annotated[str | None, typer.Option("--draft", help="Gemma 4 MTP drafter (assistant) directory: "
+                                              "speculative decoding")]
+DraftTokens = Annotated[int, typer.Option("--draft-tokens", help="tokens drafted per round")]
+
+
+def _drafter(m: Model, draft: str | None, tokens: int) -> None:
+    if draft:
+        m.use_drafter(draft, tokens)
 
 
 def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
@@ -73,8 +85,10 @@ def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p
 
 def _report(m: Model) -> None:
     s = m.last_stats
+    drafted = f" | draft acceptance {s.acceptance_rate:.0%} of {s.drafted_tokens}" if s.drafted_tokens else ""
     err.print(f"[dim]prompt {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tok/s prefill | generated "
-              f"{s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s decode | finish: {s.finish_reason}[/dim]")
+              f"{s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s decode | finish: {s.finish_reason}"
+              f"{drafted}[/dim]")
 
 
 def _emit(pieces) -> None:
@@ -103,11 +117,13 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
              min_p: MinP = 0.0, repeat_penalty: Rep = 1.0, presence_penalty: Pres = 0.0,
              frequency_penalty: Freq = 0.0, seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto",
              dtype: DtypeOpt = "auto", max_context: Annotated[int | None, typer.Option()] = None,
-             quantize: QuantOpt = None, packed: PackedOpt = None) -> None:
+             quantize: QuantOpt = None, packed: PackedOpt = None, draft: DraftOpt = None,
+             draft_tokens: DraftTokens = 4) -> None:
     """Continue PROMPT as raw text and stream the continuation only."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
     m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed)
+    _drafter(m, draft, draft_tokens)
     _emit(m.generate(prompt, params, stream=True))
     _report(m)
 
@@ -126,7 +142,16 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
                                                    "model")] = None,
          pan_and_scan: Annotated[bool, typer.Option("--pan-and-scan", help="add crops of large or elongated "
                                                     "images")] = False, quantize: QuantOpt = None,
-         packed: PackedOpt = None) -> None:
+         packed: PackedOpt = None,
+         audio: Annotated[list[str] | None, typer.Option("--audio", "-a", help="audio file (WAV/FLAC/OGG/MP3) for "
+                                                         "the first message, Gemma 4 (repeatable)")] = None,
+         video: Annotated[list[str] | None, typer.Option("--video", help="video file for the first message, "
+                                                         "Gemma 4 (repeatable)")] = None,
+         think: Annotated[bool | None, typer.Option("--think/--no-think", help="Gemma 4 thinking mode; the "
+                                                    "thoughts are shown dimmed, apart from the answer")] = None,
+         image_tokens: Annotated[int | None, typer.Option("--image-tokens", help="Gemma 4 soft tokens per image: "
+                                                          "70, 140, 280 (default), 560, 1120 (OCR)")] = None,
+         draft: DraftOpt = None, draft_tokens: DraftTokens = 4) -> None:
     """Chat through the model's template. Interactive: end a line with '\\' to continue it; /reset clears the
     conversation, /system TEXT sets the system prompt, /image PATH attaches an image to the next message,
     /quit leaves."""
@@ -134,20 +159,34 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
                      frequency_penalty, seed, stop)
     m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize,
               packed=packed)
+    _drafter(m, draft, draft_tokens)
+    if (audio or video or think is not None or image_tokens) and not m.gemma4:
+        raise GemrunError("--audio, --video, --think and --image-tokens need a Gemma 4 model")
     history: list[dict] = []
     pending: list[str] = list(image or [])
+    sounds, clips = list(audio or []), list(video or [])
 
     def answer(text: str) -> None:
         msgs = ([{"role": "system", "content": system}] if system else []) + history
-        msgs.append(_user_message(text, pending))
+        msgs.append(_user_message(text, pending, sounds, clips))
         pieces = []
-        for piece in m.chat(msgs, params, stream=True):
+        if m.gemma4:
+            prompt = m.chat_prompt(msgs, think=think, image_tokens=image_tokens)
+            events = m.events(prompt, params)
+        else:
+            events = (("content", p) for p in m.chat(msgs, params, stream=True))
+        for kind, piece in events:
+            if kind == "reasoning":
+                err.print(piece, style="dim", end="")
+                continue
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         history.extend([msgs[-1], {"role": "assistant", "content": "".join(pieces)}])
         pending.clear()
+        sounds.clear()
+        clips.clear()
         _report(m)
 
     if message is not None:
@@ -172,7 +211,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
             path = text[len("/image"):].strip()
             if not path:
                 err.print("[red]usage:[/red] /image PATH")
-            elif m.vision is None:
+            elif m.vision is None and not (m.media is not None and m.media.embed_vision is not None):
                 err.print("[red]error:[/red] this model is text-only and cannot read images")
             else:
                 pending.append(path)
