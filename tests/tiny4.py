@@ -9,35 +9,21 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from gemrun.tokenizer import CONTROL, Tokenizer
+from gemrun.tokenizer import Tokenizer
+from gemrun.weights.random import GEMMA4_SPECIALS, gemma4_stand_in_metadata
 
 REFERENCE_TEMPLATE = (Path(__file__).parent / "data" / "gemma4_chat_template.jinja").read_text(encoding="utf-8")
 
-# id -> token, from ../shared/reference/gemma-facts.md sections 4.5 and 5
-SPECIALS = {
-    46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
-    51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>",
-    105: "<|turn>", 106: "<turn|>", 255999: "<|image>", 256000: "<|audio>", 258880: "<|image|>",
-    258881: "<|audio|>", 258882: "<image|>", 258883: "<audio|>", 258884: "<|video|>",
-}
+SPECIALS = GEMMA4_SPECIALS  # id -> token, from ../shared/reference/gemma-facts.md sections 4.5 and 5
 
 
 @functools.cache
 def gemma4_tokenizer(with_template: bool = False) -> Tokenizer:
     """The tokenizer (built once per process; gemrun caches the backend on disk). `with_template` attaches the
     reference template as the checkpoint's own, else the tokenizer carries none (gemrun's built-in applies)."""
-    from gemrun.api import default_model_path
     from gemrun.tokenizer import from_gguf_metadata
-    from gemrun.weights.gguf import GGUFFile
 
-    meta = dict(GGUFFile(default_model_path()).metadata)
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
-    for i, token in SPECIALS.items():
-        tokens[i], types[i] = token, CONTROL
-    meta.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-                 "tokenizer.ggml.add_bos_token": False,  # the IT tokenizer: the template writes <bos>
-                 "tokenizer.chat_template": REFERENCE_TEMPLATE if with_template else None})
+    meta = gemma4_stand_in_metadata(REFERENCE_TEMPLATE if with_template else None)
     return from_gguf_metadata(meta)
 
 

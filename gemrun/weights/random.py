@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
-from ..config import TextConfig, preset
+from ..config import Gemma4TextConfig, TextConfig, preset
 from ..errors import ConfigError
 from ..model.gemma3 import Gemma3
+from ..model.gemma4 import Gemma4, Gemma4Media, MediaConfig
 from ..model.vision import VISION_PRESETS, Gemma3Vision, VisionConfig
 from .safetensors import ShardWriter
 
@@ -28,7 +29,7 @@ GGUF_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, 
 def _shapes(module_factory) -> list[tuple[str, tuple[int, ...]]]:
     with torch.device("meta"):
         m = module_factory()
-    return [(n, tuple(p.shape)) for n, p in m.named_parameters()]
+    return [(n, tuple(p.shape)) for n, p in [*m.named_parameters(), *m.named_buffers()]]
 
 
 def _values(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -69,14 +70,68 @@ def hf_config_dict(cfg: TextConfig, v: VisionConfig | None) -> dict:
                               "vision_use_head": False}}
 
 
+# Gemma 4's control tokens at their real ids (facts sections 4.5 and 5). No Gemma 4 tokenizer can be downloaded:
+# random checkpoints and tests put them over unused control tokens of the embedded Gemma 3 vocabulary.
+GEMMA4_SPECIALS = {
+    46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
+    51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>",
+    105: "<|turn>", 106: "<turn|>", 255999: "<|image>", 256000: "<|audio>", 258880: "<|image|>",
+    258881: "<|audio|>", 258882: "<image|>", 258883: "<audio|>", 258884: "<|video|>",
+}
+
+
+def gemma4_stand_in_metadata(template: str | None = None) -> dict:
+    """GGUF tokenizer metadata of the embedded Gemma 3 270M with Gemma 4's special tokens at their ids (no BOS
+    added: the template writes it)."""
+    from ..api import default_model_path
+    from ..tokenizer import CONTROL
+    from .gguf import GGUFFile
+
+    meta = dict(GGUFFile(default_model_path()).metadata)
+    tokens, types = list(meta["tokenizer.ggml.tokens"]), [int(t) for t in meta["tokenizer.ggml.token_type"]]
+    for i, token in GEMMA4_SPECIALS.items():
+        tokens[i], types[i] = token, CONTROL
+    meta.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                 "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": template})
+    return meta
+
+
+def gemma4_config_dict(cfg: Gemma4TextConfig, media: MediaConfig) -> dict:
+    """config.json of a Gemma4UnifiedForConditionalGeneration (official key names)."""
+    text = {"model_type": "gemma4_unified_text", "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim, "global_head_dim": cfg.global_head_dim,
+            "num_global_key_value_heads": cfg.num_global_kv_heads, "attention_k_eq_v": cfg.attention_k_eq_v,
+            "sliding_window": cfg.sliding_window, "max_position_embeddings": cfg.max_position_embeddings,
+            "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.rms_norm_eps, "layer_types": list(cfg.layer_kinds),
+            "final_logit_softcapping": cfg.final_logit_softcapping, "use_bidirectional_attention": "vision",
+            "rope_parameters": {"full_attention": {"rope_type": "proportional", "rope_theta": cfg.rope_global.theta,
+                                                   "partial_rotary_factor": cfg.rope_global.partial},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local.theta}}}
+    return {"architectures": ["Gemma4UnifiedForConditionalGeneration"], "model_type": "gemma4_unified",
+            "text_config": text, "eos_token_id": [1, 106],
+            "vision_config": {"model_type": "gemma4_unified_vision", "patch_size": media.patch_size,
+                              "pooling_kernel_size": media.pooling_kernel_size, "mm_embed_dim": media.mm_embed_dim,
+                              "output_proj_dims": media.mm_embed_dim, "mm_posemb_size": media.mm_posemb_size},
+            "audio_config": {"model_type": "gemma4_unified_audio", "audio_embed_dim": media.audio_embed_dim},
+            "boi_token_id": media.boi_token_id, "eoi_token_id": media.eoi_token_id,
+            "image_token_id": media.image_token_id, "video_token_id": media.video_token_id,
+            "boa_token_id": media.boa_token_id, "eoa_token_index": media.eoa_token_id,
+            "audio_token_id": media.audio_token_id}
+
+
 def write_random_hf(preset_name: str, out: Path, vision: bool = False, dtype: str = "bf16", seed: int = 0,
                     shard_bytes: int = 2 << 30, progress: Progress | None = None) -> Path:
-    """An HF directory (config.json, sharded safetensors with index, tokenizer.json) of random weights."""
+    """An HF directory (config.json, sharded safetensors with index, tokenizer.json) of random weights. Gemma 4
+    presets always carry their image and audio embedders."""
     from ..api import default_model_path
     from ..tokenizer import from_gguf_metadata
     from .gguf import GGUFFile
 
     cfg = preset(preset_name)
+    if isinstance(cfg, Gemma4TextConfig):
+        return _write_random_gemma4(cfg, out, dtype, seed, shard_bytes, progress)
     if vision and cfg.name not in VISION_PRESETS:
         raise ConfigError(f"{preset_name} has no vision tower")
     out.mkdir(parents=True, exist_ok=True)
@@ -156,4 +211,28 @@ def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_qu
         if progress:
             progress(i + 1, len(plan))
     w.close()
+    return out
+
+
+def _write_random_gemma4(cfg: Gemma4TextConfig, out: Path, dtype: str, seed: int, shard_bytes: int,
+                         progress: Progress | None) -> Path:
+    from ..tokenizer import from_gguf_metadata
+
+    out.mkdir(parents=True, exist_ok=True)
+    media = MediaConfig(mm_embed_dim=cfg.hidden_size)
+    tensors = [("model.language_model." + n, s) for n, s in _shapes(lambda: Gemma4(cfg))]
+    tensors += [("model." + n, s) for n, s in _shapes(lambda: Gemma4Media(media, cfg.hidden_size))]
+    gen = torch.Generator().manual_seed(seed)
+    shards = ShardWriter(out, shard_bytes)
+    for i, (name, shape) in enumerate(tensors):
+        # Gemma 4 norms scale by w (not 1 + w) and LayerNorms by their weight: ones; layer scalars 1
+        ones = name.endswith(("norm.weight", "layer_scalar", "ln1.weight", "ln2.weight"))
+        shards.put(name, (torch.ones(shape) if ones else _values(name, shape, gen)).to(HF_DTYPES[dtype]))
+        if progress:
+            progress(i + 1, len(tensors))
+    shards.close()
+    (out / "config.json").write_text(json.dumps(gemma4_config_dict(cfg, media), indent=2))
+    from_gguf_metadata(gemma4_stand_in_metadata()).backend.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>",
+                                                           "pad_token": "<pad>", "add_bos_token": False}))
     return out
