@@ -507,6 +507,12 @@ def info(model: Annotated[str | None, typer.Argument(help="GGUF file, HF directo
         "kv_cache_bf16": _gib(cfg.kv_cache_bytes(ctx, 2)),
         "kv_cache_without_window_bf16": _gib(ctx * (per["global"] + per["sliding"])),
     }
+    glob = next((s for s in layers if not s.sliding), None)
+    if glob is not None and (glob.head_dim, glob.num_kv_heads) != (cfg.head_dim, cfg.num_kv_heads):
+        # Gemma 4: global layers have their own shape; layers that share KV store nothing
+        out |= {"global_head_dim": glob.head_dim, "global_kv_heads": glob.num_kv_heads,
+                "global_keys_are_values": glob.k_eq_v, "kv_sharing_layers": sum(s.kv_source is not None
+                                                                               for s in layers)}
     print(json.dumps(out, indent=2))
 
 
