@@ -5,6 +5,10 @@ runs one batched decode forward for all sequences past their prompt (`generate.d
 and leave between steps; each keeps its own caches, penalty counts, generator and grammar, so a seeded request
 gives the same tokens alone or batched (the packed CPU kernels and per-row attention are batch-invariant).
 Requests beyond `max_batch` wait in a bounded queue; past it, `submit` raises `Overloaded`.
+
+With a drafter (`speculative.Speculator`, Gemma 4's MTP assistant), requests without logprobs or a grammar run
+speculatively instead: each is its own batch-1 `Speculator.generate`, advanced one token per step (a round of
+draft + verify costs one target forward and yields up to k + 1 tokens), so greedy output equals plain decoding.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .errors import GemrunError
@@ -54,6 +59,8 @@ class Request:
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     seq: Sequence | None = None
+    spec: Iterator[int] | None = None  # speculative generation (token ids), instead of `seq`
+    stats: Stats | None = None  # a speculative request's stats (a plain one's are seq.stats)
     submitted: float = field(default_factory=time.monotonic)
 
     def emit(self, event: Token | Done) -> None:
@@ -91,15 +98,19 @@ class Counters:
     generated_tokens: int = 0
     steps: int = 0
     busy_seconds: float = 0.0
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and how many the target accepted
+    accepted_tokens: int = 0
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, chunk: int = 256):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, chunk: int = 256, draft=None):
+        """`model`: a gemrun.api.Model. `draft`: a speculative.Speculator (default: the model's `draft`)."""
         from .quant.native import DENSE_ROWS
 
         if not 1 <= max_batch < DENSE_ROWS:  # a decode batch must stay on the packed kernels (batch-invariant)
             raise GemrunError(f"max_batch must be in 1..{DENSE_ROWS - 1}, got {max_batch}")
         self.model, self.max_batch, self.max_queue, self.chunk = model, max_batch, max_queue, chunk
+        self.draft = draft if draft is not None else getattr(model, "draft", None)
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self.counters = Counters()
@@ -213,6 +224,13 @@ class Engine:
                 self._end(req, "error", self.error)
 
     def _admit(self, req: Request) -> None:
+        if self.draft is not None and req.matcher is None and req.logprobs is None:
+            req.stats = Stats()
+            req.spec = self.draft.generate(self.model.model, req.prompt, req.params, req.stop_ids,
+                                           self.model.max_context, self.model.tokenizer.vocab_size, req.stats,
+                                           self.chunk)
+            self.active.append(req)
+            return
         try:
             req.seq = Sequence(self.model.model, req.prompt, req.params, req.stop_ids, self.model.max_context,
                                self.model.tokenizer.vocab_size, req.matcher, req.logprobs, self.chunk,
@@ -228,7 +246,9 @@ class Engine:
                 self._end(req, "cancelled")
             elif req.deadline is not None and now > req.deadline:
                 self._end(req, "timeout", "the request ran past its deadline")
-        prefilling = [r for r in self.active if not r.seq.prefilled]
+        for req in [r for r in self.active if r.spec is not None]:
+            self._advance(req)
+        prefilling = [r for r in self.active if r.spec is None and not r.seq.prefilled]
         if prefilling:  # one chunk of the oldest prompt per step
             req = prefilling[0]
             try:
@@ -238,7 +258,8 @@ class Engine:
                     self._deliver(req, req.seq.choose(req.seq.logits))
             except Exception as e:
                 self._end(req, "error", _message(e))
-        decoding = [r for r in self.active if r.seq.prefilled and r.seq.tokens and not r.seq.finished]
+        decoding = [r for r in self.active
+                    if r.spec is None and r.seq.prefilled and r.seq.tokens and not r.seq.finished]
         if decoding:
             logits = decode_step(self.model.model, [r.seq for r in decoding])  # (B, V)
             for req, row in zip(decoding, logits):
@@ -246,6 +267,21 @@ class Engine:
                     self._deliver(req, req.seq.choose(row))
                 except Exception as e:
                     self._end(req, "error", _message(e))
+
+    def _advance(self, req: Request) -> None:
+        """The next token of a speculative request (its first call prefills the whole prompt)."""
+        try:
+            token = next(req.spec)
+        except StopIteration:
+            return self._end(req, req.stats.finish_reason or "stop")
+        except Exception as e:
+            return self._end(req, "error", _message(e))
+        if req.stats.generated_tokens == 1:
+            self.counters.prompt_tokens += req.stats.prompt_tokens
+        self.counters.generated_tokens += 1
+        req.emit(Token(token))
+        if req.stats.finish_reason is not None:
+            self._end(req, req.stats.finish_reason)
 
     def _deliver(self, req: Request, token: Token) -> None:
         self.counters.generated_tokens += 1
@@ -256,12 +292,18 @@ class Engine:
     def _end(self, req: Request, reason: str, error: str | None = None) -> None:
         if req in self.active:
             self.active.remove(req)
-        if req.seq is not None:
+        if req.spec is not None:
+            req.spec.close()  # its Sequence, caches included, goes with the generator
+            req.spec, stats = None, req.stats
+            stats.finish_reason = reason
+            self.counters.drafted_tokens += stats.drafted_tokens
+            self.counters.accepted_tokens += stats.accepted_tokens
+        elif req.seq is not None:
             req.seq.finish(reason)
             stats = req.seq.stats
             req.seq.caches = []  # freed now, not when the handler lets go of the request
         else:
-            stats = Stats()
+            stats = req.stats or Stats()
         self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
         req.emit(Done(reason, stats, error))
 

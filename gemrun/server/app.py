@@ -27,8 +27,9 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ..engine import Engine, Overloaded, Unavailable
 from ..errors import GemrunError, InputError
+from ..tools import validate_tools
 from .protocol import DetokenizeRequest, TokenizeRequest
-from .runner import NotFound, ServerError, Service
+from .runner import NotFound, ServerError, Service, thinking
 
 log = logging.getLogger("gemrun.server")
 
@@ -46,6 +47,8 @@ class Settings:
     max_tokens_default: int | None = None  # when a request sets none: the rest of the context
     shutdown_deadline: float = 10.0  # seconds in-flight requests get on shutdown
     served_name: str | None = None
+    draft: object = None  # Gemma 4 speculative decoding: a drafter checkpoint path, or a speculative.Speculator
+    draft_tokens: int = 4  # tokens drafted per round (with a path)
 
 
 def openai_error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -190,6 +193,12 @@ class Metrics:
         yield CounterMetricFamily("gemrun_prompt_tokens", "Prompt tokens prefilled", value=c.prompt_tokens if c else 0)
         yield CounterMetricFamily("gemrun_generated_tokens", "Tokens generated",
                                   value=c.generated_tokens if c else 0)
+        yield CounterMetricFamily("gemrun_draft_tokens", "Speculative decoding: tokens drafted",
+                                  value=c.drafted_tokens if c else 0)
+        yield CounterMetricFamily("gemrun_draft_accepted_tokens", "Speculative decoding: drafted tokens accepted",
+                                  value=c.accepted_tokens if c else 0)
+        rate = c.accepted_tokens / c.drafted_tokens if c and c.drafted_tokens else 0.0
+        yield GaugeMetricFamily("gemrun_draft_acceptance_rate", "Accepted / drafted tokens since start", value=rate)
         yield GaugeMetricFamily("gemrun_requests_running", "Sequences in the batch",
                                 value=engine.running if engine else 0)
         yield GaugeMetricFamily("gemrun_queue_depth", "Requests waiting for a batch slot",
@@ -214,6 +223,8 @@ def create_app(loader: Callable[[], object], settings: Settings | None = None) -
         def load():
             try:
                 model = loader()
+                if settings.draft is not None:
+                    use_draft(model, settings.draft, settings.draft_tokens)
                 engine = Engine(model, settings.max_batch, settings.max_queue).start()
                 name = settings.served_name or model_name(model)
                 app.state.service = Service(model, engine, name, settings.max_tokens_default,
@@ -279,7 +290,8 @@ def create_app(loader: Callable[[], object], settings: Settings | None = None) -
         if (body.prompt is None) == (body.messages is None):
             raise InputError("give exactly one of prompt or messages")
         if body.messages is not None:
-            ids = (await service.chat_prompt(body.messages)).ids
+            tools = validate_tools(body.tools) if body.tools else None
+            ids = (await service.chat_prompt(body.messages, tools, think=thinking(None, body.chat_template_kwargs))).ids
         else:
             ids = service.text_prompt(body.prompt, bos=body.add_special_tokens).ids
         return {"tokens": ids, "count": len(ids), "max_model_len": service.model.max_context}
@@ -313,6 +325,16 @@ def ready(app) -> Service:
     if service is None or app.state.status != "ok":
         raise Unavailable(f"the model is not ready ({app.state.status})")
     return service
+
+
+def use_draft(model, draft, tokens: int = 4) -> None:
+    """Give a loaded Gemma 4 model its drafter: a checkpoint path (loaded here) or a speculative.Speculator."""
+    from ..speculative import Speculator
+
+    if isinstance(draft, Speculator):
+        model.draft = draft
+    else:
+        model.use_drafter(draft, tokens)
 
 
 def model_name(model) -> str:

@@ -57,6 +57,17 @@ def _tools(tools: list[dict] | None) -> list[dict] | None:
     return validate_tools(tools) if tools else None
 
 
+def _think(s: Service, think) -> bool | None:
+    """Ollama's `think`: true/false, or a level ("low" | "medium" | "high", gpt-oss style) that means on."""
+    if think is None:
+        return None
+    if think not in (True, False, "low", "medium", "high"):
+        raise InputError(f'think must be true, false, "low", "medium" or "high", got {think!r}')
+    if think is not False and not s.gemma4:
+        raise InputError(f"{s.name!r} does not support thinking")
+    return think is not False
+
+
 def chat_messages(messages) -> list[dict]:
     """Ollama messages -> OpenAI-style ones: images (base64) become image parts before the text; tool calls
     carry arguments as objects and get ids; tool results become `tool` messages."""
@@ -77,8 +88,10 @@ def chat_messages(messages) -> list[dict]:
                               "function": {"name": fn["name"],
                                            "arguments": args if isinstance(args, str) else json.dumps(args)}})
             msg["tool_calls"] = calls
-        if m.role == "tool":
+        if m.role == "tool":  # Gemma 4's template names the function from the call id, else from `name`
             msg["tool_call_id"] = m.tool_name or ""
+            if m.tool_name:
+                msg["name"] = m.tool_name
         out.append(msg)
     return out
 
@@ -116,12 +129,14 @@ async def chat(body: OllamaChatRequest, request: Request):
                 "done": True, "done_reason": "load"}
     tools = _tools(body.tools)
     constraint = _format(s, body.format)
-    prompt = await s.chat_prompt(chat_messages(body.messages), tools, "auto")
+    prompt = await s.chat_prompt(chat_messages(body.messages), tools, "auto", think=_think(s, body.think))
     params = _options(s, body.options, len(prompt.ids))
     events = s.run(prompt, params, 1, constraint, None, tools, request.is_disconnected)
 
     def line(ev: Event) -> dict:
         message: dict = {"role": "assistant", "content": ev.text}
+        if ev.reasoning:
+            message["thinking"] = ev.reasoning
         if ev.tool_call:
             message["tool_calls"] = [_call(ev.tool_call)]
         out = {"model": s.name, "created_at": _now(), "message": message, "done": False}
@@ -134,19 +149,20 @@ async def chat(body: OllamaChatRequest, request: Request):
         async def lines():
             try:
                 async for ev in events:
-                    if ev.text or ev.tool_call or ev.finish_reason:
+                    if ev.text or ev.reasoning or ev.tool_call or ev.finish_reason:
                         yield line(ev)
             finally:
                 await events.aclose()
 
         return ndjson(lines())
-    text, calls, last = "", [], None
+    text, thought, calls, last = "", "", [], None
     async for ev in events:
         text += ev.text
+        thought += ev.reasoning
         if ev.tool_call:
             calls.append(_call(ev.tool_call))
         last = ev if ev.finish_reason else last
-    out = line(Event(0, text, finish_reason=last.finish_reason, usage=last.usage))
+    out = line(Event(0, text, finish_reason=last.finish_reason, usage=last.usage, reasoning=thought))
     if calls:
         out["message"]["tool_calls"] = calls
     return out
@@ -174,7 +190,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
             content = [{"type": "image_url", "image_url": {"url": img}} for img in body.images]
             content.append({"type": "text", "text": body.prompt})
         messages.append({"role": "user", "content": content})
-        prompt = await s.chat_prompt(messages)
+        prompt = await s.chat_prompt(messages, think=_think(s, body.think))
     if body.context:  # continue an earlier exchange: its tokens, then this prompt
         prompt.ids = s.text_prompt(body.context).ids + prompt.ids[1 if prompt.ids[:1] == [s.model.tokenizer.bos_id]
                                                                    else 0:]
@@ -187,6 +203,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     def line(ev: Event) -> dict:
         generated.extend(t.id for t in ev.tokens)
         out = {"model": s.name, "created_at": _now(), "response": ev.text, "done": False}
+        if ev.reasoning:
+            out["thinking"] = ev.reasoning
         if ev.finish_reason:
             out.update(_final(s, ev.usage, ev.finish_reason, started))
             out["context"] = prompt.ids + generated
@@ -196,7 +214,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         async def lines():
             try:
                 async for ev in events:
-                    if ev.text or ev.finish_reason:
+                    if ev.text or ev.reasoning or ev.finish_reason:
                         yield line(ev)
                     else:
                         generated.extend(t.id for t in ev.tokens)
@@ -204,12 +222,13 @@ async def generate(body: OllamaGenerateRequest, request: Request):
                 await events.aclose()
 
         return ndjson(lines())
-    text, last, tokens = "", None, []
+    text, thought, last, tokens = "", "", None, []
     async for ev in events:
         text += ev.text
+        thought += ev.reasoning
         tokens += ev.tokens
         last = ev if ev.finish_reason else last
-    return line(Event(0, text, tokens, finish_reason=last.finish_reason, usage=last.usage))
+    return line(Event(0, text, tokens, finish_reason=last.finish_reason, usage=last.usage, reasoning=thought))
 
 
 def _details(s: Service) -> dict:
@@ -223,9 +242,14 @@ def _details(s: Service) -> dict:
             level = gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except (TypeError, ValueError):
             level = "unknown"
+    family = _family(s)
     return {"parent_model": "", "format": "gguf" if loaded.gguf is not None else "safetensors",
-            "family": "gemma3", "families": ["gemma3"] + (["clip"] if s.vision else []),
+            "family": family, "families": [family] + (["clip"] if s.vision else []),
             "parameter_size": _human(_parameter_count(s)), "quantization_level": level}
+
+
+def _family(s: Service) -> str:
+    return "gemma4" if s.gemma4 else "gemma3"
 
 
 def _parameter_count(s: Service) -> int:
@@ -280,15 +304,17 @@ async def show(body: OllamaShowRequest, request: Request):
     cfg = s.model.config
     _, _, stamp = _file_facts(s)
     defaults = SamplingParams()
-    stops = [s.model.tokenizer.id_to_token(i) for i in cfg.stop_token_ids]
+    f = _family(s)
+    stops = [s.model.tokenizer.id_to_token(i) for i in sorted(set(cfg.stop_token_ids) | s.model.stop_ids)]
     parameters = "\n".join([f"temperature {defaults.temperature}", f"top_k {defaults.top_k}",
                             f"top_p {defaults.top_p}"] + [f'stop "{t}"' for t in stops if t])
     return {"license": "", "modelfile": f"# served by gemrun\nFROM {s.model.loaded.path.name}\n",
             "parameters": parameters, "template": s.model.template.source, "details": _details(s),
-            "model_info": {"general.architecture": "gemma3", "general.parameter_count": _parameter_count(s),
-                           "gemma3.context_length": s.model.max_context, "gemma3.embedding_length": cfg.hidden_size,
-                           "gemma3.block_count": cfg.num_layers, "gemma3.attention.head_count": cfg.num_heads},
-            "capabilities": ["completion", "tools"] + (["vision"] if s.vision else []), "modified_at": stamp}
+            "model_info": {"general.architecture": f, "general.parameter_count": _parameter_count(s),
+                           f"{f}.context_length": s.model.max_context, f"{f}.embedding_length": cfg.hidden_size,
+                           f"{f}.block_count": cfg.num_layers, f"{f}.attention.head_count": cfg.num_heads},
+            "capabilities": ["completion", "tools"] + (["thinking"] if s.gemma4 else [])
+            + (["vision"] if s.vision else []) + (["audio"] if s.audio else []), "modified_at": stamp}
 
 
 @router.get("/api/version")

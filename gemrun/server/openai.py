@@ -15,7 +15,7 @@ from ..errors import GemrunError, InputError
 from ..sampling import SamplingParams
 from ..tools import normalize_tool_choice, tool_grammar, validate_tools
 from .protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
-from .runner import Event, Service, sampling_params
+from .runner import Event, Service, image_budget, sampling_params, thinking
 
 router = APIRouter()
 
@@ -63,29 +63,63 @@ def _constraint(service: Service, response_format: dict | None, tools, choice):
 
     if forced and rf:
         raise InputError("response_format cannot be combined with a forced tool_choice")
+    if forced and service.gemma4:
+        raise InputError('tool_choice "required" or a named function is not supported with Gemma 4 yet; use "auto"')
     if forced:
         return compile_constraint(service.model.tokenizer, service.model.config, ebnf=tool_grammar(tools, choice))
     return from_response_format(service.model.tokenizer, service.model.config, rf)
+
+
+class Usage:
+    """Token counts over a request's choices, and speculative decoding's acceptance when a drafter ran."""
+
+    def __init__(self):
+        self.prompt, self.completion, self.drafted, self.accepted, self.speculative = 0, 0, 0, 0, False
+        self.reasoning = 0  # tokens of the thought channel
+
+    def add(self, ev: Event) -> None:
+        if ev.reasoning:
+            self.reasoning += len(ev.tokens)
+        if ev.usage:
+            self.prompt, self.completion = ev.usage[0], self.completion + ev.usage[1]
+        if ev.stats is not None and ev.stats.drafted_tokens:
+            self.speculative = True
+            self.drafted += ev.stats.drafted_tokens
+            self.accepted += ev.stats.accepted_tokens
+
+    def extension(self) -> dict | None:
+        """gemrun's figures beyond OpenAI's usage (under usage.gemrun): speculative decoding's acceptance."""
+        if not self.speculative:
+            return None
+        return {"drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+                "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0}
+
+    def chat(self) -> dict:
+        out = _usage(self.prompt, self.completion)
+        if (ext := self.extension()) is not None:
+            out["gemrun"] = ext
+        return out
 
 
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _collect(events: AsyncIterator[Event], n: int) -> tuple[list[dict], tuple[int, int]]:
-    """Non-streaming: gather each choice's text, tokens, tool calls and finish reason."""
-    choices = [{"text": "", "tokens": [], "calls": [], "finish": None} for _ in range(n)]
-    prompt_tokens, completion = 0, 0
+async def _collect(events: AsyncIterator[Event], n: int) -> tuple[list[dict], Usage]:
+    """Non-streaming: gather each choice's text, reasoning, tokens, tool calls and finish reason."""
+    choices = [{"text": "", "reasoning": "", "tokens": [], "calls": [], "finish": None} for _ in range(n)]
+    usage = Usage()
     async for ev in events:
         c = choices[ev.index]
         c["text"] += ev.text
+        c["reasoning"] += ev.reasoning
         c["tokens"] += ev.tokens
         if ev.tool_call:
             c["calls"].append(ev.tool_call)
         if ev.finish_reason:
             c["finish"] = ev.finish_reason
-            prompt_tokens, completion = ev.usage[0], completion + ev.usage[1]
-    return choices, (prompt_tokens, completion)
+        usage.add(ev)
+    return choices, usage
 
 
 @router.get("/v1/models")
@@ -116,7 +150,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise InputError("tool_choice needs tools")
     active_tools = tools if choice != "none" else None
     constraint = _constraint(s, body.response_format, active_tools, choice)
-    prompt = await s.chat_prompt(body.messages, active_tools, choice)
+    prompt = await s.chat_prompt(body.messages, active_tools, choice,
+                                 think=thinking(body.reasoning_effort, body.chat_template_kwargs),
+                                 image_tokens=image_budget(body.model_dump()))
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = sampling_params(body.model_dump(), s.max_tokens(asked, len(prompt.ids)),
                              s.model.tokenizer.vocab_size, SamplingParams())
@@ -133,7 +169,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
         async def stream():
             calls = [0] * body.n
-            usage = [0, 0]
+            usage = Usage()
             try:
                 for i in range(body.n):
                     yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -143,16 +179,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                     if ev.tool_call:
                         delta["tool_calls"] = [{"index": calls[ev.index], **ev.tool_call}]
                         calls[ev.index] += 1
+                    elif ev.reasoning:  # vLLM's and OpenRouter's spellings
+                        delta["reasoning_content"] = delta["reasoning"] = ev.reasoning
                     elif ev.text:
                         delta["content"] = ev.text
                     lp = {"content": chat_logprobs(tk, ev)} if logprobs is not None and ev.tokens else None
                     if delta or lp or ev.finish_reason:
                         yield sse({**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp,
                                                         "finish_reason": ev.finish_reason}]})
-                    if ev.usage:
-                        usage = [ev.usage[0], usage[1] + ev.usage[1]]
+                    usage.add(ev)
                 if include_usage:
-                    yield sse({**head, "choices": [], "usage": _usage(*usage)})
+                    yield sse({**head, "choices": [], "usage": usage.chat()})
             except Exception as e:  # headers are sent: the error travels as an event
                 yield error_event(e)
             finally:
@@ -167,10 +204,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         message = {"role": "assistant", "content": c["text"] if c["text"] or not c["calls"] else None}
         if c["calls"]:
             message["tool_calls"] = c["calls"]
+        if s.gemma4:  # the thought channel, never in content
+            message["reasoning_content"] = message["reasoning"] = c["reasoning"] or None
         lp = ({"content": chat_logprobs(tk, Event(i, tokens=c["tokens"]))} if logprobs is not None else None)
         out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": c["finish"]})
     return {"id": rid, "object": "chat.completion", "created": created, "model": s.name,
-            "system_fingerprint": "gemrun", "choices": out, "usage": _usage(*usage)}
+            "system_fingerprint": "gemrun", "choices": out, "usage": usage.chat()}
 
 
 def completion_logprobs(tk, ev: Event, offset: int) -> dict:
@@ -212,7 +251,7 @@ async def completions(body: CompletionRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def stream():
-            usage = [0, 0]
+            usage = Usage()
             offsets = [len(echo)] * body.n
             try:
                 if echo:
@@ -225,10 +264,9 @@ async def completions(body: CompletionRequest, request: Request):
                     if ev.text or ev.finish_reason:
                         yield sse({**head, "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp,
                                                         "finish_reason": ev.finish_reason}]})
-                    if ev.usage:
-                        usage = [ev.usage[0], usage[1] + ev.usage[1]]
+                    usage.add(ev)
                 if include_usage:
-                    yield sse({**head, "choices": [], "usage": _usage(*usage)})
+                    yield sse({**head, "choices": [], "usage": usage.chat()})
             except Exception as e:
                 yield error_event(e)
             finally:
@@ -242,7 +280,7 @@ async def completions(body: CompletionRequest, request: Request):
             "logprobs": (completion_logprobs(tk, Event(i, tokens=c["tokens"]), len(echo))
                          if logprobs is not None else None)} for i, c in enumerate(choices)]
     return {"id": rid, "object": "text_completion", "created": created, "model": s.name,
-            "system_fingerprint": "gemrun", "choices": out, "usage": _usage(*usage)}
+            "system_fingerprint": "gemrun", "choices": out, "usage": usage.chat()}
 
 
 # --- /v1/responses (stateless) --------------------------------------------------------------------------------
@@ -323,29 +361,40 @@ async def responses(body: ResponsesRequest, request: Request):
     elif fmt and fmt.get("type") == "json_object":
         rf = {"type": "json_object"}
     constraint = _constraint(s, rf, active_tools, choice)
-    prompt = await s.chat_prompt(responses_messages(body), active_tools, choice)
+    effort = (body.reasoning or {}).get("effort") if isinstance(body.reasoning, dict) else None
+    prompt = await s.chat_prompt(responses_messages(body), active_tools, choice,
+                                 think=thinking(effort, body.chat_template_kwargs),
+                                 image_tokens=image_budget(body.model_dump()))
     params = sampling_params(body.model_dump(), s.max_tokens(body.max_output_tokens, len(prompt.ids),
                                                              "max_output_tokens"),
                              s.model.tokenizer.vocab_size, SamplingParams())
     events = s.run(prompt, params, 1, constraint, None, active_tools, request.is_disconnected)
-    rid, msg_id, created = _id("resp"), _id("msg"), int(time.time())
+    rid, msg_id, rs_id, created = _id("resp"), _id("msg"), _id("rs"), int(time.time())
 
-    def envelope(status: str, output: list, usage: tuple[int, int] | None, reason: str | None = None) -> dict:
-        return {"id": rid, "object": "response", "created_at": created, "status": status, "model": s.name,
-                "output": output, "instructions": body.instructions, "error": None,
-                "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
-                "tools": body.tools or [], "tool_choice": body.tool_choice or "auto", "parallel_tool_calls": True,
-                "temperature": params.temperature, "top_p": params.top_p, "max_output_tokens": body.max_output_tokens,
-                "text": body.text or {"format": {"type": "text"}}, "metadata": {},
-                "usage": None if usage is None else {"input_tokens": usage[0], "output_tokens": usage[1],
-                                                     "total_tokens": usage[0] + usage[1],
-                                                     "input_tokens_details": {"cached_tokens": 0},
-                                                     "output_tokens_details": {"reasoning_tokens": 0}}}
+    def envelope(status: str, output: list, usage: Usage | None, reason: str | None = None) -> dict:
+        out = {"id": rid, "object": "response", "created_at": created, "status": status, "model": s.name,
+               "output": output, "instructions": body.instructions, "error": None,
+               "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
+               "tools": body.tools or [], "tool_choice": body.tool_choice or "auto", "parallel_tool_calls": True,
+               "temperature": params.temperature, "top_p": params.top_p, "max_output_tokens": body.max_output_tokens,
+               "text": body.text or {"format": {"type": "text"}}, "metadata": {},
+               "usage": None if usage is None else {
+                   "input_tokens": usage.prompt, "output_tokens": usage.completion,
+                   "total_tokens": usage.prompt + usage.completion, "input_tokens_details": {"cached_tokens": 0},
+                   "output_tokens_details": {"reasoning_tokens": usage.reasoning}}}
+        if usage is not None and (ext := usage.extension()) is not None:
+            out["usage"]["gemrun"] = ext
+        return out
 
     def message_item(text: str, status: str = "completed") -> dict:
         return {"type": "message", "id": msg_id, "status": status, "role": "assistant",
                 "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed"
                 else []}
+
+    def reasoning_item(text: str, status: str = "completed") -> dict:
+        """Gemma 4's thoughts as a reasoning item (its raw text, as reasoning_text content; no summary)."""
+        return {"type": "reasoning", "id": rs_id, "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}] if status == "completed" else []}
 
     def call_item(call: dict) -> dict:
         return {"type": "function_call", "id": _id("fc"), "call_id": call["id"], "name": call["function"]["name"],
@@ -354,8 +403,8 @@ async def responses(body: ResponsesRequest, request: Request):
     if not body.stream:
         choices, usage = await _collect(events, 1)
         c = choices[0]
-        output = ([message_item(c["text"])] if c["text"] or not c["calls"] else []) + [call_item(x)
-                                                                                         for x in c["calls"]]
+        output = ([reasoning_item(c["reasoning"])] if c["reasoning"] else []) + (
+            [message_item(c["text"])] if c["text"] or not c["calls"] else []) + [call_item(x) for x in c["calls"]]
         return envelope("incomplete" if c["finish"] == "length" else "completed", output, usage, c["finish"])
 
     async def stream():
@@ -366,30 +415,57 @@ async def responses(body: ResponsesRequest, request: Request):
             seq += 1
             return f"event: {kind}\n" + sse({"type": kind, "sequence_number": seq, **fields})
 
-        text, output, opened = "", [], False
+        text, thought, output, opened = "", "", [], None  # opened: the item in progress, "message" | "reasoning"
+        usage = Usage()
+
+        def close():
+            """Events that finish the item in progress."""
+            nonlocal text, thought, opened
+            i = len(output)
+            if opened == "message":
+                yield event("response.output_text.done", item_id=msg_id, output_index=i, content_index=0, text=text,
+                            logprobs=[])
+                yield event("response.content_part.done", item_id=msg_id, output_index=i, content_index=0,
+                            part={"type": "output_text", "text": text, "annotations": []})
+                output.append(message_item(text))
+            elif opened == "reasoning":
+                yield event("response.reasoning_text.done", item_id=rs_id, output_index=i, content_index=0,
+                            text=thought)
+                yield event("response.content_part.done", item_id=rs_id, output_index=i, content_index=0,
+                            part={"type": "reasoning_text", "text": thought})
+                output.append(reasoning_item(thought))
+            if opened:
+                yield event("response.output_item.done", output_index=i, item=output[-1])
+            opened, text, thought = None, "", ""
+
         try:
             yield event("response.created", response=envelope("in_progress", [], None))
             yield event("response.in_progress", response=envelope("in_progress", [], None))
             async for ev in events:
-                if ev.text:
-                    if not opened:
-                        opened = True
-                        yield event("response.output_item.added", output_index=len(output),
-                                    item=message_item("", "in_progress"))
-                        yield event("response.content_part.added", item_id=msg_id, output_index=len(output),
-                                    content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+                usage.add(ev)
+                kind = "reasoning" if ev.reasoning else "message" if ev.text else None
+                if kind and opened != kind:
+                    for line in close():
+                        yield line
+                    opened = kind
+                    added = message_item("", "in_progress") if kind == "message" else reasoning_item("",
+                                                                                                   "in_progress")
+                    yield event("response.output_item.added", output_index=len(output), item=added)
+                    part = ({"type": "output_text", "text": "", "annotations": []} if kind == "message"
+                            else {"type": "reasoning_text", "text": ""})
+                    yield event("response.content_part.added", item_id=added["id"], output_index=len(output),
+                                content_index=0, part=part)
+                if kind == "message":
                     text += ev.text
                     yield event("response.output_text.delta", item_id=msg_id, output_index=len(output),
                                 content_index=0, delta=ev.text, logprobs=[])
+                elif kind == "reasoning":
+                    thought += ev.reasoning
+                    yield event("response.reasoning_text.delta", item_id=rs_id, output_index=len(output),
+                                content_index=0, delta=ev.reasoning)
                 if ev.tool_call or ev.finish_reason:
-                    if opened:
-                        yield event("response.output_text.done", item_id=msg_id, output_index=len(output),
-                                    content_index=0, text=text, logprobs=[])
-                        yield event("response.content_part.done", item_id=msg_id, output_index=len(output),
-                                    content_index=0, part={"type": "output_text", "text": text, "annotations": []})
-                        yield event("response.output_item.done", output_index=len(output), item=message_item(text))
-                        output.append(message_item(text))
-                        opened, text = False, ""
+                    for line in close():
+                        yield line
                 if ev.tool_call:
                     item = call_item(ev.tool_call)
                     yield event("response.output_item.added", output_index=len(output),
@@ -402,7 +478,7 @@ async def responses(body: ResponsesRequest, request: Request):
                     output.append(item)
                 if ev.finish_reason:
                     status = "incomplete" if ev.finish_reason == "length" else "completed"
-                    yield event(f"response.{status}", response=envelope(status, output, ev.usage, ev.finish_reason))
+                    yield event(f"response.{status}", response=envelope(status, output, usage, ev.finish_reason))
         except Exception as e:
             yield event("error", code="server_error", message=str(e) if isinstance(e, GemrunError) else "internal",
                         param=None)

@@ -31,7 +31,17 @@ class Sampling(Lenient):
     logit_bias: dict[str, float] | None = None
 
 
-class ChatCompletionRequest(Sampling):
+class Multimodal(Sampling):
+    """Gemma 4's per-request switches: thinking (OpenAI's `reasoning_effort`, vLLM's
+    `chat_template_kwargs.enable_thinking`) and the soft-token budget of each image (vLLM's
+    `mm_processor_kwargs.max_soft_tokens`, or `image_tokens`)."""
+
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    image_tokens: int | None = None
+
+
+class ChatCompletionRequest(Multimodal):
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
     stream: bool = False
@@ -44,6 +54,7 @@ class ChatCompletionRequest(Sampling):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    reasoning_effort: str | None = None
 
 
 class CompletionRequest(Sampling):
@@ -59,7 +70,7 @@ class CompletionRequest(Sampling):
     response_format: dict[str, Any] | None = None
 
 
-class ResponsesRequest(Sampling):
+class ResponsesRequest(Multimodal):
     model: str
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -70,6 +81,7 @@ class ResponsesRequest(Sampling):
     text: dict[str, Any] | None = None
     store: bool | None = None
     previous_response_id: str | None = None
+    reasoning: dict[str, Any] | None = None  # {"effort": ...}
 
 
 class TokenizeRequest(Lenient):
@@ -77,6 +89,8 @@ class TokenizeRequest(Lenient):
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 class DetokenizeRequest(Lenient):

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import GemrunError, InputError
-from ..generate import Prompt, TextStream, Token, stop_ids_for
+from ..generate import Prompt, Stats, TextStream, Token, stop_ids_for
 from ..sampling import SamplingParams
-from ..tools import ToolStreamParser, apply_tools
+from ..tools import Gemma4OutputParser, ToolStreamParser, apply_tools, native_tools
 
 MAX_N = 8
 MAX_LOGPROBS = 20
@@ -32,7 +32,8 @@ class ServerError(GemrunError):
 
 @dataclass
 class Event:
-    """One piece of one choice: text (with the tokens that produced it), a parsed tool call, or the end."""
+    """One piece of one choice: answer text or reasoning (Gemma 4's thought channel), with the tokens that
+    produced it, a parsed tool call, or the end."""
 
     index: int
     text: str = ""
@@ -40,6 +41,44 @@ class Event:
     tool_call: dict | None = None
     finish_reason: str | None = None  # set on the last event of a choice
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens, on the last event
+    reasoning: str = ""
+    stats: Stats | None = None  # on the last event: the engine's stats (speculative acceptance included)
+
+
+EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
+
+
+def thinking(reasoning_effort: Any = None, template_kwargs: Any = None) -> bool | None:
+    """Thinking on/off from OpenAI's `reasoning_effort` ("none"/"minimal" off, "low".."high" on) and vLLM's
+    `chat_template_kwargs.enable_thinking` (which wins when both are given); None: the template's default."""
+    think = None
+    if reasoning_effort is not None:
+        if reasoning_effort not in EFFORTS:
+            raise InputError(f"reasoning_effort must be one of {', '.join(EFFORTS)}, got {reasoning_effort!r}")
+        think = EFFORTS[reasoning_effort]
+    if template_kwargs is not None:
+        if not isinstance(template_kwargs, dict):
+            raise InputError("chat_template_kwargs must be an object")
+        if template_kwargs.get("enable_thinking") is not None:
+            if not isinstance(template_kwargs["enable_thinking"], bool):
+                raise InputError("chat_template_kwargs.enable_thinking must be true or false")
+            think = template_kwargs["enable_thinking"]
+    return think
+
+
+def image_budget(fields: dict) -> int | None:
+    """Soft tokens per image (Gemma 4) from vLLM's `mm_processor_kwargs.max_soft_tokens` or `image_tokens`."""
+    mm = fields.get("mm_processor_kwargs")
+    if mm is not None and not isinstance(mm, dict):
+        raise InputError("mm_processor_kwargs must be an object")
+    value = (mm or {}).get("max_soft_tokens", fields.get("image_tokens"))
+    if value is None:
+        return None
+    from ..processing.gemma4 import SOFT_TOKEN_BUDGETS
+
+    if isinstance(value, bool) or value not in SOFT_TOKEN_BUDGETS:
+        raise InputError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {value!r}")
+    return value
 
 
 def _number(fields: dict, name: str, kind: type) -> Any:
@@ -105,8 +144,25 @@ def image_bytes(source: str) -> bytes:
         raise InputError("image is not valid base64") from None
 
 
+def media_bytes(source: Any, what: str) -> bytes:
+    """Audio or video given by a client: a `data:` URL or bare base64, as for images."""
+    if not isinstance(source, str):
+        raise InputError(f"{what} part needs a data: URL or base64 string")
+    if source.startswith("data:"):
+        from ..processing.audio import read_media_bytes
+
+        return read_media_bytes(source, what, 256 << 20)
+    if "://" in source or source.startswith(("/", ".")):
+        raise InputError(f"{what} must be a data: URL or base64; remote URLs and file paths are not accepted")
+    try:
+        return base64.b64decode(source, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{what} is not valid base64") from None
+
+
 def _inline_images(messages: Sequence[dict]) -> list[dict]:
-    """Image parts -> bytes, so nothing downstream can read a path or a URL."""
+    """Image (and Gemma 4's audio and video) parts -> bytes, so nothing downstream can read a path or a URL.
+    OpenAI's `input_audio` parts carry base64 already and pass through."""
     out = []
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
@@ -120,6 +176,11 @@ def _inline_images(messages: Sequence[dict]) -> list[dict]:
                     if not isinstance(url, str):
                         raise InputError(f"{kind} part needs an image_url string")
                     part = {"type": "image", "image": image_bytes(url)}
+                elif kind in ("audio", "video", "video_url"):
+                    what = "audio" if kind == "audio" else "video"
+                    src = part.get(kind, part.get("url"))
+                    src = src.get("url") if isinstance(src, dict) else src
+                    part = {"type": what, what: media_bytes(src, what)}
                 parts.append(part)
             m = {**m, "content": parts}
         out.append(m)
@@ -141,7 +202,13 @@ class Service:
 
     @property
     def vision(self) -> bool:
-        return self.model.vision is not None
+        media = getattr(self.model, "media", None)
+        return self.model.vision is not None or (media is not None and media.embed_vision is not None)
+
+    @property
+    def audio(self) -> bool:
+        media = getattr(self.model, "media", None)
+        return media is not None and media.embed_audio is not None
 
     def max_tokens(self, asked: int | None, prompt_len: int, field_name: str = "max_tokens") -> int:
         """What a request may generate: its own limit, else the rest of the context."""
@@ -152,10 +219,20 @@ class Service:
             raise InputError(f"{field_name} must be an integer >= 1, got {asked!r}")
         return asked
 
-    async def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
-                          tool_choice: Any = None) -> Prompt:
-        msgs = apply_tools(_inline_images(messages), tools, tool_choice)
-        return await asyncio.to_thread(self.model.chat_prompt, msgs)
+    @property
+    def gemma4(self) -> bool:
+        return bool(getattr(self.model, "gemma4", False))
+
+    async def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: Any = None,
+                          think: bool | None = None, image_tokens: int | None = None) -> Prompt:
+        """The prompt of a chat request. Gemma 3: tools written into the messages (`apply_tools`); `think` and
+        `image_tokens` do not apply. Gemma 4: the template declares tools and switches thinking itself."""
+        if not self.gemma4:
+            msgs = apply_tools(_inline_images(messages), tools, tool_choice)
+            return await asyncio.to_thread(self.model.chat_prompt, msgs)
+        native = native_tools(tools, tool_choice or "auto") if tools else None
+        return await asyncio.to_thread(self.model.chat_prompt, _inline_images(messages), think=think, tools=native,
+                                       image_tokens=image_tokens)
 
     def text_prompt(self, text: str | list[int], bos: bool = True) -> Prompt:
         tk = self.model.tokenizer
@@ -176,6 +253,8 @@ class Service:
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise InputError(f"top_logprobs must be in 0..{MAX_LOGPROBS}, got {logprobs}")
         stop_ids = stop_ids_for(self.model.model, params)
+        if not params.ignore_eos:  # Gemma 4 also stops on <turn|> and <|tool_response>
+            stop_ids |= getattr(self.model, "stop_ids", set())
         requests = []
         try:
             for i in range(n):
@@ -186,12 +265,12 @@ class Service:
             for r in requests:
                 r.cancel()
             raise
-        return self._events(requests, params, stop_ids, tools, len(prompt.ids), disconnected)
+        return self._events(requests, params, stop_ids, tools, prompt, disconnected)
 
-    async def _events(self, requests, params, stop_ids, tools, n_prompt, disconnected) -> AsyncIterator[Event]:
+    async def _events(self, requests, params, stop_ids, tools, prompt, disconnected) -> AsyncIterator[Event]:
         n = len(requests)
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._choice(i, r, params, stop_ids, tools, n_prompt, queue))
+        tasks = [asyncio.create_task(self._choice(i, r, params, stop_ids, tools, prompt, queue))
                  for i, r in enumerate(requests)]
         watcher = asyncio.create_task(self._watch(disconnected, requests)) if disconnected else None
         try:
@@ -216,12 +295,17 @@ class Service:
         for r in requests:
             r.cancel()
 
-    async def _choice(self, index: int, req, params: SamplingParams, stop_ids: set[int], tools, n_prompt: int,
+    async def _choice(self, index: int, req, params: SamplingParams, stop_ids: set[int], tools, prompt: Prompt,
                       queue: asyncio.Queue) -> None:
-        text = TextStream(self.model.tokenizer, params.stop, stop_ids)
-        parser = ToolStreamParser(tools) if tools else None
+        n_prompt = len(prompt.ids)
+        if self.gemma4:  # control tokens kept: the parser splits thoughts and native tool calls off the answer
+            text = TextStream(self.model.tokenizer, params.stop, stop_ids, keep_special=True)
+            parser = Gemma4OutputParser(tools, in_thought=prompt.in_thought, parse_tools=bool(tools))
+        else:
+            text = TextStream(self.model.tokenizer, params.stop, stop_ids)
+            parser = ToolStreamParser(tools) if tools else None
         pending: list[Token] = []  # tokens whose text a parser still holds
-        generated, called = 0, False
+        generated, called, stats = 0, False, None
 
         def emit(chunk_text: str, tokens: list[Token], final: bool = False) -> None:
             nonlocal called
@@ -233,6 +317,9 @@ class Service:
                 if kind == "tool_call":
                     called = True
                     queue.put_nowait(Event(index, tool_call=value))
+                elif kind == "reasoning" and value:
+                    queue.put_nowait(Event(index, tokens=pending.copy(), reasoning=value))
+                    pending.clear()
                 elif value:
                     queue.put_nowait(Event(index, value, pending.copy()))
                     pending.clear()
@@ -252,12 +339,14 @@ class Service:
                     continue
                 if event.finish_reason == "error":
                     raise ServerError(event.error or "generation failed")
+                stats = event.stats
                 finish = {"timeout": "length"}.get(event.finish_reason, event.finish_reason)
             last = text.flush(finish)
             emit(last.text, last.tokens, final=True)
             reason = last.finish_reason or finish
             if called and reason == "stop":
                 reason = "tool_calls"
-            queue.put_nowait(Event(index, "", pending.copy(), finish_reason=reason, usage=(n_prompt, generated)))
+            queue.put_nowait(Event(index, "", pending.copy(), finish_reason=reason, usage=(n_prompt, generated),
+                                   stats=stats))
         except Exception as e:  # handed to the consumer, which raises it in the request's context
             queue.put_nowait(e)
