@@ -256,7 +256,8 @@ def serve(model: ModelOpt = None,
                                              "float32 | bfloat16")] = "auto",
           mmproj: Annotated[str | None, typer.Option(help="llama.cpp vision projector GGUF")] = None,
           quantize: QuantOpt = None,
-          log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info") -> None:
+          log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+          draft: DraftOpt = None, draft_tokens: DraftTokens = 4) -> None:
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs, batching concurrent requests."""
     import logging
 
@@ -272,7 +273,8 @@ def serve(model: ModelOpt = None,
     settings = Settings(host=host, port=port, api_key=api_key or None, cors_origins=list(cors_origin or []),
                         max_body=int(max_body_mb * (1 << 20)), max_batch=max_batch, max_queue=max_queue,
                         request_timeout=request_timeout, max_tokens_default=max_tokens,
-                        shutdown_deadline=shutdown_deadline, served_name=served_model_name)
+                        shutdown_deadline=shutdown_deadline, served_name=served_model_name, draft=draft,
+                        draft_tokens=draft_tokens)
     serve_dtype = dtype if dtype != "auto" else "bfloat16"
     if dtype == "auto" and device != "cpu" and torch.cuda.is_available():
         serve_dtype = "auto"
