@@ -18,6 +18,8 @@ import soundfile as sf
 from PIL import Image
 
 import gemrun
+from gemrun.generate import Stats, stream
+from gemrun.tools import parse_gemma4_output
 
 
 def main() -> None:
@@ -41,15 +43,19 @@ def main() -> None:
     t1 = time.perf_counter()
     prompt = m.chat_prompt(messages, image_tokens=args.image_tokens)
     embed_s = time.perf_counter() - t1
-    reply = list(m.events(prompt, gemrun.SamplingParams(max_tokens=args.max_tokens, temperature=0)))
-    s = m.last_stats
+    stats = Stats()
+    params = gemrun.SamplingParams(max_tokens=args.max_tokens, temperature=0, stop_token_ids=sorted(m.stop_ids))
+    chunks = list(stream(m.model, m.tokenizer, prompt, params, m.max_context, stats, keep_special=True))
+    reasoning, content, calls = parse_gemma4_output("".join(c.text for c in chunks))
+    s = stats
     print(json.dumps({"model": args.model, "quantize": args.quantize, "load_s": round(load_s, 1),
                       "prompt_tokens": len(prompt.ids), "media_embed_s": round(embed_s, 2),
                       "prefill_tok_s": round(s.prefill_tps, 2), "prefill_s": round(s.prefill_seconds, 1),
                       "decode_tok_s": round(s.decode_tps, 3), "generated": s.generated_tokens,
                       "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                       "kv_cache_256k_gib": m.config.kv_cache_bytes(262_144) / 2**30,
-                      "events": [k for k, _ in reply]}, indent=1))
+                      "reply_ids": [t for c in chunks for t in c.token_ids], "content": content,
+                      "reasoning": reasoning, "finish": s.finish_reason}, indent=1))
 
 
 if __name__ == "__main__":
