@@ -1,16 +1,17 @@
 """Gemma 4 chat format: rendering through gemrun's sandbox against transformers' `apply_chat_template` with Google's
-template (tests/data/gemma4_chat_template.jinja), and parsing replies (thought channel, `<|tool_call>` calls), one-shot
-and streamed, against each other and against transformers' own Gemma 4 response parser."""
+template (gemrun/templates/gemma4.jinja, pinned by its published sha256), and parsing replies (thought channel,
+`<|tool_call>` calls), one-shot and streamed, against each other and transformers' own Gemma 4 response parser."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 import re
 
 import pytest
-from tiny4 import REFERENCE_TEMPLATE, gemma4_tokenizer, hf_tokenizer
+from tiny4 import REFERENCE_SHA256, REFERENCE_TEMPLATE, gemma4_tokenizer, hf_tokenizer
 
 from gemrun.chat import (
     GEMMA4_TEMPLATE,
@@ -166,6 +167,7 @@ def test_fact_sheet_examples(tok):
 
 
 def test_builtin_template_is_the_reference(tok):
+    assert hashlib.sha256(REFERENCE_TEMPLATE.encode()).hexdigest() == REFERENCE_SHA256
     assert GEMMA4_TEMPLATE == REFERENCE_TEMPLATE
     assert is_gemma4(tok) and tok.chat_template is None
     assert template_for(tok).source == REFERENCE_TEMPLATE

@@ -12,7 +12,10 @@ from pathlib import Path
 from gemrun.tokenizer import Tokenizer
 from gemrun.weights.random import GEMMA4_SPECIALS, gemma4_stand_in_metadata
 
-REFERENCE_TEMPLATE = (Path(__file__).parent / "data" / "gemma4_chat_template.jinja").read_text(encoding="utf-8")
+# Google's template (google/gemma-4-31B-it chat_template.jinja, "Published: 2026-07-09"; the 12B ships the same
+# bytes) is gemrun's built-in copy; its published sha256 pins it to Google's file.
+REFERENCE_SHA256 = "ae53464bf3be25802b3a5b37def7fd89667067d7577049b3b2d74c4d8de4c6d4"
+REFERENCE_TEMPLATE = (Path(__file__).parents[1] / "gemrun" / "templates" / "gemma4.jinja").read_text(encoding="utf-8")
 
 SPECIALS = GEMMA4_SPECIALS  # id -> token, from ../shared/reference/gemma-facts.md sections 4.5 and 5
 
