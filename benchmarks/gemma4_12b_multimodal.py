@@ -44,7 +44,7 @@ def main() -> None:
     prompt = m.chat_prompt(messages, image_tokens=args.image_tokens)
     embed_s = time.perf_counter() - t1
     stats = Stats()
-    params = gemrun.SamplingParams(max_tokens=args.max_tokens, temperature=0, stop_token_ids=sorted(m.stop_ids))
+    params = gemrun.SamplingParams(max_tokens=args.max_tokens, temperature=0)
     chunks = list(stream(m.model, m.tokenizer, prompt, params, m.max_context, stats, keep_special=True))
     reasoning, content, calls = parse_gemma4_output("".join(c.text for c in chunks))
     s = stats

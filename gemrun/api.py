@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import tokenizer as tok
-from .chat import ChatTemplate, render_prompt, stop_token_ids, template_for
+from .chat import ChatTemplate, render_prompt, template_for
 from .config import Gemma4TextConfig
 from .errors import ConfigError, GemrunError, InputError
 from .generate import Prompt, Stats, prefill, stream
@@ -97,7 +97,6 @@ class Model:
         self.gemma4 = isinstance(self.config, Gemma4TextConfig)
         self.media = loaded.media
         self.template = template_for(tokenizer) if self.gemma4 else ChatTemplate(tokenizer.chat_template)
-        self.stop_ids = stop_token_ids(tokenizer) if self.gemma4 else set()
         self.draft = None  # a speculative.Speculator (Gemma 4 MTP drafter), set by `use_drafter`
         self.last_stats = Stats()
 
@@ -115,8 +114,6 @@ class Model:
         return chunks if streaming else "".join(chunks)
 
     def _stream(self, prompt: Prompt | list[int], params: SamplingParams, keep_special: bool = False):
-        if self.stop_ids:  # Gemma 4 checkpoints also stop on <|tool_response>, whatever their config says
-            params = dataclasses.replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | self.stop_ids))
         self.last_stats = Stats()
         return stream(self.model, self.tokenizer, prompt, params, self.max_context, self.last_stats,
                       draft=self.draft, keep_special=keep_special)

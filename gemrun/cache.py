@@ -12,7 +12,20 @@ import torch
 from .config import LayerSpec
 
 
-class FullCache:
+class _Cache:
+    """What a source of shared K/V remembers: the latest update's result, kept only while a `SharedCache` reads
+    it (a chunk's concatenated keys would otherwise stay alive in every sliding layer)."""
+
+    last = None
+    shared = False
+
+    def _shared(self, out: tuple) -> tuple:
+        if self.shared:
+            self.last = out
+        return out
+
+
+class FullCache(_Cache):
     """Keeps every position (global layers). Storage grows by doubling, or is preallocated with `capacity`."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
@@ -37,8 +50,7 @@ class FullCache:
         self.k[:, :, self.length:self.length + t] = k
         self.v[:, :, self.length:self.length + t] = v
         self.length += t
-        self.last = self.view()
-        return self.last
+        return self._shared(self.view())
 
     def view(self):
         """(k, v, positions) of everything cached."""
@@ -52,7 +64,7 @@ class FullCache:
         return self.k.nbytes + self.v.nbytes
 
 
-class SlidingCache:
+class SlidingCache(_Cache):
     """Ring buffer of `capacity` >= window slots (sliding layers); memory is fixed whatever the context.
 
     Decoding one token writes it first and attends over the ring. A chunk of several tokens attends over
@@ -77,8 +89,7 @@ class SlidingCache:
             self.v[:, :, slot] = v[:, :, 0]
             self.pos[slot] = positions[0]
             self.length += 1
-            self.last = self.view()
-            return self.last
+            return self._shared(self.view())
         out = (torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), torch.cat([self.pos, positions]))
         keep = min(t, cap)
         slots = positions[-keep:] % cap
@@ -86,8 +97,7 @@ class SlidingCache:
         self.v[:, :, slots] = v[:, :, -keep:]
         self.pos[slots] = positions[-keep:]
         self.length += t
-        self.last = out
-        return out
+        return self._shared(out)
 
     def view(self):
         """(k, v, positions) of every slot; empty slots have position -1 and are masked."""
@@ -112,6 +122,7 @@ class SharedCache:
 
     def __init__(self, source: FullCache | SlidingCache):
         self.source = source
+        source.shared = True
 
     def update(self, k, v, positions: torch.Tensor):
         return self.source.last

@@ -72,7 +72,6 @@ GEMMA3_TEMPLATE = (
 # Google's Gemma 4 template (google/gemma-4-31B-it chat_template.jinja, "Published: 2026-07-09"; the 12B and 26B
 # ship the same bytes), for checkpoints that carry none.
 GEMMA4_TEMPLATE = resources.files(__package__).joinpath("templates/gemma4.jinja").read_text(encoding="utf-8")
-GEMMA4_STOP_TOKENS = ("<eos>", "<turn|>", "<|tool_response>")  # ids 1, 106, 50: a call ends at the response
 
 ROLES = {"system", "developer", "user", "assistant", "model", "tool"}
 MAX_OUTPUT = 4 << 20  # characters a template may produce
@@ -158,16 +157,6 @@ def template_for(tokenizer: Tokenizer) -> ChatTemplate:
     if tokenizer.chat_template:
         return ChatTemplate(tokenizer.chat_template)
     return ChatTemplate(GEMMA4_TEMPLATE if is_gemma4(tokenizer) else None)
-
-
-def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
-    """The ids that end a chat reply: `<eos>`, the turn end (`<end_of_turn>` / `<turn|>`) and, for Gemma 4,
-    `<|tool_response>`, which the model writes after a call so that the caller can append the result."""
-    ids = {tokenizer.eos_id}
-    for token in ("<end_of_turn>", *GEMMA4_STOP_TOKENS):
-        if token in tokenizer.specials:
-            ids.add(tokenizer.specials[token])
-    return ids
 
 
 def image_source(part: dict) -> object:

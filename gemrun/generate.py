@@ -101,11 +101,17 @@ def prefill(model, prompt: Prompt | list[int], caches: list, chunk: int = 256) -
     return logits
 
 
-def prefill_chunk(model, prompt: Prompt, caches: list, a: int, b: int) -> torch.Tensor:
-    """Prompt positions a..b into the caches; float32 logits (V,) of position b - 1."""
+def chunk_inputs(model, prompt: Prompt, a: int, b: int) -> tuple:
+    """(ids (1, T), embeds (1, T, E) or None, blocks (T,) or None) of prompt positions a..b."""
     ids = torch.tensor([prompt.ids[a:b]], device=model.device)
     embeds = None if prompt.embeds is None else prompt.embeds[:, a:b]
     blocks = None if prompt.blocks is None else prompt.blocks[a:b]
+    return ids, embeds, blocks
+
+
+def prefill_chunk(model, prompt: Prompt, caches: list, a: int, b: int) -> torch.Tensor:
+    """Prompt positions a..b into the caches; float32 logits (V,) of position b - 1."""
+    ids, embeds, blocks = chunk_inputs(model, prompt, a, b)
     return model(ids, caches, embeds=embeds, last_only=True, blocks=blocks)[0, -1].float()
 
 
@@ -117,7 +123,8 @@ class Sequence:
 
     def __init__(self, model, prompt: Prompt | list[int], params: SamplingParams, stop_ids: set[int],
                  max_context: int, vocab_limit: int, matcher=None, logprobs: int | None = None,
-                 chunk: int = 256, stats: Stats | None = None, reserve: int | None = None, spare: int = 0):
+                 chunk: int = 256, stats: Stats | None = None, reserve: int | None = None, spare: int = 0,
+                 keep_hidden: bool = False):
         self.prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         n = len(self.prompt.ids)
         check_context(n, max_context)
@@ -135,6 +142,8 @@ class Sequence:
         self.gen = params.generator(device)
         self.chunks = chunk_bounds(n, chunk, self.prompt.blocks)
         self.logits: torch.Tensor | None = None  # (V,) of the last position, once prefilled
+        self.keep_hidden = keep_hidden  # speculative decoding starts from the last final-normed hidden state
+        self.hidden: torch.Tensor | None = None  # (1, 1, E), with keep_hidden
         self.tokens: list[Token] = []
         self.finish_reason: str | None = None
         self.stats = stats if stats is not None else Stats()
@@ -156,7 +165,12 @@ class Sequence:
     @torch.inference_mode()
     def prefill_step(self) -> None:
         a, b = self.chunks.pop(0)
-        self.logits = prefill_chunk(self.model, self.prompt, self.caches, a, b)
+        if self.keep_hidden:
+            ids, embeds, blocks = chunk_inputs(self.model, self.prompt, a, b)
+            self.hidden = self.model.hidden(ids, self.caches, embeds, blocks)[:, -1:]
+            self.logits = self.model.project(self.hidden)[0, -1].float()
+        else:
+            self.logits = prefill_chunk(self.model, self.prompt, self.caches, a, b)
         if not self.chunks:
             self.stats.prefill_seconds = time.perf_counter() - self._t0
             self._t1 = time.perf_counter()
@@ -174,7 +188,7 @@ class Sequence:
         max(p - q, 0), so tokens follow the target's distribution p exactly. q (V,) is what the draft was drawn
         from."""
         logits, raw = self._filter(logits)
-        if q is None or self.params.greedy:
+        if q is None:  # greedy drafting
             return self._commit(sample(logits, self.counts, self.params, self.gen), raw)
         p = probabilities(logits, self.counts, self.params)
         return self._commit(speculative_choice(p, q, draft, self.gen), raw)

@@ -9,7 +9,6 @@ target's distribution.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import torch
@@ -56,17 +55,11 @@ class Speculator:
                  max_context: int, vocab_limit: int, stats: Stats, chunk: int = 256) -> Iterator[int]:
         # the sliding rings keep k + 2 extra positions: k to rewind a rejected round, and the drafter reads W + 1
         seq = Sequence(model, prompt, params, stop_ids, max_context, vocab_limit, chunk=chunk, stats=stats,
-                       spare=self.k + 2)
-        with torch.inference_mode():
-            while seq.chunks:  # prefill, keeping the last hidden state for the first draft
-                a, b = seq.chunks.pop(0)
-                p = seq.prompt
-                hidden = model.hidden(torch.tensor([p.ids[a:b]], device=model.device), seq.caches,
-                                      None if p.embeds is None else p.embeds[:, a:b],
-                                      None if p.blocks is None else p.blocks[a:b])[:, -1:]
-            stats.prefill_seconds = time.perf_counter() - seq._t0
-            seq._t1 = time.perf_counter()
-            yield seq.choose(model.project(hidden)[0, -1].float()).id
+                       spare=self.k + 2, keep_hidden=True)
+        while not seq.prefilled:
+            seq.prefill_step()
+        hidden = seq.hidden
+        yield seq.choose(seq.logits).id
         while not seq.finished:
             room = min(max_context - seq.position - 2, params.max_tokens - len(seq.tokens) - 1)
             k = min(self.k, room)

@@ -19,10 +19,10 @@ from gemrun.chat import (
     normalize_messages,
     prompt_tokens,
     render_prompt,
-    stop_token_ids,
     strip_thinking,
     template_for,
 )
+from gemrun.config import gemma4_from_hf_config
 from gemrun.errors import InputError
 from gemrun.thinking import ThinkingSplitter, opens_in_thought, split_thinking
 from gemrun.tools import (
@@ -172,7 +172,7 @@ def test_builtin_template_is_the_reference(tok):
     assert is_gemma4(tok) and tok.chat_template is None
     assert template_for(tok).source == REFERENCE_TEMPLATE
     assert template_for(gemma4_tokenizer(with_template=True)).source == REFERENCE_TEMPLATE
-    assert stop_token_ids(tok) == {1, 106, 50}
+    assert set(gemma4_from_hf_config({"model_type": "gemma4_unified_text"}).stop_token_ids) == {1, 106, 50}
     ids = prompt_tokens(tok, [{"role": "user", "content": "Hi"}])
     assert ids[:2] == [2, 105] and ids[-1] == 101 and 100 in ids[-4:] and 106 in ids
 

@@ -105,11 +105,16 @@ class Gemma3(nn.Module):
         """tokens: (B, T) continuing the caches -> logits (B, T, V), or (B, 1, V) with `last_only`.
         `embeds` (B, T, E), when given, replaces the embedded tokens (prompts with image soft tokens);
         `blocks` (T,) marks image tokens that attend to each other bidirectionally."""
+        h = self.hidden(tokens, caches, embeds, blocks)
+        return self.project(h[:, -1:] if last_only else h)
+
+    def hidden(self, tokens: torch.Tensor | None, caches: list, embeds: torch.Tensor | None = None,
+               blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """Like `forward`, but the final-normed hidden states (B, T, E) (what Gemma 4's MTP drafter reads)."""
         start = caches[0].length
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, E)
         positions = torch.arange(start, start + x.shape[1], device=x.device)  # (T,)
-        x = self.layers_forward(x, caches, positions, blocks)
-        return self.logits(x[:, -1:] if last_only else x)
+        return self.norm(self.layers_forward(x, caches, positions, blocks))
 
     def decode(self, tokens: torch.Tensor, sequences: list[list]) -> torch.Tensor:
         """One step of B independent sequences batched together: tokens (B, 1), sequences[i] the caches of

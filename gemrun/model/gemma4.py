@@ -93,7 +93,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(e, eps)
         self.pre_feedforward_layernorm = RMSNorm(e, eps)
         self.post_feedforward_layernorm = RMSNorm(e, eps)
-        self.register_buffer("layer_scalar", torch.ones(1))
+        self.layer_scalar = nn.Parameter(torch.ones(1))  # a checkpoint tensor, loaded like a weight
 
     def forward(self, x, rope, cache, positions, blocks=None):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, positions, blocks))
@@ -113,14 +113,6 @@ class Gemma4(Gemma3):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ropes = sorted({(s.head_dim, s.rope) for s in self.specs}, key=repr)
 
-    def hidden(self, tokens: torch.Tensor | None, caches: list, embeds: torch.Tensor | None = None,
-               blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """Like `forward`, but returns the final-normed hidden states (B, T, E) (what the MTP drafter reads)."""
-        start = caches[0].length
-        x = self.embed(tokens) if embeds is None else embeds
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
-        return self.norm(self.layers_forward(x, caches, positions, blocks))
-
 
 # --- multi-token-prediction drafter (gemma4_unified_assistant) -----------------------------------------------------
 
@@ -130,7 +122,6 @@ class TargetKV:
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         self.kv = (k, v, positions)
-        self.length = int(positions.max()) + 1 if positions.numel() else 0
 
     def update(self, k, v, positions):
         return self.kv

@@ -305,7 +305,7 @@ async def show(body: OllamaShowRequest, request: Request):
     _, _, stamp = _file_facts(s)
     defaults = SamplingParams()
     f = _family(s)
-    stops = [s.model.tokenizer.id_to_token(i) for i in sorted(set(cfg.stop_token_ids) | s.model.stop_ids)]
+    stops = [s.model.tokenizer.id_to_token(i) for i in sorted(set(cfg.stop_token_ids))]
     parameters = "\n".join([f"temperature {defaults.temperature}", f"top_k {defaults.top_k}",
                             f"top_p {defaults.top_p}"] + [f'stop "{t}"' for t in stops if t])
     return {"license": "", "modelfile": f"# served by gemrun\nFROM {s.model.loaded.path.name}\n",

@@ -252,9 +252,7 @@ class Service:
             raise InputError(f"n must be an integer in 1..{MAX_N}, got {n!r}")
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise InputError(f"top_logprobs must be in 0..{MAX_LOGPROBS}, got {logprobs}")
-        stop_ids = stop_ids_for(self.model.model, params)
-        if not params.ignore_eos:  # Gemma 4 also stops on <turn|> and <|tool_response>
-            stop_ids |= getattr(self.model, "stop_ids", set())
+        stop_ids = stop_ids_for(self.model.model, params)  # Gemma 4's config adds <turn|> and <|tool_response>
         requests = []
         try:
             for i in range(n):

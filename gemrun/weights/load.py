@@ -64,9 +64,7 @@ def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, 
         text = Gemma4(config) if isinstance(config, Gemma4TextConfig) else Gemma3(config)
         parts = nn.ModuleDict({"text": text} | ({"vision": Gemma3Vision(vision)} if vision else {})
                               | ({"media": Gemma4Media(media, config.hidden_size)} if media else {}))
-    expected = {n: tuple(p.shape) for n, p in parts.named_parameters()}
-    expected |= {n: tuple(b.shape) for n, b in parts.named_buffers() if n.endswith("layer_scalar")}
-    check_names(expected, provided)
+    check_names({n: tuple(p.shape) for n, p in parts.named_parameters()}, provided)
     state = {}
     for i, (name, get) in enumerate(tensors):
         module = pack(name, get) if pack else None
@@ -258,9 +256,8 @@ def load_drafter(path: str | Path, dtype: torch.dtype, device: torch.device) -> 
     names = {n.removeprefix("model."): n for n in ckpt.shapes if not n.startswith("lm_head.")}
     with torch.device("meta"):
         drafter = Drafter(config, int(raw.get("backbone_hidden_size", 3840)))
-    expected = {n: tuple(p.shape) for n, p in drafter.named_parameters()}
-    expected |= {n: tuple(b.shape) for n, b in drafter.named_buffers() if n.endswith("layer_scalar")}
-    check_names(expected, {ours: ckpt.shapes[n] for ours, n in names.items()})
+    check_names({n: tuple(p.shape) for n, p in drafter.named_parameters()},
+                {ours: ckpt.shapes[n] for ours, n in names.items()})
     state = {ours: t.to(device=device, dtype=dtype) for ours, (_, t) in zip(names, ckpt.tensors(list(names.values())))}
     drafter.load_state_dict(state, strict=True, assign=True)
     _check_loaded(drafter)

@@ -29,7 +29,7 @@ GGUF_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, 
 def _shapes(module_factory) -> list[tuple[str, tuple[int, ...]]]:
     with torch.device("meta"):
         m = module_factory()
-    return [(n, tuple(p.shape)) for n, p in [*m.named_parameters(), *m.named_buffers()]]
+    return [(n, tuple(p.shape)) for n, p in m.named_parameters()]
 
 
 def _values(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
