@@ -18,8 +18,8 @@ import soundfile as sf
 from PIL import Image
 
 import gemrun
+from gemrun.formats.gemma4 import parse_gemma4_output
 from gemrun.generate import Stats, stream
-from gemrun.tools import parse_gemma4_output
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def main() -> None:
     load_s = time.perf_counter() - t
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
     t = time.perf_counter()
-    m.encode_image(preprocess(img, m.image_config))
+    m.inputs.encode(preprocess(img, m.inputs.config))
     encode_s = time.perf_counter() - t
     t = time.perf_counter()
     text = m.chat([{"role": "user", "content": [{"type": "image", "image": img},

@@ -160,8 +160,12 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
     m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize,
               packed=packed)
     _drafter(m, draft, draft_tokens)
-    if (audio or video or think is not None or image_tokens) and not m.gemma4:
-        raise GemrunError("--audio, --video, --think and --image-tokens need a Gemma 4 model")
+    kinds = m.prompts().media_kinds
+    for flag, given, able in (("--audio", audio, "audio" in kinds), ("--video", video, "video" in kinds),
+                              ("--think/--no-think", think is not None, m.format.thinking),
+                              ("--image-tokens", image_tokens, bool(m.inputs and m.inputs.budgets))):
+        if given and not able:
+            raise GemrunError(f"{flag}: this model cannot take it")
     history: list[dict] = []
     pending: list[str] = list(image or [])
     sounds, clips = list(audio or []), list(video or [])
@@ -170,12 +174,8 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
         msgs = ([{"role": "system", "content": system}] if system else []) + history
         msgs.append(_user_message(text, pending, sounds, clips))
         pieces = []
-        if m.gemma4:
-            prompt = m.chat_prompt(msgs, think=think, image_tokens=image_tokens)
-            events = m.events(prompt, params)
-        else:
-            events = (("content", p) for p in m.chat(msgs, params, stream=True))
-        for kind, piece in events:
+        prompt = m.chat_prompt(msgs, think=think, image_tokens=image_tokens)
+        for kind, piece in m.events(prompt, params):
             if kind == "reasoning":
                 err.print(piece, style="dim", end="")
                 continue
@@ -211,7 +211,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
             path = text[len("/image"):].strip()
             if not path:
                 err.print("[red]usage:[/red] /image PATH")
-            elif m.vision is None and not (m.media is not None and m.media.embed_vision is not None):
+            elif "image" not in kinds:
                 err.print("[red]error:[/red] this model is text-only and cannot read images")
             else:
                 pending.append(path)

@@ -103,14 +103,15 @@ class Counters:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, chunk: int = 256, draft=None):
-        """`model`: a gemrun.api.Model. `draft`: a speculative.Speculator (default: the model's `draft`)."""
+    def __init__(self, runtime, max_batch: int = 8, max_queue: int = 64, chunk: int = 256, draft=None):
+        """`runtime`: a runtime.Runtime (a gemrun.api.Model is one). `draft`: a speculative.Speculator (default:
+        the runtime's `draft`)."""
         from .quant.native import DENSE_ROWS
 
         if not 1 <= max_batch < DENSE_ROWS:  # a decode batch must stay on the packed kernels (batch-invariant)
             raise GemrunError(f"max_batch must be in 1..{DENSE_ROWS - 1}, got {max_batch}")
-        self.model, self.max_batch, self.max_queue, self.chunk = model, max_batch, max_queue, chunk
-        self.draft = draft if draft is not None else getattr(model, "draft", None)
+        self.runtime, self.max_batch, self.max_queue, self.chunk = runtime, max_batch, max_queue, chunk
+        self.draft = draft if draft is not None else runtime.draft
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self.counters = Counters()
@@ -131,7 +132,7 @@ class Engine:
         req = Request(prompt, params, stop_ids, matcher, logprobs,
                       None if timeout is None else time.monotonic() + timeout,
                       asyncio.Queue() if loop else queue.SimpleQueue(), loop)
-        check_context(len(prompt.ids), self.model.max_context)  # fails the caller, before anything is queued
+        check_context(len(prompt.ids), self.runtime.max_context)  # fails the caller, before anything is queued
         with self._wake:
             if not self._accepting or self._stopped:
                 raise Unavailable("the server is shutting down")
@@ -226,14 +227,14 @@ class Engine:
     def _admit(self, req: Request) -> None:
         if self.draft is not None and req.matcher is None and req.logprobs is None:
             req.stats = Stats()
-            req.spec = self.draft.generate(self.model.model, req.prompt, req.params, req.stop_ids,
-                                           self.model.max_context, self.model.tokenizer.vocab_size, req.stats,
+            req.spec = self.draft.generate(self.runtime.model, req.prompt, req.params, req.stop_ids,
+                                           self.runtime.max_context, self.runtime.tokenizer.vocab_size, req.stats,
                                            self.chunk)
             self.active.append(req)
             return
         try:
-            req.seq = Sequence(self.model.model, req.prompt, req.params, req.stop_ids, self.model.max_context,
-                               self.model.tokenizer.vocab_size, req.matcher, req.logprobs, self.chunk,
+            req.seq = Sequence(self.runtime.model, req.prompt, req.params, req.stop_ids, self.runtime.max_context,
+                               self.runtime.tokenizer.vocab_size, req.matcher, req.logprobs, self.chunk,
                                reserve=RESERVE)
             self.active.append(req)
         except Exception as e:
@@ -261,7 +262,7 @@ class Engine:
         decoding = [r for r in self.active
                     if r.spec is None and r.seq.prefilled and r.seq.tokens and not r.seq.finished]
         if decoding:
-            logits = decode_step(self.model.model, [r.seq for r in decoding])  # (B, V)
+            logits = decode_step(self.runtime.model, [r.seq for r in decoding])  # (B, V)
             for req, row in zip(decoding, logits):
                 try:  # non-finite logits (or a grammar error) fail only their own request
                     self._deliver(req, req.seq.choose(row))

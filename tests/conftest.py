@@ -27,15 +27,15 @@ def _torchvision_ops() -> None:
 _torchvision_ops()
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _cache_dir(tmp_path_factory):
-    # the GGUF tokenizer cache of the session lives in a temporary directory, not the user's home
-    os.environ.setdefault("GEMRUN_CACHE", str(tmp_path_factory.mktemp("gemrun-cache")))
+# The derived GGUF tokenizers and the compiled C kernels are kept across test runs (deriving the 262k-token
+# vocabulary's merges and compiling the kernels take seconds each), in the checkout's ignored .cache/, not in the
+# user's home. Set before anything in gemrun reads it.
+os.environ.setdefault("GEMRUN_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "gemrun"))
 
 
 @pytest.fixture(scope="session")
 def gguf_path() -> Path:
-    from gemrun.api import default_model_path
+    from gemrun.weights.embedded import default_model_path
 
     return default_model_path()
 

@@ -177,13 +177,13 @@ MM_IDS = [2, 10, 500, 502, 502, 502, 502, 501, 11, 12]
 
 def mm_outputs(m, pix):
     """(soft tokens, logits over an image prompt) through gemrun's own multimodal path."""
-    from gemrun.model.multimodal import image_blocks, prompt_embeddings
+    from gemrun.model.multimodal import media_blocks, prompt_embeddings
 
     ids = torch.tensor(MM_IDS)
     with torch.no_grad():
         soft = m.vision(pix)
-        embeds = prompt_embeddings(m.model, ids, 502, soft.flatten(0, 1))
-        return soft, m.model(ids[None], m.model.make_caches(), embeds=embeds, blocks=image_blocks(ids, 502))[0]
+        embeds = prompt_embeddings(m.model, ids, {502: soft.flatten(0, 1)})
+        return soft, m.model(ids[None], m.model.make_caches(), embeds=embeds, blocks=media_blocks(ids, (502,)))[0]
 
 
 def test_vision_round_trips_through_mmproj(tiny_mm, tmp_path):
@@ -419,7 +419,7 @@ LLAMA_PY = Path("/opt/llamacpp-venv/bin/python")
 @pytest.mark.skipif(not LLAMA_PY.exists(), reason="llama-cpp-python venv not built (see benchmarks/vs_llamacpp.py)")
 def test_llama_cpp_loads_our_gguf(tmp_path):
     """The real 270M, GGUF -> HF -> our Q8_0 GGUF: llama.cpp loads it and its greedy text equals gemrun's."""
-    from gemrun.api import default_model_path
+    from gemrun.weights.embedded import default_model_path
 
     convert(default_model_path(), tmp_path / "hf", "f32")
     convert(tmp_path / "hf", tmp_path / "ours.gguf", "q8_0")

@@ -7,7 +7,7 @@ import torch
 from tiny_gemma4 import multimodal_inputs, ours, reference
 
 from gemrun.config import Gemma4TextConfig, preset
-from gemrun.model.gemma4 import prompt_embeddings, vision_blocks
+from gemrun.model.multimodal import media_blocks, prompt_embeddings
 
 TOL = 1e-4
 
@@ -50,10 +50,10 @@ def test_multimodal_logits_match_both_reference_mask_paths(ref, mode):
         expected = ref(**kw, attention_mask=masks).logits
     text, media = ours(ref, mode)
     x = prompt_embeddings(text, ids[0], _soft(media, kw))
-    got = text(None, text.make_caches(), embeds=x, blocks=vision_blocks(ids[0], (502, 506)))
+    got = text(None, text.make_caches(), embeds=x, blocks=media_blocks(ids[0], (502, 506)))
     assert (got - expected).abs().max() <= TOL
     other, _ = ours(ref, "all" if mode == "sliding" else "sliding")
-    differs = other(None, other.make_caches(), embeds=x, blocks=vision_blocks(ids[0], (502, 506)))
+    differs = other(None, other.make_caches(), embeds=x, blocks=media_blocks(ids[0], (502, 506)))
     assert (differs - expected).abs().max() > 1e-2  # the two compositions really differ on this prompt
 
 
@@ -65,7 +65,7 @@ def test_incremental_decoding_equals_full_forward(ref):
     text, media = ours(ref)
     ids = torch.cat([kw["input_ids"][0], torch.tensor([21, 22, 23, 24, 25, 26, 27, 28, 29, 30])])
     x = prompt_embeddings(text, ids, _soft(media, kw))
-    blocks = vision_blocks(ids, (502, 506))
+    blocks = media_blocks(ids, (502, 506))
     full = text(None, text.make_caches(), embeds=x, blocks=blocks)
     caches = text.make_caches(capacity=4)
     n_prompt = kw["input_ids"].shape[1]
@@ -227,7 +227,7 @@ def test_hf_directory_loads_strictly(ref, tmp_path):
     emb = ref.model.get_input_embeddings()(kw["input_ids"].clamp(max=511))
     masks = ref.create_masks_for_generate(ref.config, emb, None, None, torch.arange(emb.shape[1])[None],
                                           mm_token_type_ids=kw["mm_token_type_ids"])
-    got = loaded.model(None, loaded.model.make_caches(), embeds=x, blocks=vision_blocks(kw["input_ids"][0], (502, 506)))
+    got = loaded.model(None, loaded.model.make_caches(), embeds=x, blocks=media_blocks(kw["input_ids"][0], (502, 506)))
     assert (got - ref(**kw, attention_mask=masks).logits).abs().max() <= TOL
     _, ref_drafter = reference_pair()
     ref_drafter.save_pretrained(tmp_path / "d")

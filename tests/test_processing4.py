@@ -33,16 +33,17 @@ from transformers.models.gemma4_unified.video_processing_gemma4_unified import (
 from transformers.video_utils import VideoMetadata, load_video  # noqa: E402
 
 from gemrun.errors import InputError  # noqa: E402
-from gemrun.processing.audio import AudioLimits, input_audio_bytes, process_audio  # noqa: E402
+from gemrun.formats.gemma4 import expand_media  # noqa: E402
+from gemrun.processing.audio import AudioLimits, process_audio  # noqa: E402
 from gemrun.processing.gemma4 import (  # noqa: E402
     SOFT_TOKEN_BUDGETS,
     VideoLimits,
-    expand_prompt,
     mm_token_type_ids,
     process_image,
     process_video,
     target_size,
 )
+from gemrun.processing.source import Sources, input_audio_bytes  # noqa: E402
 
 BUDGETS = SOFT_TOKEN_BUDGETS
 
@@ -396,7 +397,7 @@ def test_bad_video_is_refused(tmp_path):
         process_video(good, max_soft_tokens=71)
     with pytest.raises(InputError, match="outside the allowed"):
         (tmp_path / "v.mp4").write_bytes(good)
-        process_video(tmp_path / "v.mp4", allowed_dir=tmp_path / "elsewhere")
+        process_video(tmp_path / "v.mp4", sources=Sources(root=tmp_path / "elsewhere"))
 
 
 def test_video_mutants_never_crash():
@@ -424,6 +425,11 @@ def _reference_processor() -> Gemma4UnifiedProcessor:
     for k, v in attrs.items():
         setattr(p, k, v)
     return p
+
+
+def expand_prompt(text, images=(), audios=(), videos=()):
+    """The prompt text of processed items, through their slots."""
+    return expand_media(text, [item.slot for item in (*images, *audios, *videos)])
 
 
 def test_expand_prompt_matches_reference(image_ref, audio_ref, video_ref):

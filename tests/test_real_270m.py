@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemrun.chat import GEMMA3_TEMPLATE, prompt_tokens, render_prompt
+from gemrun.formats import GEMMA3_TEMPLATE, prompt_tokens, render_prompt
 from gemrun.generate import Stats, generate_ids
 from gemrun.sampling import SamplingParams
 

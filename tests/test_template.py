@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gemrun.chat import ChatTemplate, normalize_messages, render_prompt
 from gemrun.errors import InputError, TemplateError
+from gemrun.formats import ChatTemplate, normalize_messages, render_prompt
 
 
 def test_roles_must_alternate(model_270m):

@@ -13,27 +13,20 @@ import re
 import pytest
 from tiny4 import REFERENCE_SHA256, REFERENCE_TEMPLATE, gemma4_tokenizer, hf_tokenizer
 
-from gemrun.chat import (
-    GEMMA4_TEMPLATE,
-    is_gemma4,
-    normalize_messages,
-    prompt_tokens,
-    render_prompt,
-    strip_thinking,
-    template_for,
-)
 from gemrun.config import gemma4_from_hf_config
 from gemrun.errors import InputError
-from gemrun.thinking import ThinkingSplitter, opens_in_thought, split_thinking
-from gemrun.tools import (
-    MAX_BLOCK,
+from gemrun.formats import GEMMA4_TEMPLATE, is_gemma4, normalize_messages, prompt_tokens, render_prompt, template_for
+from gemrun.formats.gemma4 import (
     Gemma4OutputParser,
-    Gemma4ToolStreamParser,
+    ThinkingSplitter,
     native_tools,
-    parse_gemma4_args,
+    opens_in_thought,
     parse_gemma4_output,
-    parse_gemma4_tool_calls,
+    split_thinking,
+    strip_thinking,
 )
+from gemrun.formats.gemma4_calls import Gemma4ToolStreamParser, parse_gemma4_args, parse_gemma4_tool_calls
+from gemrun.formats.stream import MAX_BLOCK
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gemrun.chat import prompt_tokens
 from gemrun.errors import InputError
+from gemrun.formats import prompt_tokens
 from gemrun.tokenizer import Tokenizer, from_directory
 
 SAMPLES = ["Hello world!", "Emoji: 😀👍🏽 👨‍👩‍👧‍👦", "中文分词测试", "rare: \u0f3a \U0001d54f \u2603",

@@ -9,17 +9,11 @@ import time
 
 import pytest
 
-from gemrun.chat import ChatTemplate
 from gemrun.errors import InputError
-from gemrun.tools import (
-    MAX_BLOCK,
-    ToolStreamParser,
-    apply_tools,
-    normalize_tool_choice,
-    parse_tool_calls,
-    tool_grammar,
-    validate_tools,
-)
+from gemrun.formats import GEMMA3_TEMPLATE, ChatTemplate, normalize_tool_choice, validate_tools
+from gemrun.formats.gemma3 import apply_tools
+from gemrun.formats.pycall import ToolStreamParser, parse_tool_calls, tool_grammar
+from gemrun.formats.stream import MAX_BLOCK
 
 
 def fn(name, props=None, description=""):
@@ -106,7 +100,7 @@ def test_round_trip_renders_with_alternating_roles():
                                   'get_time(zone=None, x=[True, 1.5, {"k": "v"}])\nodd(ok=2, **{"from": 1})\n```')
     assert msgs[3]["content"] == ('```tool_output\n{"temperature": 21}\n```\n\n```tool_output\n12:00\n```\n\n'
                                   "```tool_output\nok\n```")
-    text = ChatTemplate().render(msgs)
+    text = ChatTemplate(GEMMA3_TEMPLATE).render(msgs)
     assert text.startswith("<bos><start_of_turn>user\nBe brief.\n\nYou have access to the functions")
     assert text.count("<start_of_turn>model") == 3  # two answers and the generation prompt
     # what the model wrote is read back as the same calls
@@ -123,7 +117,7 @@ def test_tool_results_merge_with_the_next_user_turn():
     assert msgs[0] == {"role": "user", "content": "hi"}  # "none": no declarations
     assert msgs[2]["content"] == [{"type": "text", "text": '```tool_output\n{"temperature": 21}\n```\n\nand now?'},
                                   {"type": "image"}]
-    ChatTemplate().render(msgs)
+    ChatTemplate(GEMMA3_TEMPLATE).render(msgs)
 
 
 def test_passthrough_and_parts():

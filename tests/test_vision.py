@@ -15,10 +15,18 @@ from tiny import hf_mm_model, save_mm_dir
 
 import gemrun
 from gemrun.errors import InputError
+from gemrun.formats import MediaSlot
+from gemrun.formats.gemma3 import expand_images, image_sequence
 from gemrun.generate import Prompt, Stats, generate_ids, prefill
-from gemrun.model.multimodal import expand_images, image_blocks, image_sequence
+from gemrun.model.multimodal import media_blocks
 from gemrun.processing.image import ImageConfig, load_image, preprocess, to_rgb
+from gemrun.processing.source import Sources
 from gemrun.sampling import SamplingParams
+
+
+def slots(crops: list[int], tokens: int) -> list[MediaSlot]:
+    """Prompt slots of images with these numbers of Pan & Scan crops."""
+    return [MediaSlot("image", tokens, c) for c in crops]
 
 
 def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -87,8 +95,8 @@ def test_tiny_multimodal_logits_match_reference(mm, ids, n):
         ref_features = ref.model.get_image_features(pix).pooler_output
         soft = m.vision(pix)
         assert (soft - ref_features).abs().max().item() <= 1e-5  # vision embeddings
-        embeds = prompt_embeddings(m.model, ids_t, 502, soft.flatten(0, 1))
-        blocks = image_blocks(ids_t, 502)
+        embeds = prompt_embeddings(m.model, ids_t, {502: soft.flatten(0, 1)})
+        blocks = media_blocks(ids_t, (502,))
         got = m.model(ids_t[None], m.model.make_caches(), embeds=embeds, blocks=blocks)[0]
         assert (expected - got).abs().max().item() <= 1e-4
         for chunk in (3, 5, 64):  # prefill chunks never split an image block
@@ -108,8 +116,8 @@ def test_tiny_multimodal_greedy_matches_reference_generate(mm):
     with torch.no_grad():
         out = ref.generate(input_ids=ids_t[None], pixel_values=pix, token_type_ids=tt[None], max_new_tokens=12,
                            do_sample=False, eos_token_id=None, pad_token_id=0)
-        embeds = prompt_embeddings(m.model, ids_t, 502, m.vision(pix).flatten(0, 1))
-    got = list(generate_ids(m.model, Prompt(ids, embeds, image_blocks(ids_t, 502)),
+        embeds = prompt_embeddings(m.model, ids_t, {502: m.vision(pix).flatten(0, 1)})
+    got = list(generate_ids(m.model, Prompt(ids, embeds, media_blocks(ids_t, (502,))),
                             SamplingParams(temperature=0, max_tokens=12), set(), 512, 512, Stats()))
     assert got == out[0, len(ids):].tolist()
 
@@ -158,9 +166,10 @@ def test_same_image_is_encoded_once(mm):
 
 def test_placeholders_must_match_images(mm):
     with pytest.raises(InputError, match="2 image placeholders for 1 images"):
-        expand_images("<start_of_image><start_of_image>", [0], 4)
-    assert expand_images("a<start_of_image>b", [0], 2) == "a" + image_sequence(2) + "b"
-    assert expand_images("<start_of_image>", [2], 1).startswith("Here is the original image \n\n<start_of_image>")
+        expand_images("<start_of_image><start_of_image>", slots([0], 4))
+    assert expand_images("a<start_of_image>b", slots([0], 2)) == "a" + image_sequence(2) + "b"
+    with_crops = expand_images("<start_of_image>", slots([2], 1))
+    assert with_crops.startswith("Here is the original image \n\n<start_of_image>")
     _, m = mm
     msgs = [{"role": "user", "content": "spelled <start_of_image> in text"}]
     assert 500 not in m.chat_prompt(msgs).ids  # text can never create a placeholder
@@ -190,7 +199,7 @@ def test_image_input_hardening(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "out.png").write_bytes(good)
     with pytest.raises(InputError, match="outside"):
-        load_image(str(tmp_path / "out.png"), allowed_dir=tmp_path / "in")
+        load_image(str(tmp_path / "out.png"), Sources(root=tmp_path / "in"))
     with pytest.raises(InputError, match="does not exist"):
         load_image(str(tmp_path / "missing.png"))
     assert load_image(png(Image.new("RGB", (1, 1)))).size == (1, 1)
@@ -253,8 +262,8 @@ def test_gguf_text_plus_mmproj(tmp_path):
         expected = ref(input_ids=ids_t[None], pixel_values=pix, token_type_ids=tt[None]).logits[0]
         from gemrun.model.multimodal import prompt_embeddings
 
-        embeds = prompt_embeddings(m.model, ids_t, 502, m.vision(pix).flatten(0, 1))
-        got = m.model(ids_t[None], m.model.make_caches(), embeds=embeds, blocks=image_blocks(ids_t, 502))[0]
+        embeds = prompt_embeddings(m.model, ids_t, {502: m.vision(pix).flatten(0, 1)})
+        got = m.model(ids_t[None], m.model.make_caches(), embeds=embeds, blocks=media_blocks(ids_t, (502,)))[0]
     assert (expected - got).abs().max().item() <= 1e-4
     with pytest.raises(WeightsError, match="clip"):
         gemrun.load(tmp_path / "text.gguf", device="cpu", mmproj=tmp_path / "text.gguf")
@@ -268,7 +277,7 @@ def test_prompt_ids_equal_reference_processor(gguf_path, hf_tokenizer_270m, pas)
     from transformers import Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    from gemrun.chat import GEMMA3_TEMPLATE, render_prompt
+    from gemrun.formats import GEMMA3_TEMPLATE, render_prompt
     from gemrun.tokenizer import from_gguf_metadata
     from gemrun.weights.gguf import GGUFFile
 
@@ -299,7 +308,7 @@ def test_prompt_ids_equal_reference_processor(gguf_path, hf_tokenizer_270m, pas)
     sources: list = []
     rendered = render_prompt(ours_tok, ours_msgs, images=sources)
     pixels = [preprocess(to_rgb(i), ImageConfig(), pas) for i in imgs]
-    ids = ours_tok.encode_template(expand_images(rendered, [p.shape[0] - 1 for p in pixels], 256))
+    ids = ours_tok.encode_template(expand_images(rendered, slots([p.shape[0] - 1 for p in pixels], 256)))
     assert ids == expected[1:]
     assert np.array_equal(np.concatenate(pixels), out["pixel_values"])
     assert int((torch.tensor(ids) == 262144).sum()) == int(out["token_type_ids"].sum())

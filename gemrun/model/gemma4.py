@@ -263,25 +263,4 @@ class Gemma4Media(nn.Module):
         return self.embed_audio(frames.to(self.embed_audio.embedding_projection.weight.dtype))
 
 
-def vision_blocks(ids: torch.Tensor, vision_ids: tuple[int, ...]) -> torch.Tensor:
-    """(T,) block id of each token: runs of image/video soft tokens form blocks 0, 1, ...; the rest is -1
-    (get_block_sequence_ids_for_mask; audio stays causal)."""
-    is_vision = torch.isin(ids, torch.tensor(vision_ids, device=ids.device))
-    starts = is_vision & ~torch.cat([is_vision.new_zeros(1), is_vision[:-1]])
-    return torch.where(is_vision, torch.cumsum(starts.long(), 0) - 1, torch.full_like(ids, -1))
-
-
-def prompt_embeddings(model: Gemma4, ids: torch.Tensor, soft: dict[int, torch.Tensor]) -> torch.Tensor:
-    """(1, T, E): scaled token embeddings with each placeholder id's positions replaced, in order, by its soft
-    tokens (M, E) (unscaled). Placeholders embed as pad (0) first, as the reference does."""
-    x = model.embed(ids.masked_fill(torch.isin(ids, torch.tensor(list(soft) or [-1])), 0)[None])
-    for token_id, tokens in soft.items():
-        where = ids == token_id
-        if int(where.sum()) != tokens.shape[0]:
-            raise ValueError(f"{int(where.sum())} placeholder tokens {token_id} for {tokens.shape[0]} soft tokens")
-        x[0, where] = tokens.to(x.dtype)
-    return x
-
-
-__all__ = ["Drafter", "Gemma4", "Gemma4Media", "MediaConfig", "RMSNorm", "media_from_hf_config", "prompt_embeddings",
-           "vision_blocks"]
+__all__ = ["Drafter", "Gemma4", "Gemma4Media", "MediaConfig", "RMSNorm", "media_from_hf_config"]

@@ -1,5 +1,7 @@
-"""Images into the token sequence (Gemma 3): placeholder expansion as `Gemma3Processor` does it, soft-token
-embeddings scattered over the image-token positions, and image blocks for bidirectional attention."""
+"""Media soft tokens into the token sequence: embeddings with the placeholder positions replaced, and the blocks
+of image (and video frame) tokens that attend to each other bidirectionally. Both families, the reference's
+`get_placeholder_mask` / `masked_scatter` and `token_type_ids` blocks (modeling_gemma3.py, Gemma3Model.forward;
+modeling_gemma4_unified.py, get_block_sequence_ids_for_mask)."""
 
 from __future__ import annotations
 
@@ -7,47 +9,25 @@ import torch
 
 from ..errors import InputError
 
-BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 
-
-def image_sequence(tokens_per_image: int) -> str:
-    """What one image (or crop) becomes in the prompt text; the newlines merge with their neighbours when the
-    whole string is tokenized, as in the reference."""
-    return f"\n\n{BOI}{IMAGE_TOKEN * tokens_per_image}{EOI}\n\n"
-
-
-def expand_images(rendered: str, num_crops: list[int], tokens_per_image: int) -> str:
-    """Replace each `<start_of_image>` the template emitted by its full sequence; an image with Pan & Scan crops
-    gets the reference's wording around the original and its crops (Gemma3Processor.replace_image_token)."""
-    parts = rendered.split(BOI)
-    if len(parts) - 1 != len(num_crops):
-        raise InputError(f"the prompt has {len(parts) - 1} image placeholders for {len(num_crops)} images")
-    seq = image_sequence(tokens_per_image)
-    out = [parts[0]]
-    for crops, rest in zip(num_crops, parts[1:]):
-        if crops:
-            out.append(f"Here is the original image {seq} and here are some crops to help you see better "
-                       + " ".join([seq] * crops))
-        else:
-            out.append(seq)
-        out.append(rest)
-    return "".join(out)
-
-
-def image_blocks(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """(T,) block id of each token: consecutive image soft tokens form one block (0, 1, ...), text is -1."""
-    is_image = ids == image_token_id
-    starts = is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])
-    return torch.where(is_image, torch.cumsum(starts.long(), 0) - 1, torch.full_like(ids, -1))
-
-
-def prompt_embeddings(model, ids: torch.Tensor, image_token_id: int, soft_tokens: torch.Tensor) -> torch.Tensor:
-    """(1, T, E): scaled token embeddings with the image positions replaced by the (unscaled) soft tokens
-    (M, E), in order. Image ids past the embedding table embed as id 0 first, as the reference does."""
-    positions = ids == image_token_id
-    if int(positions.sum()) != soft_tokens.shape[0]:
-        raise InputError(f"{int(positions.sum())} image tokens in the prompt for {soft_tokens.shape[0]} soft tokens")
-    safe = ids.masked_fill(ids >= model.config.vocab_size, 0)
-    x = model.embed(safe[None])
-    x[0, positions] = soft_tokens.to(x.dtype)
+def prompt_embeddings(model, ids: torch.Tensor, soft: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(1, T, E): scaled token embeddings of ids (T,) with each placeholder id's positions replaced, in order, by
+    its soft tokens (M, E), unscaled. Placeholders (and ids past the embedding table) embed as id 0 first, as the
+    reference does; their rows are overwritten anyway."""
+    placeholders = torch.isin(ids, torch.tensor(list(soft) or [-1], device=ids.device))
+    x = model.embed(ids.masked_fill(placeholders | (ids >= model.config.vocab_size), 0)[None])
+    for token_id, tokens in soft.items():
+        where = ids == token_id
+        if int(where.sum()) != tokens.shape[0]:
+            raise InputError(f"{int(where.sum())} placeholder tokens {token_id} in the prompt for "
+                             f"{tokens.shape[0]} soft tokens")
+        x[0, where] = tokens.to(x.dtype)
     return x
+
+
+def media_blocks(ids: torch.Tensor, block_ids: tuple[int, ...]) -> torch.Tensor:
+    """(T,) block id of each token: each run of soft tokens with an id in `block_ids` (one image or video frame)
+    forms a block 0, 1, ...; the rest (text, audio) is -1 and stays causal."""
+    inside = torch.isin(ids, torch.tensor(block_ids, device=ids.device))
+    starts = inside & ~torch.cat([inside.new_zeros(1), inside[:-1]])
+    return torch.where(inside, torch.cumsum(starts.long(), 0) - 1, torch.full_like(ids, -1))

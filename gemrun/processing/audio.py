@@ -1,15 +1,12 @@
 """Audio in, for Gemma 4 Unified (encoder-free): decode WAV/FLAC/OGG/MP3 from untrusted sources, mix to mono, resample
 to 16 kHz, and cut into 640-sample frames, one soft token per 40 ms, as transformers'
-`Gemma4UnifiedAudioFeatureExtractor` (facts 4.5). Also the byte-level reading shared with video."""
+`Gemma4UnifiedAudioFeatureExtractor`."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -17,9 +14,10 @@ import soxr
 import torch
 
 from ..errors import InputError
+from ..formats.messages import MediaSlot
+from .source import LOCAL, Sources, read_source
 
-__all__ = ["AudioLimits", "ProcessedAudio", "read_media_bytes", "input_audio_bytes", "decode_audio", "waveform_frames",
-           "process_audio"]
+__all__ = ["AudioLimits", "ProcessedAudio", "decode_audio", "waveform_frames", "process_audio"]
 
 SAMPLE_RATE = 16_000
 SAMPLES_PER_TOKEN = 640  # 40 ms at 16 kHz
@@ -53,54 +51,9 @@ class ProcessedAudio:
     def num_tokens(self) -> int:
         return int(self.features.shape[0])
 
-
-def _b64(data: str, what: str, max_bytes: int) -> bytes:
-    if len(data) > max_bytes * 4 // 3 + 4:
-        raise InputError(f"{what} is larger than {max_bytes} bytes")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError(f"{what} is not valid base64") from None
-
-
-def read_media_bytes(source: str | bytes | Path, what: str, max_bytes: int, allowed_dir: Path | None = None) -> bytes:
-    """Bytes of a medium (`what` names it in errors) given as raw bytes, a `data:...;base64,` URL or a local path
-    (inside `allowed_dir` when set); at most `max_bytes`. Remote URLs are refused: nothing is downloaded."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-    elif isinstance(source, str) and source.startswith("data:"):
-        head, _, payload = source.partition(",")
-        if not head.endswith(";base64") or not payload:
-            raise InputError(f"{what} data: URL must be data:<type>;base64,<data>")
-        data = _b64(payload, what, max_bytes)
-    elif isinstance(source, str) and source.split(":", 1)[0].lower() in ("http", "https", "ftp", "file"):
-        raise InputError(f"remote {what} URLs are not fetched; pass a file, bytes or a data: URL")
-    elif isinstance(source, (str, Path)):
-        path = Path(source).expanduser().resolve()
-        if allowed_dir is not None and Path(allowed_dir).resolve() not in path.parents:
-            raise InputError(f"{what} path {source} is outside the allowed directory")
-        if not path.is_file():
-            raise InputError(f"{what} file {source} does not exist or is not a regular file")
-        if path.stat().st_size > max_bytes:
-            raise InputError(f"{what} file {source} is larger than {max_bytes} bytes")
-        data = path.read_bytes()
-    else:
-        raise InputError(f"unsupported {what} source of type {type(source).__name__}")
-    if len(data) > max_bytes:
-        raise InputError(f"{what} is larger than {max_bytes} bytes")
-    if not data:
-        raise InputError(f"{what} is empty")
-    return data
-
-
-def input_audio_bytes(data: str, format: str, limits: AudioLimits = AudioLimits()) -> bytes:
-    """Bytes of an OpenAI `input_audio` part: base64 `data` of a `format` among wav, mp3, flac, ogg."""
-    if format.lower() not in ("wav", "mp3", "flac", "ogg"):
-        raise InputError(f"input_audio format {format!r} is not one of wav, mp3, flac, ogg")
-    data = _b64(data, "audio", limits.max_bytes)
-    if not data:
-        raise InputError("audio is empty")
-    return data
+    @property
+    def slot(self) -> MediaSlot:
+        return MediaSlot("audio", int(self.mask.sum()))
 
 
 def decode_audio(data: bytes, limits: AudioLimits = AudioLimits()) -> tuple[np.ndarray, int]:
@@ -153,9 +106,8 @@ def waveform_frames(wave: np.ndarray, rate: int, limits: AudioLimits = AudioLimi
     return ProcessedAudio(torch.from_numpy(padded.reshape(n, SAMPLES_PER_TOKEN)), torch.ones(n, dtype=torch.bool))
 
 
-def process_audio(source: str | bytes | Path, limits: AudioLimits = AudioLimits(),
-                  allowed_dir: Path | None = None) -> ProcessedAudio:
-    """Frames of an audio file given as bytes, a `data:` URL or a path (see `input_audio_bytes` for OpenAI's
-    base64 + format). Anything malformed, empty or past `limits` raises InputError."""
-    wave, rate = decode_audio(read_media_bytes(source, "audio", limits.max_bytes, allowed_dir), limits)
+def process_audio(source, limits: AudioLimits = AudioLimits(), sources: Sources = LOCAL) -> ProcessedAudio:
+    """Frames of an audio clip from any source `source.read_source` takes (bytes, a `data:` URL, an OpenAI
+    `input_audio` object, a path). Anything malformed, empty or past `limits` raises InputError."""
+    wave, rate = decode_audio(read_source(source, "audio", limits.max_bytes, sources), limits)
     return waveform_frames(wave, rate, limits)

@@ -1,35 +1,34 @@
 """Gemma 4 Unified (`gemma4_unified`) media processing: the model is encoder-free, so images and video frames become raw
-48x48x3 patches and audio raw 640-sample frames (facts 4.5). Equal to transformers' `Gemma4UnifiedImageProcessor`,
-`Gemma4UnifiedVideoProcessor` and `Gemma4UnifiedProcessor`'s prompt expansion, without torchvision or transformers."""
+48x48x3 patches and audio raw 640-sample frames. Equal to transformers' `Gemma4UnifiedImageProcessor`,
+`Gemma4UnifiedVideoProcessor` and `Gemma4UnifiedAudioFeatureExtractor`, without torchvision or transformers; the
+prompt text they expand to is `formats.gemma4.expand_media`'s."""
 
 from __future__ import annotations
 
 import io
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import av
 import numpy as np
 import torch
 
 from ..errors import InputError
-from .audio import AudioLimits, ProcessedAudio, read_media_bytes, waveform_frames
+from ..formats.messages import MediaSlot
+from .audio import AudioLimits, ProcessedAudio, process_audio, waveform_frames
 from .image import load_image
+from .source import LOCAL, Sources, read_source
 
 __all__ = [
     "SOFT_TOKEN_BUDGETS", "ProcessedImage", "ProcessedVideo", "ProcessedAudio", "VideoLimits", "target_size",
-    "process_image", "process_video", "expand_prompt", "mm_token_type_ids",
+    "process_image", "process_video", "mm_token_type_ids", "Gemma4Inputs",
 ]
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 PATCH = 16  # the reference's "teacher" patch; 3x3 of them merge into one 48-px model patch
 POOL = 3
 SIDE = PATCH * POOL
-IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = "<|image|>", "<|video|>", "<|audio|>"
-BOI, EOI, BOA, EOA = "<|image>", "<image|>", "<|audio>", "<audio|>"
 IMAGE_TOKEN_ID, AUDIO_TOKEN_ID, VIDEO_TOKEN_ID = 258880, 258881, 258884
 
 
@@ -44,6 +43,10 @@ class ProcessedImage:
     @property
     def num_soft_tokens(self) -> int:
         return int(self.pixel_values.shape[0])
+
+    @property
+    def slot(self) -> MediaSlot:
+        return MediaSlot("image", self.num_soft_tokens)
 
     def padded(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's layout: rows padded to `length` with zeros, their positions with -1."""
@@ -77,6 +80,11 @@ class ProcessedVideo:
     @property
     def timestamp_strings(self) -> list[str]:
         return [f"{int(s // 60):02d}:{int(s % 60):02d}" for s in self.timestamps]
+
+    @property
+    def slot(self) -> MediaSlot:
+        """Frames only, as the reference: a video's audio track is not put into the prompt."""
+        return MediaSlot("video", self.num_soft_tokens, timestamps=tuple(self.timestamp_strings))
 
     def padded(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _pad(self.pixel_values, self.positions, length)
@@ -141,10 +149,10 @@ def _pad(values: torch.Tensor, positions: torch.Tensor, length: int) -> tuple[to
     return torch.cat([values, pad_v], dim=-2), torch.cat([positions, pad_p], dim=-2)
 
 
-def process_image(source, max_soft_tokens: int = 280, allowed_dir: Path | None = None) -> ProcessedImage:
-    """Patches of one image (bytes, a data: URL, a path or a PIL image; decoded safely by `load_image`) for a
-    soft-token budget among 70, 140, 280, 560, 1120: resize bicubic with antialias, x/255, no normalisation."""
-    img = load_image(source, allowed_dir)
+def process_image(source, max_soft_tokens: int = 280, sources: Sources = LOCAL) -> ProcessedImage:
+    """Patches of one image (a PIL image or any source `load_image` takes) for a soft-token budget among 70, 140,
+    280, 560, 1120: resize bicubic with antialias, x/255, no normalisation."""
+    img = load_image(source, sources)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()[None]
     # x * (1/255) in float32, as the reference's rescale (its video path divides instead; see process_video)
     patches, positions = _patchify(_resize(pixels, max_soft_tokens) * (1 / 255))
@@ -189,14 +197,14 @@ def _video_audio(data: bytes, fmt: str, limits: AudioLimits) -> ProcessedAudio |
 
 def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio: bool = True,
                   limits: VideoLimits = VideoLimits(), audio_limits: AudioLimits = AudioLimits(),
-                  allowed_dir: Path | None = None) -> ProcessedVideo:
+                  sources: Sources = LOCAL) -> ProcessedVideo:
     """`num_frames` frames sampled uniformly (`arange(n) * total // n`, as the reference) from an MP4/MOV, Matroska/
     WebM or AVI video (bytes, a data: URL or a path), each processed as an image with `max_soft_tokens`, plus the first
     audio track as 16 kHz frames when `audio`. A video with fewer frames uses them all (the reference refuses it)."""
     if not 1 <= num_frames <= limits.max_frames:
         raise InputError(f"num_frames must be in 1..{limits.max_frames}, got {num_frames}")
     target_size(SIDE, SIDE, max_soft_tokens)  # validates the budget before any decoding
-    data = read_media_bytes(source, "video", limits.max_bytes, allowed_dir)
+    data = read_source(source, "video", limits.max_bytes, sources)
     fmt = _sniff_container(data)
     try:
         with av.open(io.BytesIO(data), format=fmt) as c:
@@ -244,42 +252,6 @@ def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio
     return ProcessedVideo(patches, positions.expand(len(kept), -1, -1).contiguous(), tuple(indices), fps, track)
 
 
-def _image_text(image: ProcessedImage) -> str:
-    return BOI + IMAGE_TOKEN * image.num_soft_tokens + EOI
-
-
-def _audio_text(audio: ProcessedAudio) -> str:
-    return BOA + AUDIO_TOKEN * int(audio.mask.sum()) + EOA
-
-
-def _video_text(video: ProcessedVideo) -> str:
-    # frames only: the reference puts no audio in a video's expansion; add an <|audio|> placeholder for `video.audio`
-    frame = BOI + VIDEO_TOKEN * video.num_soft_tokens + EOI
-    return " ".join(f"{t} {frame}" for t in video.timestamp_strings)
-
-
-_PLACEHOLDER = re.compile("|".join(re.escape(t) for t in (IMAGE_TOKEN, AUDIO_TOKEN, VIDEO_TOKEN)))
-
-
-def expand_prompt(text: str, images: Sequence[ProcessedImage] = (), audios: Sequence[ProcessedAudio] = (),
-                  videos: Sequence[ProcessedVideo] = ()) -> str:
-    """The rendered prompt with its `<|image|>`, `<|audio|>` and `<|video|>` placeholders replaced, in order, by each
-    item's soft-token run, as `Gemma4UnifiedProcessor` (replace_image_token / replace_audio_token /
-    replace_video_token). Each kind's placeholder count must equal its item count."""
-    found = _PLACEHOLDER.findall(text)
-    for token, items in ((IMAGE_TOKEN, images), (AUDIO_TOKEN, audios), (VIDEO_TOKEN, videos)):
-        if found.count(token) != len(items):
-            raise InputError(f"the prompt has {found.count(token)} {token} placeholders for {len(items)} items")
-    makers = {IMAGE_TOKEN: (_image_text, iter(images)), AUDIO_TOKEN: (_audio_text, iter(audios)),
-              VIDEO_TOKEN: (_video_text, iter(videos))}
-
-    def replace(m: re.Match) -> str:
-        make, items = makers[m.group()]
-        return make(next(items))
-
-    return _PLACEHOLDER.sub(replace, text)
-
-
 def mm_token_type_ids(ids: torch.Tensor | Sequence[int], image_token_id: int = IMAGE_TOKEN_ID,
                       video_token_id: int = VIDEO_TOKEN_ID, audio_token_id: int = AUDIO_TOKEN_ID):
     """1 on image soft tokens, 2 on video soft tokens, 3 on audio soft tokens, 0 elsewhere (boi/eoi included), as the
@@ -287,3 +259,44 @@ def mm_token_type_ids(ids: torch.Tensor | Sequence[int], image_token_id: int = I
     t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids), dtype=torch.long)
     out = (t == image_token_id).long() + 2 * (t == video_token_id).long() + 3 * (t == audio_token_id).long()
     return out if isinstance(ids, torch.Tensor) else out.tolist()
+
+
+class Gemma4Inputs:
+    """How images, video and audio reach a Gemma 4 Unified model: processed here, projected into the text width by
+    its encoder-free embedders (`model.gemma4.Gemma4Media`). Images take a soft-token budget per request."""
+
+    budgets = SOFT_TOKEN_BUDGETS
+
+    def __init__(self, media):
+        self.media, cfg = media, media.config
+        self.kinds = (("image", "video") if media.embed_vision is not None else ()) + (
+            ("audio",) if media.embed_audio is not None else ())
+        self.vision_ids = (cfg.image_token_id, cfg.video_token_id)  # runs of these attend to each other
+        self.ids = {"image": cfg.image_token_id, "video": cfg.video_token_id, "audio": cfg.audio_token_id}
+
+    def prepare(self, kind: str, source, sources: Sources = LOCAL, budget: int | None = None,
+                pan_and_scan: bool | None = None):
+        if kind == "image":
+            item = process_image(source, budget or 280, sources)
+        elif kind == "audio":
+            item = process_audio(source, sources=sources)
+        else:
+            item = process_video(source, audio=False, sources=sources)
+        return item
+
+    @torch.inference_mode()
+    def embed(self, items: list) -> dict[int, torch.Tensor]:
+        """Soft tokens (M, E) by placeholder id, each kind's items in prompt order."""
+        device = self.media.embed_vision.patch_dense.weight.device if self.media.embed_vision else None
+        soft: dict[int, list[torch.Tensor]] = {}
+        for item in items:
+            if isinstance(item, ProcessedImage):
+                out = self.media.image(item.pixel_values.to(device), item.positions.to(device))
+            elif isinstance(item, ProcessedVideo):
+                out = self.media.image(item.pixel_values.flatten(0, 1).to(device),
+                                       item.positions.flatten(0, 1).to(device))
+            else:
+                weight = self.media.embed_audio.embedding_projection.weight
+                out = self.media.audio(item.features[item.mask].to(weight.device))
+            soft.setdefault(self.ids[item.slot.kind], []).append(out)
+        return {token: torch.cat(parts) for token, parts in soft.items()}

@@ -3,20 +3,21 @@ normalise to [-1, 1], optional Pan & Scan crops), equal to transformers' `Gemma3
 
 from __future__ import annotations
 
-import base64
-import binascii
+import hashlib
 import io
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
+from ..formats.messages import MediaSlot
+from .source import LOCAL, Sources, read_source
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-MAX_BYTES = 20 << 20  # encoded image size
 MAX_PIXELS = 50_000_000  # checked from the header, before decoding
 MAX_SIDE = 65_535
 
@@ -34,45 +35,6 @@ class ImageConfig:
     pas_min_ratio: float = 1.2
 
 
-def _decode_data_url(url: str) -> bytes:
-    head, _, data = url.partition(",")
-    if not head.startswith("data:") or not head.endswith(";base64") or not data:
-        raise InputError("image data: URL must be data:<type>;base64,<data>")
-    if len(data) > MAX_BYTES * 4 // 3 + 4:
-        raise InputError(f"image is larger than {MAX_BYTES} bytes")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError("image data: URL is not valid base64") from None
-
-
-def read_image_bytes(source: str | bytes | Path, allowed_dir: Path | None = None) -> bytes:
-    """Bytes of an image given as raw bytes, a `data:` URL or a local path (inside `allowed_dir` when set).
-    Remote URLs are refused: nothing is downloaded."""
-    if isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
-    elif isinstance(source, str) and source.startswith("data:"):
-        data = _decode_data_url(source)
-    elif isinstance(source, str) and source.split(":", 1)[0].lower() in ("http", "https", "ftp", "file"):
-        raise InputError("remote image URLs are not fetched; pass a file, bytes or a data: URL")
-    elif isinstance(source, (str, Path)):
-        path = Path(source).expanduser().resolve()
-        if allowed_dir is not None and Path(allowed_dir).resolve() not in path.parents:
-            raise InputError(f"image path {source} is outside the allowed directory")
-        if not path.is_file():
-            raise InputError(f"image file {source} does not exist or is not a regular file")
-        if path.stat().st_size > MAX_BYTES:
-            raise InputError(f"image file {source} is larger than {MAX_BYTES} bytes")
-        data = path.read_bytes()
-    else:
-        raise InputError(f"unsupported image source of type {type(source).__name__}")
-    if len(data) > MAX_BYTES:
-        raise InputError(f"image is larger than {MAX_BYTES} bytes")
-    if not data:
-        raise InputError("image is empty")
-    return data
-
-
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB, transparency composited onto white (as transformers' convert_to_rgb)."""
     if "A" in img.getbands() or img.info.get("transparency") is not None:
@@ -81,8 +43,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source, allowed_dir: Path | None = None) -> Image.Image:
-    """An RGB PIL image from bytes, a data: URL, a path or a PIL image. The pixel count is checked from the
+def load_image(source, sources: Sources = LOCAL) -> Image.Image:
+    """An RGB PIL image from a PIL image or any source `source.read_source` takes. The pixel count is checked from the
     header before decoding; truncated files, bombs and odd sizes fail with InputError. EXIF orientation is
     applied (as transformers' load_image); GIFs give their first frame."""
     if isinstance(source, Image.Image):
@@ -91,7 +53,7 @@ def load_image(source, allowed_dir: Path | None = None) -> Image.Image:
         if w < 1 or h < 1 or w * h > MAX_PIXELS:
             raise InputError(f"image of {w}x{h} pixels is outside 1..{MAX_PIXELS} pixels")
         return to_rgb(img)
-    data = read_image_bytes(source, allowed_dir)
+    data = read_source(source, "image", sources=sources)
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
         w, h = img.size
@@ -113,8 +75,8 @@ def load_image(source, allowed_dir: Path | None = None) -> Image.Image:
 
 
 def pan_and_scan(img: Image.Image, cfg: ImageConfig) -> list[Image.Image]:
-    """Crops of the original image along its long axis (facts 2.6); [] when the image is not elongated enough
-    or the crops would be smaller than the minimum crop size."""
+    """Crops of the original image along its long axis only (Gemma3ImageProcessorPil.pan_and_scan); [] when the
+    image is not elongated enough or the crops would be smaller than the minimum crop size."""
     w, h = img.size
     long, short = (w, h) if w >= h else (h, w)
     if long / short < cfg.pas_min_ratio:
@@ -143,3 +105,50 @@ def preprocess(img: Image.Image, cfg: ImageConfig, pan_scan: bool | None = None)
     """(1 + crops, 3, size, size): the whole image first, then its Pan & Scan crops."""
     crops = pan_and_scan(img, cfg) if (cfg.pan_and_scan if pan_scan is None else pan_scan) else []
     return np.stack([normalize(i, cfg) for i in [img, *crops]])
+
+
+IMAGE_CACHE = 16  # encoded images kept (a conversation re-sends its images every turn)
+
+
+@dataclass
+class Gemma3Image:
+    pixels: np.ndarray  # (1 + crops, 3, size, size)
+    slot: MediaSlot
+
+
+class Gemma3Images:
+    """How images reach a Gemma 3 model: preprocessed here, encoded by its SigLIP tower (`model.vision.
+    Gemma3Vision`) into 256 soft tokens per image or crop. An image seen again is not encoded again."""
+
+    kinds = ("image",)
+    budgets: tuple[int, ...] = ()  # soft tokens per image are fixed
+
+    def __init__(self, tower, config: ImageConfig | None = None):
+        self.tower = tower
+        self.config = replace(config or ImageConfig(), size=tower.config.image_size)  # 896 for the real models
+        self.vision_ids = (tower.config.image_token_id,)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def prepare(self, kind: str, source, sources: Sources = LOCAL, budget: int | None = None,
+                pan_and_scan: bool | None = None) -> Gemma3Image:
+        pixels = preprocess(load_image(source, sources), self.config, pan_and_scan)
+        return Gemma3Image(pixels, MediaSlot("image", self.tower.config.mm_tokens_per_image, len(pixels) - 1))
+
+    def embed(self, items: list[Gemma3Image]) -> dict[int, torch.Tensor]:
+        """Soft tokens (M, E) of the images in prompt order, by placeholder id."""
+        soft = torch.cat([self.encode(item.pixels) for item in items]).flatten(0, 1)  # (images x 256, E)
+        return {self.tower.config.image_token_id: soft}
+
+    @torch.inference_mode()
+    def encode(self, pixels: np.ndarray) -> torch.Tensor:
+        """Soft tokens (crops, 256, E) of preprocessed pixels."""
+        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        w = self.tower.multi_modal_projector.mm_input_projection_weight
+        soft = self.tower(torch.from_numpy(pixels).to(device=w.device, dtype=w.dtype))
+        self._cache[key] = soft
+        if len(self._cache) > IMAGE_CACHE:
+            self._cache.popitem(last=False)
+        return soft

@@ -27,9 +27,14 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ..engine import Engine, Overloaded, Unavailable
 from ..errors import GemrunError, InputError
-from ..tools import validate_tools
+from ..formats import validate_tools
+from ..runtime import Runtime
+from ..speculative import Speculator
+from .ollama import router as ollama_router
+from .openai import router as openai_router
 from .protocol import DetokenizeRequest, TokenizeRequest
-from .runner import NotFound, ServerError, Service, thinking
+from .responses import router as responses_router
+from .runner import NotFound, ServerError, Service, ready, version
 
 log = logging.getLogger("gemrun.server")
 
@@ -47,7 +52,7 @@ class Settings:
     max_tokens_default: int | None = None  # when a request sets none: the rest of the context
     shutdown_deadline: float = 10.0  # seconds in-flight requests get on shutdown
     served_name: str | None = None
-    draft: object = None  # Gemma 4 speculative decoding: a drafter checkpoint path, or a speculative.Speculator
+    draft: object = None  # speculative decoding (Gemma 4): a drafter checkpoint path, or a speculative.Speculator
     draft_tokens: int = 4  # tokens drafted per round (with a path)
 
 
@@ -212,8 +217,9 @@ class Metrics:
         return []
 
 
-def create_app(loader: Callable[[], object], settings: Settings | None = None) -> FastAPI:
-    """`loader()` returns a gemrun.api.Model; it runs in a thread at startup while /health answers 503."""
+def create_app(loader: Callable[[], Runtime], settings: Settings | None = None) -> FastAPI:
+    """`loader()` returns a `runtime.Runtime` (e.g. a gemrun.api.Model); it runs in a thread at startup while
+    /health answers 503."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -222,12 +228,14 @@ def create_app(loader: Callable[[], object], settings: Settings | None = None) -
 
         def load():
             try:
-                model = loader()
-                if settings.draft is not None:
-                    use_draft(model, settings.draft, settings.draft_tokens)
-                engine = Engine(model, settings.max_batch, settings.max_queue).start()
-                name = settings.served_name or model_name(model)
-                app.state.service = Service(model, engine, name, settings.max_tokens_default,
+                runtime = loader()
+                if isinstance(settings.draft, Speculator):
+                    runtime.draft = settings.draft
+                elif settings.draft is not None:
+                    runtime.use_drafter(settings.draft, settings.draft_tokens)
+                engine = Engine(runtime, settings.max_batch, settings.max_queue).start()
+                name = settings.served_name or model_name(runtime)
+                app.state.service = Service(runtime, engine, name, settings.max_tokens_default,
                                             settings.request_timeout)
                 app.state.status = "ok"
                 log.info(json.dumps({"event": "loaded", "model": name}))
@@ -243,7 +251,7 @@ def create_app(loader: Callable[[], object], settings: Settings | None = None) -
         if service is not None:
             await asyncio.to_thread(service.engine.stop, settings.shutdown_deadline)
 
-    app = FastAPI(title="gemrun", version=_version(), lifespan=lifespan)
+    app = FastAPI(title="gemrun", version=version(), lifespan=lifespan)
     app.state.service = None
     app.state.status = "loading"
     app.state.settings = settings
@@ -291,26 +299,24 @@ def create_app(loader: Callable[[], object], settings: Settings | None = None) -
             raise InputError("give exactly one of prompt or messages")
         if body.messages is not None:
             tools = validate_tools(body.tools) if body.tools else None
-            ids = (await service.chat_prompt(body.messages, tools, think=thinking(None, body.chat_template_kwargs))).ids
+            think = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
+            ids = (await service.chat_prompt(body.messages, tools, think=think)).ids
         else:
             ids = service.text_prompt(body.prompt, bos=body.add_special_tokens).ids
-        return {"tokens": ids, "count": len(ids), "max_model_len": service.model.max_context}
+        return {"tokens": ids, "count": len(ids), "max_model_len": service.runtime.max_context}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         service = ready(app)
         if body.model is not None:
             service.check_model(body.model)
-        vocab = service.model.tokenizer.vocab_size
+        vocab = service.tokenizer.vocab_size
         if not all(0 <= t < vocab for t in body.tokens):
             raise InputError(f"token ids must be in 0..{vocab - 1}")
-        return {"prompt": service.model.tokenizer.decode(body.tokens)}
+        return {"prompt": service.tokenizer.decode(body.tokens)}
 
-    from .ollama import router as ollama_router
-    from .openai import router as openai_router
-
-    app.include_router(openai_router)
-    app.include_router(ollama_router)
+    for router in (openai_router, responses_router, ollama_router):
+        app.include_router(router)
     if settings.cors_origins:  # never "*" together with credentials
         wildcard = "*" in settings.cors_origins
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=not wildcard,
@@ -319,36 +325,9 @@ def create_app(loader: Callable[[], object], settings: Settings | None = None) -
     return app
 
 
-def ready(app) -> Service:
-    """The service, or 503 while loading / after shutdown began."""
-    service = app.state.service
-    if service is None or app.state.status != "ok":
-        raise Unavailable(f"the model is not ready ({app.state.status})")
-    return service
-
-
-def use_draft(model, draft, tokens: int = 4) -> None:
-    """Give a loaded Gemma 4 model its drafter: a checkpoint path (loaded here) or a speculative.Speculator."""
-    from ..speculative import Speculator
-
-    if isinstance(draft, Speculator):
-        model.draft = draft
-    else:
-        model.use_drafter(draft, tokens)
-
-
-def model_name(model) -> str:
-    path = model.loaded.path
+def model_name(runtime: Runtime) -> str:
+    path = runtime.loaded.path
     return path.stem if path.suffix == ".gguf" else path.name
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gemrun")
-    except PackageNotFoundError:
-        return "0.0.0"
 
 
 class Server(uvicorn.Server):

@@ -9,63 +9,30 @@ import time
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from ..errors import GemrunError, InputError
+from ..errors import InputError
+from ..formats import validate_tools
 from ..sampling import SamplingParams
-from ..tools import validate_tools
-from .app import _version, ready
-from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest
-from .runner import Event, Service, sampling_params
+from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaRequest, OllamaShowRequest
+from .runner import Event, Service, ready, version
+from .streaming import ndjson_stream
 
 router = APIRouter()
-
-# Ollama option -> SamplingParams field
-OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
-           "stop": "stop", "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-           "frequency_penalty": "frequency_penalty"}
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _options(s: Service, options: dict | None, prompt_len: int) -> SamplingParams:
-    options = options or {}
-    if not isinstance(options, dict):
-        raise InputError("options must be an object")
-    fields = {ours: options[theirs] for theirs, ours in OPTIONS.items() if theirs in options}
-    n = options.get("num_predict")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
-        raise InputError(f"options.num_predict must be an integer, got {n!r}")
-    asked = None if n is None or n < 0 else n  # -1: no limit, -2: fill the context (both: the rest of it)
-    if asked == 0:
-        raise InputError("options.num_predict must not be 0")
-    return sampling_params(fields, s.max_tokens(asked, prompt_len, "options.num_predict"),
-                           s.model.tokenizer.vocab_size, SamplingParams())
+def _params(s: Service, options: OllamaOptions | None, prompt_len: int) -> SamplingParams:
+    options = options or OllamaOptions()
+    return options.sampling(s.max_tokens(options.max_tokens, prompt_len, "options.num_predict"),
+                            s.tokenizer.vocab_size)
 
 
-def _format(s: Service, fmt):
-    if fmt in (None, ""):
-        return None
-    from ..grammar import from_ollama_format
-
-    return from_ollama_format(s.model.tokenizer, s.model.config, fmt)
-
-
-def _tools(tools: list[dict] | None) -> list[dict] | None:
-    return validate_tools(tools) if tools else None
-
-
-def _think(s: Service, think) -> bool | None:
-    """Ollama's `think`: true/false, or a level ("low" | "medium" | "high", gpt-oss style) that means on."""
-    if think is None:
-        return None
-    if think not in (True, False, "low", "medium", "high"):
-        raise InputError(f'think must be true, false, "low", "medium" or "high", got {think!r}')
-    if think is not False and not s.gemma4:
-        raise InputError(f"{s.name!r} does not support thinking")
-    return think is not False
+def _think(s: Service, body: OllamaRequest) -> bool | None:
+    s.check_thinking(body.think_switch)
+    return body.think_switch
 
 
 def chat_messages(messages) -> list[dict]:
@@ -74,6 +41,8 @@ def chat_messages(messages) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
         msg: dict = {"role": m.role, "content": m.content}
+        if m.thinking:
+            msg["thinking"] = m.thinking
         if m.images:
             msg["content"] = [{"type": "image_url", "image_url": {"url": img}} for img in m.images]
             msg["content"].append({"type": "text", "text": m.content})
@@ -108,17 +77,6 @@ def _final(s: Service, usage: tuple[int, int], reason: str, started: float) -> d
             "eval_duration": total}
 
 
-def ndjson(lines):
-    async def gen():
-        try:
-            async for line in lines:
-                yield json.dumps(line, ensure_ascii=False) + "\n"
-        except Exception as e:  # the status line is sent: the error travels as the last line
-            yield json.dumps({"error": str(e) if isinstance(e, GemrunError) else "internal error"}) + "\n"
-
-    return StreamingResponse(gen(), media_type="application/x-ndjson")
-
-
 @router.post("/api/chat")
 async def chat(body: OllamaChatRequest, request: Request):
     s = ready(request.app)
@@ -127,10 +85,10 @@ async def chat(body: OllamaChatRequest, request: Request):
     if not body.messages:  # Ollama answers an empty chat by loading the model
         return {"model": s.name, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
-    tools = _tools(body.tools)
-    constraint = _format(s, body.format)
-    prompt = await s.chat_prompt(chat_messages(body.messages), tools, "auto", think=_think(s, body.think))
-    params = _options(s, body.options, len(prompt.ids))
+    tools = validate_tools(body.tools) if body.tools else None
+    constraint = s.constraint(ollama_format=body.format)
+    prompt = await s.chat_prompt(chat_messages(body.messages), tools, "auto", think=_think(s, body))
+    params = _params(s, body.options, len(prompt.ids))
     events = s.run(prompt, params, 1, constraint, None, tools, request.is_disconnected)
 
     def line(ev: Event) -> dict:
@@ -147,14 +105,11 @@ async def chat(body: OllamaChatRequest, request: Request):
 
     if body.stream:
         async def lines():
-            try:
-                async for ev in events:
-                    if ev.text or ev.reasoning or ev.tool_call or ev.finish_reason:
-                        yield line(ev)
-            finally:
-                await events.aclose()
+            async for ev in events:
+                if ev.text or ev.reasoning or ev.tool_call or ev.finish_reason:
+                    yield line(ev)
 
-        return ndjson(lines())
+        return ndjson_stream(lines(), events.aclose)
     text, thought, calls, last = "", "", [], None
     async for ev in events:
         text += ev.text
@@ -190,14 +145,14 @@ async def generate(body: OllamaGenerateRequest, request: Request):
             content = [{"type": "image_url", "image_url": {"url": img}} for img in body.images]
             content.append({"type": "text", "text": body.prompt})
         messages.append({"role": "user", "content": content})
-        prompt = await s.chat_prompt(messages, think=_think(s, body.think))
+        prompt = await s.chat_prompt(messages, think=_think(s, body))
     if body.context:  # continue an earlier exchange: its tokens, then this prompt
-        prompt.ids = s.text_prompt(body.context).ids + prompt.ids[1 if prompt.ids[:1] == [s.model.tokenizer.bos_id]
+        prompt.ids = s.text_prompt(body.context).ids + prompt.ids[1 if prompt.ids[:1] == [s.tokenizer.bos_id]
                                                                    else 0:]
         if prompt.embeds is not None:
             raise InputError("context cannot be combined with images")
-    params = _options(s, body.options, len(prompt.ids))
-    events = s.run(prompt, params, 1, _format(s, body.format), None, None, request.is_disconnected)
+    params = _params(s, body.options, len(prompt.ids))
+    events = s.run(prompt, params, 1, s.constraint(ollama_format=body.format), None, None, request.is_disconnected)
     generated: list[int] = []
 
     def line(ev: Event) -> dict:
@@ -212,16 +167,13 @@ async def generate(body: OllamaGenerateRequest, request: Request):
 
     if body.stream:
         async def lines():
-            try:
-                async for ev in events:
-                    if ev.text or ev.reasoning or ev.finish_reason:
-                        yield line(ev)
-                    else:
-                        generated.extend(t.id for t in ev.tokens)
-            finally:
-                await events.aclose()
+            async for ev in events:
+                if ev.text or ev.reasoning or ev.finish_reason:
+                    yield line(ev)
+                else:
+                    generated.extend(t.id for t in ev.tokens)
 
-        return ndjson(lines())
+        return ndjson_stream(lines(), events.aclose)
     text, thought, last, tokens = "", "", None, []
     async for ev in events:
         text += ev.text
@@ -232,7 +184,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
 
 
 def _details(s: Service) -> dict:
-    loaded = s.model.loaded
+    loaded = s.runtime.loaded
     level = loaded.format
     if loaded.gguf is not None:
         import gguf
@@ -244,16 +196,16 @@ def _details(s: Service) -> dict:
             level = "unknown"
     family = _family(s)
     return {"parent_model": "", "format": "gguf" if loaded.gguf is not None else "safetensors",
-            "family": family, "families": [family] + (["clip"] if s.vision else []),
+            "family": family, "families": [family] + (["clip"] if s.reads("image") else []),
             "parameter_size": _human(_parameter_count(s)), "quantization_level": level}
 
 
 def _family(s: Service) -> str:
-    return "gemma4" if s.gemma4 else "gemma3"
+    return s.format.name
 
 
 def _parameter_count(s: Service) -> int:
-    loaded = s.model.loaded
+    loaded = s.runtime.loaded
     if loaded.gguf is not None:
         total = 0
         for t in loaded.gguf.tensors.values():
@@ -262,7 +214,7 @@ def _parameter_count(s: Service) -> int:
                 n *= int(d)
             total += n
         return total
-    return sum(p.numel() for p in s.model.model.parameters())
+    return sum(p.numel() for p in s.runtime.model.parameters())
 
 
 def _human(n: int) -> str:
@@ -270,7 +222,7 @@ def _human(n: int) -> str:
 
 
 def _file_facts(s: Service) -> tuple[int, str, str]:
-    path = s.model.loaded.path
+    path = s.runtime.loaded.path
     files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
     size = sum(p.stat().st_size for p in files)
     mtime = max(p.stat().st_mtime for p in files)
@@ -294,29 +246,30 @@ async def ps(request: Request):
     size, digest, _ = _file_facts(s)
     return {"models": [{"name": s.name, "model": s.name, "size": size, "digest": digest, "details": _details(s),
                         "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0,
-                        "context_length": s.model.max_context}]}
+                        "context_length": s.runtime.max_context}]}
 
 
 @router.post("/api/show")
 async def show(body: OllamaShowRequest, request: Request):
     s = ready(request.app)
     s.check_model(body.model or body.name)
-    cfg = s.model.config
+    cfg = s.runtime.config
     _, _, stamp = _file_facts(s)
     defaults = SamplingParams()
     f = _family(s)
-    stops = [s.model.tokenizer.id_to_token(i) for i in sorted(set(cfg.stop_token_ids))]
+    stops = [s.tokenizer.id_to_token(i) for i in sorted(set(cfg.stop_token_ids))]
     parameters = "\n".join([f"temperature {defaults.temperature}", f"top_k {defaults.top_k}",
                             f"top_p {defaults.top_p}"] + [f'stop "{t}"' for t in stops if t])
-    return {"license": "", "modelfile": f"# served by gemrun\nFROM {s.model.loaded.path.name}\n",
-            "parameters": parameters, "template": s.model.template.source, "details": _details(s),
+    return {"license": "", "modelfile": f"# served by gemrun\nFROM {s.runtime.loaded.path.name}\n",
+            "parameters": parameters, "template": s.format.template.source, "details": _details(s),
             "model_info": {"general.architecture": f, "general.parameter_count": _parameter_count(s),
-                           f"{f}.context_length": s.model.max_context, f"{f}.embedding_length": cfg.hidden_size,
+                           f"{f}.context_length": s.runtime.max_context, f"{f}.embedding_length": cfg.hidden_size,
                            f"{f}.block_count": cfg.num_layers, f"{f}.attention.head_count": cfg.num_heads},
-            "capabilities": ["completion", "tools"] + (["thinking"] if s.gemma4 else [])
-            + (["vision"] if s.vision else []) + (["audio"] if s.audio else []), "modified_at": stamp}
+            "capabilities": ["completion", "tools"] + (["thinking"] if s.format.thinking else [])
+            + (["vision"] if s.reads("image") else []) + (["audio"] if s.reads("audio") else []),
+            "modified_at": stamp}
 
 
 @router.get("/api/version")
-async def version():
-    return {"version": _version()}
+async def api_version():
+    return {"version": version()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -10,12 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import tokenizer as tok
 from ..config import Gemma4TextConfig, TextConfig, from_gguf_metadata, from_hf_config, gemma4_from_hf_config
 from ..convert import quantized_module, quantized_parts, read_scheme
-from ..errors import WeightsError
+from ..errors import ConfigError, WeightsError
 from ..model.gemma3 import Gemma3
 from ..model.gemma4 import Drafter, Gemma4, Gemma4Media, MediaConfig, media_from_hf_config
 from ..model.vision import Gemma3Vision, VisionConfig, vision_from_hf_config
+from ..processing.gemma4 import Gemma4Inputs
+from ..processing.image import Gemma3Images, ImageConfig
+from ..tokenizer import Tokenizer
 from .gguf import GGUFFile, check_tokenizer_metadata
 from .names import gemma4_hf_to_gemrun, gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
 from .safetensors import SafetensorsCheckpoint
@@ -33,6 +38,8 @@ class Loaded:
     hf_config: dict | None = None
     vision: Gemma3Vision | None = None  # image encoder of multimodal checkpoints
     media: Gemma4Media | None = None  # Gemma 4 Unified: image/video and audio embedders
+    tokenizer: Tokenizer | None = None
+    inputs: object = None  # how media reach the model (prompt.MediaInput), None for text-only checkpoints
 
 
 def check_names(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[int, ...]]) -> None:
@@ -239,8 +246,12 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
                   media=parts["media"] if media else None)
 
 
-def load_drafter(path: str | Path, dtype: torch.dtype, device: torch.device) -> Drafter:
-    """A Gemma 4 MTP assistant (`gemma4_unified_assistant`) HF directory, strict as the main loader."""
+def load_drafter(path: str | Path, dtype: torch.dtype, device: torch.device,
+                 target: TextConfig | None = None) -> Drafter:
+    """A Gemma 4 MTP assistant (`gemma4_unified_assistant`) HF directory, strict as the main loader; with `target`,
+    checked to fit that model (a Gemma 4 of the width it was made for)."""
+    if target is not None and not isinstance(target, Gemma4TextConfig):
+        raise ConfigError("a drafter goes with a Gemma 4 model")
     root = Path(path).expanduser()
     try:
         raw = json.loads((root / "config.json").read_text())
@@ -261,12 +272,16 @@ def load_drafter(path: str | Path, dtype: torch.dtype, device: torch.device) -> 
     state = {ours: t.to(device=device, dtype=dtype) for ours, (_, t) in zip(names, ckpt.tensors(list(names.values())))}
     drafter.load_state_dict(state, strict=True, assign=True)
     _check_loaded(drafter)
+    if target is not None and drafter.pre_projection.in_features != 2 * target.hidden_size:
+        raise ConfigError(f"the drafter was made for a {drafter.pre_projection.in_features // 2}-wide model, "
+                          f"this one is {target.hidden_size}")
     return drafter.to(device).eval().requires_grad_(False)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
                     progress: Progress | None = None, mmproj: str | Path | None = None,
                     packed: bool = False, quantize: str | None = None) -> Loaded:
+    """The weights of a GGUF file (with a llama.cpp mmproj file for its vision tower) or an HF directory."""
     p = Path(path).expanduser()
     if p.is_dir():
         if mmproj is not None:
@@ -284,3 +299,28 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
             loaded.vision = load_mmproj(Path(mmproj).expanduser(), loaded.config, dtype, device)
         return loaded
     raise WeightsError(f"model path {p} does not exist")
+
+
+def attach_tokenizer(loaded: Loaded, pan_and_scan: bool = False) -> Loaded:
+    """Give loaded weights their tokenizer (the GGUF's metadata or the directory's files) and, for multimodal
+    checkpoints, the media input that feeds them (`pan_and_scan`: Gemma 3's default for large images)."""
+    if loaded.gguf is not None:
+        loaded.tokenizer = tok.from_gguf_metadata(loaded.gguf.metadata, image_token=loaded.vision is not None)
+        if loaded.vision is not None:  # an mmproj file names no token ids: they are the tokenizer's
+            ids = {f: loaded.tokenizer.token_to_id(t) for f, t in (("boi_token_id", "<start_of_image>"),
+                                                                   ("eoi_token_id", "<end_of_image>"),
+                                                                   ("image_token_id", "<image_soft_token>"))}
+            if None in ids.values():
+                raise ConfigError("the GGUF tokenizer lacks Gemma 3's image tokens; it cannot go with an mmproj")
+            loaded.vision.config = dataclasses.replace(loaded.vision.config, **ids)
+    else:
+        loaded.tokenizer = tok.from_directory(loaded.path)
+    if loaded.vision is not None:
+        image_id = loaded.tokenizer.token_to_id("<image_soft_token>")
+        if image_id != loaded.vision.config.image_token_id:
+            raise ConfigError(f"tokenizer id of <image_soft_token> is {image_id}, the model expects "
+                              f"{loaded.vision.config.image_token_id}")
+        loaded.inputs = Gemma3Images(loaded.vision, ImageConfig(pan_and_scan=pan_and_scan))
+    elif loaded.media is not None:
+        loaded.inputs = Gemma4Inputs(loaded.media)
+    return loaded
