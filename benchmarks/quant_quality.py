@@ -44,8 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from gemrun.api import default_model_path
     from gemrun.tokenizer import from_directory
+    from gemrun.weights.embedded import default_model_path
 
     ref = work / "ref-bf16"
     if not ref.exists():

