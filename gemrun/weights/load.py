@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ..config import Gemma4TextConfig, TextConfig, from_gguf_metadata, from_hf_config, gemma4_from_hf_config
-from ..convert import quantized_module, quantized_parts, read_scheme
 from ..errors import WeightsError
 from ..model.gemma3 import Gemma3
 from ..model.gemma4 import Drafter, Gemma4, Gemma4Media, MediaConfig, media_from_hf_config
 from ..model.vision import Gemma3Vision, VisionConfig, vision_from_hf_config
+from ..quant.hf import quantized_module, quantized_parts, read_scheme
 from .gguf import GGUFFile, check_tokenizer_metadata
 from .names import gemma4_hf_to_gemrun, gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
 from .safetensors import SafetensorsCheckpoint
