@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import Gemma4TextConfig, TextConfig, from_gguf_metadata, from_hf_config, gemma4_from_hf_config
 from ..errors import WeightsError
+from ..model.decoder import Decoder
 from ..model.gemma3 import Gemma3
 from ..model.gemma4 import Drafter, Gemma4, Gemma4Media, MediaConfig, media_from_hf_config
 from ..model.vision import Gemma3Vision, VisionConfig, vision_from_hf_config
@@ -25,7 +26,7 @@ Progress = Callable[[int, int], None]  # (tensors done, tensors total)
 
 @dataclass
 class Loaded:
-    model: Gemma3
+    model: Decoder  # Gemma3 or Gemma4
     config: TextConfig
     path: Path
     format: str  # "gguf" | "safetensors"
