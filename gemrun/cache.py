@@ -1,5 +1,6 @@
 """Per-layer KV caches with one small protocol: `update(k, v, positions) -> (k, v, kv_positions)`, `length`,
-`trim(n)`, `nbytes`.
+`trim(n)`, `nbytes`, and `attend(q, k, v, positions, fn)`, what an attention layer calls: it stores k, v and runs
+`fn` over everything the cache then holds. `RowCaches` gives the same `attend` to B sequences decoded together.
 
 Keys are cached after RoPE, so a cache only needs each slot's absolute position to build masks; the order of
 slots does not matter. That lets the sliding-window cache be a ring buffer whose memory never grows.
@@ -12,7 +13,19 @@ import torch
 from .config import LayerSpec
 
 
-class _Cache:
+class Cache:
+    """The `attend` every cache shares: store the new k, v (B, KV, T, D) at positions (T,) (k = v = None: a layer
+    reading another layer's K/V), then fn(q, k, v, positions, kv_positions) over the cached keys (B, KV, S, D)."""
+
+    def update(self, k, v, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k, v, positions: torch.Tensor, fn) -> torch.Tensor:
+        keys, values, kv_positions = self.update(k, v, positions)
+        return fn(q, keys, values, positions, kv_positions)
+
+
+class _Cache(Cache):
     """What a source of shared K/V remembers: the latest update's result, kept only while a `SharedCache` reads
     it (a chunk's concatenated keys would otherwise stay alive in every sliding layer)."""
 
@@ -116,7 +129,7 @@ class SlidingCache(_Cache):
         return self.k.nbytes + self.v.nbytes
 
 
-class SharedCache:
+class SharedCache(Cache):
     """A layer that reuses another layer's K/V (Gemma 4 KV sharing): it reads what its source layer's latest
     update returned (the source runs first in the same forward) and stores nothing."""
 
@@ -135,6 +148,27 @@ class SharedCache:
         pass  # the source layer's cache is trimmed on its own
 
     nbytes = 0
+
+
+class RowCaches:
+    """One layer's caches of B sequences decoded together (batched decoding): row i attends over its own cache at
+    its own positions, positions (B, T). Rows run one at a time, so a row's result never depends on its batch."""
+
+    def __init__(self, rows: list[Cache]):
+        self.rows = rows
+
+    def attend(self, q: torch.Tensor, k, v, positions: torch.Tensor, fn) -> torch.Tensor:
+        return torch.cat([c.attend(q[i:i + 1], _row(k, i), _row(v, i), positions[i], fn)
+                          for i, c in enumerate(self.rows)])
+
+
+def _row(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if t is None else t[i:i + 1]
+
+
+def row_caches(sequences: list[list[Cache]]) -> list[RowCaches]:
+    """Each sequence's per-layer caches -> one `RowCaches` per layer."""
+    return [RowCaches(list(layer)) for layer in zip(*sequences)]
 
 
 def make_caches(layers: tuple[LayerSpec, ...], batch: int, dtype: torch.dtype, device: torch.device | str,

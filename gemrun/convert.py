@@ -13,11 +13,7 @@ output head, is kept (bf16 in HF schemes, Q8_0 under 4/5-bit GGUF types) unless 
 otherwise; the vision tower is carried through HF schemes unquantized (it is small next to the text model and
 feeds every image token).
 
-HF quantized directories (`int4-channel`, `int4-block`, `fp8`) hold, per quantized matrix `W`:
-- int4: `W.qweight` (uint8, two values per byte, low nibble first, q + 8 for q in -8..7) and `W.scales`
-  (float16, one per output channel or per group), weight = q * scale;
-- fp8: `W.weight` (float8_e4m3fn) and `W.weight_scale` (float32, one per tensor or per output channel).
-`gemrun_quant.json` names the scheme, the group size and the tensors kept in higher precision.
+The quantized HF layout is `quant/hf.py`'s; the GGUF writing helpers are `weights/gguf_write.py`.
 """
 
 from __future__ import annotations
@@ -25,34 +21,42 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
 from .config import TextConfig, from_gguf_metadata, from_hf_config
 from .errors import ConfigError, WeightsError
 from .model.vision import VisionConfig, vision_from_hf_config
+from .quant.hf import HF_QUANTS, QUANT_FILE, quantize_fp8, quantize_int4
+from .weights.gguf_write import (
+    GGUF_FILE_TYPES,
+    GGUF_NAME_OF,
+    GGUF_QUANTS,
+    IMAGE_TOKENS,
+    add_gemma3_metadata,
+    add_tokenizer_metadata,
+    declare_tensor,
+    gguf_name,
+    gguf_type_for,
+    gguf_vocab,
+    tokenizer_meta_from_dir,
+    write_encoded,
+)
 from .weights.mmproj import MMPROJ_QUANTS
-from .weights.names import GGUF_GLOBAL, GGUF_LAYER, gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
+from .weights.names import gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
 from .weights.safetensors import ShardWriter
 
 log = logging.getLogger("gemrun.convert")
 Progress = Callable[[int, int], None]
 
-GGUF_QUANTS = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
-               "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q4_k": Q.Q4_K}
-GGUF_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 14, "bf16": 32}
 HF_FLOATS = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
-HF_QUANTS = ("int4-channel", "int4-block", "fp8")
-QUANT_FILE = "gemrun_quant.json"
 DEFAULT_KEEP = ("embed_tokens.weight",)  # the sensitive matrix: tied embedding and output head (norms are vectors)
-IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 
 
 @dataclass
@@ -140,203 +144,6 @@ def _hf_source(root: Path) -> Source:
                   vision=vision, vision_shapes={o: tuple(ckpt.shapes[n]) for o, n in vnames.items()})
 
 
-GGUF_NAME_OF = {v: k for k, v in GGUF_GLOBAL.items()}
-
-
-def gguf_name(ours: str) -> str:
-    """llama.cpp's name of a gemrun text tensor."""
-    if ours in GGUF_NAME_OF:
-        return GGUF_NAME_OF[ours]
-    _, n, rest = ours.split(".", 2)
-    return f"blk.{n}.{ {v: k for k, v in GGUF_LAYER.items()}[rest.rsplit('.', 1)[0]]}.weight"
-
-
-def add_gemma3_metadata(w: GGUFWriter, cfg: TextConfig) -> None:
-    for key, value in (("context_length", cfg.max_position_embeddings), ("embedding_length", cfg.hidden_size),
-                       ("block_count", cfg.num_layers), ("feed_forward_length", cfg.intermediate_size),
-                       ("attention.head_count", cfg.num_heads), ("attention.head_count_kv", cfg.num_kv_heads),
-                       ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim),
-                       ("attention.sliding_window", cfg.sliding_window)):
-        w.add_uint32(f"gemma3.{key}", value)
-    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
-    w.add_float32("gemma3.rope.freq_base", cfg.rope_global.theta)
-    if cfg.rope_global.factor != 1.0:
-        w.add_string("gemma3.rope.scaling.type", "linear")
-        w.add_float32("gemma3.rope.scaling.factor", cfg.rope_global.factor)
-
-
-def tokenizer_meta_from_dir(root: Path) -> dict:
-    """`tokenizer.ggml.*` for an HF directory. From `tokenizer.model` (sentencepiece) when present, as llama.cpp's
-    converter does: pieces, scores and types as stored. Else from `tokenizer.json`: pieces by id, byte tokens
-    type 6, special added tokens 3 (control), other added tokens 4, the rest 1 (normal) scored by their rank,
-    which is the merge priority sentencepiece's BPE scores encode."""
-    from .tokenizer import from_directory
-
-    tok = from_directory(root)
-    if (root / "tokenizer.model").is_file() and not (root / "tokenizer.json").is_file():
-        from sentencepiece import sentencepiece_model_pb2 as sp_pb2  # parsing only: no pickle, no code
-
-        proto = sp_pb2.ModelProto()
-        proto.ParseFromString((root / "tokenizer.model").read_bytes())
-        tokens = [p.piece for p in proto.pieces]
-        scores = [float(p.score) for p in proto.pieces]
-        types = [int(p.type) for p in proto.pieces]
-    else:
-        n = tok.vocab_size
-        tokens = [tok.id_to_token(i) or f"<unused_id_{i}>" for i in range(n)]
-        added = tok.backend.get_added_tokens_decoder()
-        types, scores, rank = [], [], 0
-        for i, t in enumerate(tokens):
-            if i in added:
-                types.append(3 if added[i].special else 4)
-                scores.append(-1000.0)
-            elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-                types.append(6)
-                scores.append(0.0)
-            else:
-                types.append(1)
-                scores.append(-float(rank))
-                rank += 1
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
-            "tokenizer.ggml.bos_token_id": tok.bos_id, "tokenizer.ggml.eos_token_id": tok.eos_id,
-            "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.add_bos_token": tok.add_bos}
-    unk = tok.token_to_id("<unk>")
-    if unk is not None:
-        meta["tokenizer.ggml.unknown_token_id"] = unk
-    if tok.chat_template:
-        meta["tokenizer.chat_template"] = tok.chat_template
-    return meta
-
-
-def add_tokenizer_metadata(w: GGUFWriter, meta: dict) -> None:
-    w.add_tokenizer_model(str(meta.get("tokenizer.ggml.model", "llama")))
-    w.add_tokenizer_pre(str(meta.get("tokenizer.ggml.pre", "default")))
-    w.add_token_list(list(meta["tokenizer.ggml.tokens"]))
-    w.add_token_scores([float(s) for s in meta["tokenizer.ggml.scores"]])
-    w.add_token_types([int(t) for t in meta["tokenizer.ggml.token_type"]])
-    w.add_bos_token_id(int(meta.get("tokenizer.ggml.bos_token_id", 2)))
-    w.add_eos_token_id(int(meta.get("tokenizer.ggml.eos_token_id", 1)))
-    w.add_unk_token_id(int(meta.get("tokenizer.ggml.unknown_token_id", 3)))
-    w.add_pad_token_id(int(meta.get("tokenizer.ggml.padding_token_id", 0)))
-    w.add_add_bos_token(bool(meta.get("tokenizer.ggml.add_bos_token", True)))
-    w.add_add_eos_token(bool(meta.get("tokenizer.ggml.add_eos_token", False)))
-    w.add_add_space_prefix(bool(meta.get("tokenizer.ggml.add_space_prefix", False)))  # Gemma: no "▁" prefix
-    if meta.get("tokenizer.chat_template"):
-        w.add_chat_template(str(meta["tokenizer.chat_template"]))
-
-
-def gguf_type_for(ours: str, shape: tuple[int, ...], quant: str, embed_quant: str | None) -> Q:
-    """Vectors stay F32; the embedding takes `embed_quant` (default: Q8_0 under 4- and 5-bit types, as in
-    llama.cpp's files). A matrix whose rows do not split into blocks falls back as llama.cpp's quantizer does:
-    Q4_K (256-value super-blocks; Gemma 3 270M's and 1B's 640 and 1152 wide inputs) to Q5_0, anything else to
-    F16."""
-    from gguf import GGML_QUANT_SIZES
-
-    if len(shape) == 1:
-        return Q.F32
-    if ours == "embed_tokens.weight":
-        name = embed_quant or (quant if quant in ("f32", "f16", "bf16", "q8_0") else "q8_0")
-    else:
-        name = quant
-    for q in (GGUF_QUANTS[name], Q.Q5_0) if name == "q4_k" else (GGUF_QUANTS[name],):
-        if shape[-1] % GGML_QUANT_SIZES[q][0] == 0:
-            return q
-    return Q.F16
-
-
-def encode_gguf(t: np.ndarray, q: Q) -> np.ndarray:
-    """A float32 array in GGUF type `q`: the `gguf` package's reference quantizers, ours for Q4_K."""
-    if q == Q.F32:
-        return t.astype(np.float32)
-    if q == Q.F16:
-        return t.astype(np.float16)
-    if q == Q.Q4_K:
-        return quantize_q4_k(t)
-    return quantize(np.ascontiguousarray(t, dtype=np.float32), q)
-
-
-QK_K = 256  # values per K-quant super-block
-
-
-def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
-          nstep: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's `make_qkx2_quants` for rows of `x` (S, n) with importance `w`: an asymmetric grid
-    x ~ scale * l + min, l in 0..nmax, min <= 0. Starts from the min/max grid, then tries 21 stretched grids,
-    each fitted by weighted least squares, keeping the lowest weighted error; as in the C code, a better fit's
-    min becomes the offset of the grids tried after it. Returns (scale, -min), each (S,)."""
-    hi = x.amax(1)
-    mn = x.amin(1).clamp(max=0)
-    flat = hi == mn
-    sum_w, sum_x = w.sum(1), (w * x).sum(1)
-
-    def grid(iscale: torch.Tensor) -> torch.Tensor:
-        return torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
-
-    def span() -> torch.Tensor:
-        return (hi - mn).clamp(min=1e-30)
-
-    scale = span() / nmax
-    best = (w * (scale[:, None] * grid(nmax / span()) + mn[:, None] - x) ** 2).sum(1)
-    for i in range(nstep + 1):
-        lv = grid((rmin + rdelta * i + nmax) / span())
-        sum_l, sum_l2, sum_xl = (w * lv).sum(1), (w * lv * lv).sum(1), (w * lv * x).sum(1)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        ok = det > 0
-        det = torch.where(ok, det, torch.ones_like(det))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        positive = this_min > 0  # the grid must reach down to 0: refit the scale alone through the origin
-        this_scale = torch.where(positive, sum_xl / sum_l2.clamp(min=1e-30), this_scale)
-        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-        err = (w * (this_scale[:, None] * lv + this_min[:, None] - x) ** 2).sum(1)
-        better = ok & (err < best)
-        best = torch.where(better, err, best)
-        scale, mn = torch.where(better, this_scale, scale), torch.where(better, this_min, mn)
-    return torch.where(flat, torch.zeros_like(scale), scale), -mn
-
-
-def quantize_q4_k(t: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
-    """float32 (..., K) with K % 256 == 0 -> GGML block_q4_K bytes (..., K / 256 * 144), as llama.cpp's
-    `quantize_row_q4_K_ref` (no importance matrix) computes them. A block: fp16 d and dmin, then 12 bytes of
-    eight 6-bit (scale, min) pairs, then 128 bytes of 4-bit quants; sub-block j of 32 values decodes to
-    d * sc_j * q - dmin * m_j. Each sub-block is fitted by `_qkx2` with weights |x| + rms(sub-block), the eight
-    scales and mins are quantized to 6 bits against their maxima, and the quants recomputed on that grid."""
-    x = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).reshape(-1, 8, 32)
-    out = torch.empty(x.shape[0], 144, dtype=torch.uint8)
-    for s in range(0, x.shape[0], chunk):
-        out[s:s + chunk] = _q4_k_blocks(x[s:s + chunk])
-    return out.numpy().reshape(*t.shape[:-1], t.shape[-1] // QK_K * 144)
-
-
-def _q4_k_blocks(x: torch.Tensor) -> torch.Tensor:
-    b = x.shape[0]  # x: (B, 8, 32)
-    w = x.abs() + x.pow(2).mean(-1, keepdim=True).sqrt()
-    scales, mins = (v.reshape(b, 8) for v in _qkx2(x.reshape(-1, 32), w.reshape(-1, 32)))
-    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
-    ls = torch.round(scales * torch.where(max_scale > 0, 63 / max_scale, 0)).clamp(max=63).to(torch.uint8)
-    lm = torch.round(mins * torch.where(max_min > 0, 63 / max_min, 0)).clamp(max=63).to(torch.uint8)
-    d, dmin = (max_scale / 63).half(), (max_min / 63).half()
-    step, offset = d.float() * ls, dmin.float() * lm  # (B, 8): what the decoder will use, fp16 rounding included
-    q = torch.round((x + offset[..., None]) / torch.where(step > 0, step, 1)[..., None]).clamp(0, 15)
-    q = torch.where(step[..., None] > 0, q, 0).to(torch.uint8).reshape(b, 4, 2, 32)
-    packed = torch.cat([ls[:, :4] | (ls[:, 4:] >> 4) << 6, lm[:, :4] | (lm[:, 4:] >> 4) << 6,
-                        (ls[:, 4:] & 15) | (lm[:, 4:] & 15) << 4], dim=1)  # (B, 12)
-    return torch.cat([d.view(torch.uint8), dmin.view(torch.uint8), packed,
-                      (q[:, :, 0] | q[:, :, 1] << 4).reshape(b, 128)], dim=1)
-
-
-def gguf_vocab(meta: dict) -> dict:
-    """Tokenizer metadata as llama.cpp's vocabularies hold it: without a trailing `<image_soft_token>` (HF's
-    multimodal tokenizers append it past the 262144 sentencepiece pieces; gemrun appends it again when an mmproj
-    is loaded)."""
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    if len(tokens) > 1 and tokens[-1] == IMAGE_TOKENS[2]:
-        meta = dict(meta)
-        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-            meta[key] = list(meta[key])[:-1]
-    return meta
-
 
 def write_gguf(src: Source, out: Path, quant: str, embed_quant: str | None = None,
                progress: Progress | None = None, mmproj: Path | None = None, mmproj_quant: str = "f16") -> Path:
@@ -361,8 +168,7 @@ def write_gguf(src: Source, out: Path, quant: str, embed_quant: str | None = Non
             shape = (n_vocab, *shape[1:])  # HF pads Gemma 3's to 262208 rows; llama.cpp sizes it by the vocabulary
         q = gguf_type_for(ours, shape, quant, embed_quant)
         plan.append((ours, shape, q))
-        w.add_tensor_info(gguf_name(ours), _byte_shape(shape, q), np.dtype(np.uint8), gguf_nbytes(shape, q),
-                          raw_dtype=q)
+        declare_tensor(w, gguf_name(ours), shape, q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -370,7 +176,7 @@ def write_gguf(src: Source, out: Path, quant: str, embed_quant: str | None = Non
         t = src.read(ours).numpy()[:shape[0]]
         if is_gemma_norm(ours):
             t = t + 1.0  # llama.cpp stores Gemma's (1 + w)
-        w.write_tensor_data(np.ascontiguousarray(encode_gguf(t, q)).view(np.uint8).reshape(-1))
+        write_encoded(w, t, q)
         if progress:
             progress(i + 1, len(plan))
     w.close()
@@ -379,61 +185,6 @@ def write_gguf(src: Source, out: Path, quant: str, embed_quant: str | None = Non
 
         write_mmproj(mmproj, src.vision, src.vision_shapes, src.read, mmproj_quant)
     return out
-
-
-def gguf_nbytes(shape: tuple[int, ...], q: Q) -> int:
-    from gguf import GGML_QUANT_SIZES
-
-    block, size = GGML_QUANT_SIZES[q]
-    return int(np.prod(shape)) // block * size
-
-
-def _byte_shape(shape: tuple[int, ...], q: Q) -> tuple[int, ...]:
-    from gguf import GGML_QUANT_SIZES
-
-    block, size = GGML_QUANT_SIZES[q]
-    return (*shape[:-1], shape[-1] // block * size)
-
-
-# --- HF output -----------------------------------------------------------------------------------------------
-
-def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4 per group of `group` inputs (group = K: per output channel): (packed uint8 (N, K/2),
-    float16 scales (N, K/group)); q = round(w / scale) in -8..7 with scale = max|w| / 7 (rounded to fp16 first,
-    so dequantizing is exact)."""
-    n, k = w.shape
-    if k % group or group % 2:
-        raise ConfigError(f"group size {group} does not divide the {k} inputs of a matrix into even groups")
-    g = w.float().reshape(n, k // group, group)
-    scale = (g.abs().amax(-1) / 7).clamp(min=2**-24).to(torch.float16)
-    q = torch.round(g / scale.float()[..., None]).clamp(-8, 7).to(torch.int16) + 8
-    q = q.reshape(n, k).to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scale
-
-
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    q = unpack_int4(packed).float() - 8
-    n, k = q.shape
-    return (q.reshape(n, scales.shape[1], -1) * scales.float()[..., None]).reshape(n, k)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(N, K/2) bytes -> (N, K) values 0..15 (low nibble first)."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def quantize_fp8(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8_e4m3fn with a float32 scale per tensor or per output channel: weight = fp8 * scale."""
-    amax = w.abs().amax(-1, keepdim=True) if per_channel else w.abs().amax().reshape(1)
-    scale = (amax.float() / FP8_MAX).clamp(min=1e-12)
-    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
-def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return w.float() * scale.float()
 
 
 def _kept(ours: str, keep: tuple[str, ...]) -> bool:
@@ -538,53 +289,3 @@ def convert(src: Path, out: Path, quant: str, group: int = 32, fp8_per_channel: 
     if mmproj is not None and not src.is_file():
         raise ConfigError("--mmproj with an HF SRC goes with a .gguf OUT; an HF OUT carries the vision tower")
     return write_hf(source, out, quant, group, fp8_per_channel, keep, progress=progress)
-
-
-# --- loading HF quantized directories ------------------------------------------------------------------------
-
-def read_scheme(root: Path) -> dict | None:
-    path = root / QUANT_FILE
-    if not path.is_file():
-        return None
-    try:
-        scheme = json.loads(path.read_text())
-    except ValueError as e:
-        raise WeightsError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(scheme, dict) or scheme.get("scheme") not in HF_QUANTS:
-        raise WeightsError(f"{path}: not a known quantization scheme ({', '.join(HF_QUANTS)})")
-    return scheme
-
-
-def quantized_parts(names: Iterator[str]) -> dict[str, tuple[str, str]]:
-    """Checkpoint tensor names -> {matrix weight name: (values tensor, scales tensor)} of a quantized directory."""
-    names = set(names)
-    parts = {}
-    for n in names:
-        if n.endswith(".qweight") and n.removesuffix(".qweight") + ".scales" in names:
-            parts[n.removesuffix(".qweight") + ".weight"] = (n, n.removesuffix(".qweight") + ".scales")
-        elif n.endswith(".weight_scale") and n.removesuffix("_scale") in names:
-            parts[n.removesuffix("_scale")] = (n.removesuffix("_scale"), n)
-    return parts
-
-
-_warned: set[str] = set()
-
-
-def quantized_module(scheme: dict, values: torch.Tensor, scales: torch.Tensor, packed: bool):
-    """An `Int4Linear` for int4 groups that are whole multiples of 32 (exact: weight = q * scale with fp16 scales;
-    per channel is the same scale in every group), else the float weight (dequantized on load, with a warning)."""
-    from .quant import packed as P
-
-    if scheme["scheme"] == "fp8":
-        if "fp8" not in _warned:
-            _warned.add("fp8")
-            log.warning("fp8 weights have no packed kernel here: dequantized on load")
-        return dequantize_fp8(values, scales)
-    group = values.shape[1] * 2 // scales.shape[1]
-    if packed and group % P.GROUP == 0:
-        s = scales.float().repeat_interleave(group // P.GROUP, dim=1)
-        return P.Int4Linear.from_quants(unpack_int4(values), s, -8 * s)
-    if packed and "int4" not in _warned:
-        _warned.add("int4")
-        log.warning("int4 groups of %d have no packed kernel (multiples of 32 do): dequantized on load", group)
-    return dequantize_int4(values, scales)

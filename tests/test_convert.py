@@ -17,9 +17,11 @@ from gguf.quants import dequantize, quantize
 from tiny import hf_model, tiny_vocab
 
 import gemrun
-from gemrun.convert import convert, dequantize_fp8, dequantize_int4, gguf_name
+from gemrun.convert import convert
 from gemrun.errors import ConfigError, WeightsError
+from gemrun.quant.hf import dequantize_fp8, dequantize_int4
 from gemrun.weights.gguf import GGUFFile
+from gemrun.weights.gguf_write import gguf_name
 from gemrun.weights.names import hf_to_gemrun
 
 IDS = list(range(5, 45))
@@ -336,7 +338,7 @@ def q4_k_reference(x: np.ndarray) -> bytes:
 def test_q4_k_quantizer():
     """Our Q4_K blocks are llama.cpp's reference algorithm, decode (with the gguf package) close to the input,
     and beat Q4_1 on the same data; flat and all-positive sub-blocks decode right."""
-    from gemrun.convert import quantize_q4_k
+    from gemrun.quant.q4k import quantize_q4_k
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((24, 512)) * 0.02).astype(np.float32)
@@ -363,7 +365,7 @@ def test_q4_k_gguf_loads_as_the_dequantized_weights(tmp_path):
     gemrun's dense load gives the logits of the dequantized weights, the packed kernels close to them."""
     from tiny import ours_from
 
-    from gemrun.convert import quantize_q4_k
+    from gemrun.quant.q4k import quantize_q4_k
 
     ref = hf_model(seed=34, hidden_size=256, intermediate_size=512, head_dim=32, query_pre_attn_scalar=32)
     root = save_hf(ref, tmp_path / "hf")

@@ -1,11 +1,11 @@
 """Gemma 4 (Unified): the text decoder and the encoder-free image/audio embedders, as transformers'
 `modeling_gemma4_unified.py` defines them.
 
-What differs from Gemma 3 (facts 4.2): RMSNorm scales by w (not 1 + w); attention has no scaling (1.0) and
-normalises Q, K and V (V without a weight); global layers have their own head size and KV heads, take V from the
-key projection and use proportional RoPE; every layer ends by multiplying the residual stream by its
-`layer_scalar`; logits are soft-capped. Media have no encoder: image patches and audio frames are normalised and
-projected straight into the embedding space.
+What differs from Gemma 3 (`Gemma4UnifiedTextDecoderLayer`, `Gemma4UnifiedTextAttention`): RMSNorm scales by
+w (not 1 + w); attention has no scaling (1.0) and normalises Q, K and V (V without a weight); global layers have
+their own head size and KV heads, take V from the key projection and use proportional RoPE; every layer ends by
+multiplying the residual stream by its `layer_scalar`; logits are soft-capped. Media have no encoder: image
+patches and audio frames are normalised and projected straight into the embedding space.
 
 Shapes: B batch, T new tokens, H query heads, KV key/value heads, D head_dim, E hidden size.
 """
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..cache import Cache
 from ..config import Gemma4TextConfig, LayerSpec
-from .gemma3 import Gemma3
+from .decoder import Decoder
 from .layers import GatedMLP, apply_rope, attend, attention_mask
 
 
@@ -67,16 +69,12 @@ class Attention(nn.Module):
             v = k if self.v_proj is None else self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
             k, v = apply_rope(self.k_norm(k), *rope), self.v_norm(v)
         blocks = blocks if self.bidirectional else None
-        if isinstance(cache, tuple):  # batched decoding: row i is its own sequence, with its own cache
-            y = torch.cat([self.attend(q[i:i + 1], *((k[i:i + 1], v[i:i + 1]) if k is not None else (None, None)),
-                                       c, positions[i], blocks) for i, c in enumerate(cache)])
-        else:
-            y = self.attend(q, k, v, cache, positions, blocks)
+        y = cache.attend(q, k, v, positions, partial(self.attend, blocks=blocks))  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
 
-    def attend(self, q, k, v, cache, positions, blocks):
-        k, v, kv_pos = cache.update(k, v, positions)  # (B, KV, S, D), kv_pos (S,)
-        mask = attention_mask(positions, kv_pos, self.spec.window, blocks, self.block_in_window)
+    def attend(self, q, k, v, positions, kv_positions, blocks):
+        """q (B, H, T, D) over the cached k, v (B, KV, S, D), masked by absolute positions (T,) and (S,)."""
+        mask = attention_mask(positions, kv_positions, self.spec.window, blocks, self.block_in_window)
         return attend(q, k, v, mask, 1.0)  # Gemma 4 attends unscaled: the Q/K norms set the scale
 
 
@@ -101,23 +99,17 @@ class Block(nn.Module):
         return x * self.layer_scalar
 
 
-class Gemma4(Gemma3):
-    """Token ids in, logits out (Gemma 3's embedding, RoPE tables, caches, batching and head; Gemma 4 blocks)."""
+class Gemma4(Decoder):
+    """Token ids in, logits out (the shared `Decoder`, as Gemma 3's, with Gemma 4 blocks and norm)."""
 
     def __init__(self, cfg: Gemma4TextConfig, specs: tuple[LayerSpec, ...] | None = None):
-        nn.Module.__init__(self)
-        self.config = cfg
-        self.specs = specs or cfg.layers
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ropes = sorted({(s.head_dim, s.rope) for s in self.specs}, key=repr)
+        super().__init__(cfg, Block, RMSNorm, specs)
 
 
 # --- multi-token-prediction drafter (gemma4_unified_assistant) -----------------------------------------------------
 
 
-class TargetKV:
+class TargetKV(Cache):
     """A drafter layer's "cache": the target's K/V of its last layer of the same type, read as is."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):

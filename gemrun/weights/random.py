@@ -17,13 +17,14 @@ from ..errors import ConfigError
 from ..model.gemma3 import Gemma3
 from ..model.gemma4 import Gemma4, Gemma4Media, MediaConfig
 from ..model.vision import VISION_PRESETS, Gemma3Vision, VisionConfig
+from .embedded import default_model_path
+from .gguf_write import GGUF_QUANTS, add_gemma3_metadata, add_tokenizer_metadata, declare_tensor, gguf_name
 from .safetensors import ShardWriter
 
 Progress = Callable[[int, int], None]
 STD = 0.02
 HF_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
-GGUF_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16,
-              "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+GGUF_TYPES = {k: GGUF_QUANTS[k] for k in ("f32", "f16", "bf16", "q8_0", "q4_0")}  # floats, or `_random_blocks`
 
 
 def _shapes(module_factory) -> list[tuple[str, tuple[int, ...]]]:
@@ -70,8 +71,9 @@ def hf_config_dict(cfg: TextConfig, v: VisionConfig | None) -> dict:
                               "vision_use_head": False}}
 
 
-# Gemma 4's control tokens at their real ids (facts sections 4.5 and 5). No Gemma 4 tokenizer can be downloaded:
-# random checkpoints and tests put them over unused control tokens of the embedded Gemma 3 vocabulary.
+# Gemma 4's control tokens at their real ids (Gemma4UnifiedConfig's media token ids; the tokens of Google's Gemma 4
+# `chat_template.jinja`). No Gemma 4 tokenizer can be downloaded: random checkpoints and tests put them over
+# unused control tokens of the embedded Gemma 3 vocabulary.
 GEMMA4_SPECIALS = {
     46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
     51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>",
@@ -83,7 +85,6 @@ GEMMA4_SPECIALS = {
 def gemma4_stand_in_metadata(template: str | None = None) -> dict:
     """GGUF tokenizer metadata of the embedded Gemma 3 270M with Gemma 4's special tokens at their ids (no BOS
     added: the template writes it)."""
-    from ..api import default_model_path
     from ..tokenizer import CONTROL
     from .gguf import GGUFFile
 
@@ -125,7 +126,6 @@ def write_random_hf(preset_name: str, out: Path, vision: bool = False, dtype: st
                     shard_bytes: int = 2 << 30, progress: Progress | None = None) -> Path:
     """An HF directory (config.json, sharded safetensors with index, tokenizer.json) of random weights. Gemma 4
     presets always carry their image and audio embedders."""
-    from ..api import default_model_path
     from ..tokenizer import from_gguf_metadata
     from .gguf import GGUFFile
 
@@ -170,8 +170,6 @@ def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_qu
                       progress: Progress | None = None) -> Path:
     """A llama.cpp-layout Gemma 3 GGUF of random weights: matrices in `quant`, the embedding in `embed_quant`,
     norms F32 (stored as 1 + w), tokenizer metadata of the embedded model."""
-    from ..api import default_model_path
-    from ..convert import add_gemma3_metadata, add_tokenizer_metadata, gguf_name
     from .gguf import GGUFFile
 
     if quant not in GGUF_TYPES or embed_quant not in GGUF_TYPES:
@@ -188,19 +186,16 @@ def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_qu
         q = GGUF_TYPES[embed_quant if name == "embed_tokens.weight" else quant]
         if len(shape) == 1:
             q = GGMLQuantizationType.F32
-        block, size = GGML_QUANT_SIZES[q]
-        if shape[-1] % block:
-            q, (block, size) = GGMLQuantizationType.F16, (1, 2)
-        nbytes = int(np.prod(shape)) // block * size
-        plan.append((name, shape, q, nbytes))
-        byte_shape = (*shape[:-1], shape[-1] // block * size)
-        w.add_tensor_info(gguf_name(name), byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=q)
+        if shape[-1] % GGML_QUANT_SIZES[q][0]:
+            q = GGMLQuantizationType.F16
+        plan.append((name, shape, q))
+        declare_tensor(w, gguf_name(name), shape, q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    for i, (name, shape, q, _) in enumerate(plan):
+    for i, (name, shape, q) in enumerate(plan):
         if q in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0):
             data = _random_blocks(q, shape, rng)
         else:
