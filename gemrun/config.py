@@ -309,7 +309,8 @@ def from_gguf_metadata(meta: dict[str, Any]) -> TextConfig:
         if f"tokenizer.ggml.{key}" in meta:
             kw[ours] = int(meta[f"tokenizer.ggml.{key}"])
     kw["stop_token_ids"] = tuple(dict.fromkeys((kw.get("eos_token_id", 1), 1, 106)))
-    # 27B uses hidden/heads; every other size uses head_dim (facts 1.7); GGUF has no key for it.
+    # 27B uses hidden/heads, every other size head_dim (the hub config.json files, configuration_gemma3.py:
+    # Gemma3TextConfig); GGUF has no key for it.
     if kw["hidden_size"] == 5376 and heads == 32:
         kw["query_pre_attn_scalar"] = 168.0
     return TextConfig(**kw)

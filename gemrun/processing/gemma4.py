@@ -103,7 +103,7 @@ class VideoLimits:
 
 def target_size(height: int, width: int, max_soft_tokens: int = 280) -> tuple[int, int]:
     """(height, width) the image is resized to: the largest multiples of 48 keeping the aspect ratio within
-    `max_soft_tokens` 48-px patches, as the reference's `get_aspect_ratio_preserving_size` (facts 4.5)."""
+    `max_soft_tokens` 48-px patches, as the reference's `get_aspect_ratio_preserving_size`."""
     if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
         raise InputError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
     max_patches = max_soft_tokens * POOL**2
@@ -132,7 +132,7 @@ def _resize(pixels: torch.Tensor, max_soft_tokens: int) -> torch.Tensor:
 
 def _patchify(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 3, H, W) float -> patches (n, H/48 * W/48, 6912) in HWC order per patch, and positions (H/48 * W/48, 2).
-    Equal to the reference's 16-px patchify followed by its 3x3 `patches_merge` (facts 4.5)."""
+    Equal to the reference's 16-px patchify followed by its 3x3 `patches_merge`."""
     n, c, height, width = pixels.shape
     h, w = height // SIDE, width // SIDE
     patches = pixels.reshape(n, c, h, SIDE, w, SIDE).permute(0, 2, 4, 3, 5, 1).reshape(n, h * w, SIDE * SIDE * c)
