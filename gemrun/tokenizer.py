@@ -23,7 +23,7 @@ from .errors import InputError, TokenizerError
 
 MEDIA_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 CONTROL, USER_DEFINED = 3, 4  # token types shared by GGUF and sentencepiece
-ESC = "\ue000"  # private-use escape: inserted after the first character of a special spelling in user text
+ESC = "\ue000"  # private-use escape mark, inserted in user text after each character that may begin a special
 _UNESCAPE = re.compile(ESC + "(" + ESC + "?)")
 
 
@@ -88,6 +88,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.specials, key=len, reverse=True)))
+        starts = sorted({s[0] for s in self.specials})  # "<" for every Gemma control token
+        self._starts = re.compile("[" + "".join(re.escape(c) for c in starts) + "]") if starts else None
 
     @property
     def vocab_size(self) -> int:
@@ -99,9 +101,12 @@ class Tokenizer:
         return [self.bos_id, *ids] if bos else ids
 
     def escape(self, text: str) -> str:
-        """Make special spellings in user text inert inside a rendered template (undone by encode_template)."""
+        """Make user text inert inside a rendered template (undone by encode_template): every character that can
+        begin a control token's spelling is followed by an escape mark, so no control token can form in user text,
+        nor across pieces of it that a template joins (a part ending in `<start_of` and the next one beginning
+        with `_image>`)."""
         text = check_text(text).replace(ESC, ESC + ESC)
-        return self._special_re.sub(lambda m: m.group(0)[0] + ESC + m.group(0)[1:], text) if self.specials else text
+        return self._starts.sub(lambda m: m.group(0) + ESC, text) if self._starts else text
 
     def encode_template(self, rendered: str) -> list[int]:
         """A rendered template to ids: its own special spellings become control tokens, escaped user text
