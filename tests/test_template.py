@@ -35,14 +35,32 @@ def test_checkpoint_template_is_used(model_270m):
     "{{ [1] * 10**9 }}",
     "{{ ().__class__.__bases__[0].__subclasses__() }}",
     "{% macro r(n) %}{{ r(n) }}{% endmacro %}{{ r(1) }}",
+    "{{ 'a' | center(1000000000) }}",
+    "{{ '%1000000000s' | format('x') }}",
+    "{{ '{:>1000000000}'.format('x') }}",
+    "{{ [1] | batch(1000000000, 'x') | list | length }}",
+    "{% set a = 'a' * 4000000 %}{% set b = a ~ a %}{% set c = b ~ b %}{% set d = c ~ c %}{% set e = d ~ d %}"
+    "{% set f = e ~ e %}{% set g = f ~ f %}{{ (g ~ g) | length }}",
+    "{{ ('x' * 4000000).join(['a'] * 100000) | length }}",
+    "{{ lipsum(1000000000) }}",
 ])
 def test_hostile_templates_fail_cleanly_and_quickly(source):
+    """Time, output and memory are bounded; the memory a template asks for is never this process's."""
+    import resource
     import time
 
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.monotonic()
     with pytest.raises(TemplateError):
         ChatTemplate(source).render([{"role": "user", "content": "x"}])
     assert time.monotonic() - t0 < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: this process grew < 100 MB
+
+
+def test_template_worker_survives_a_failure():
+    with pytest.raises(TemplateError):
+        ChatTemplate("{{ 'a' | center(1000000000) }}").render([])
+    assert ChatTemplate("{{ messages[0].content }}!").render([{"role": "user", "content": "fine"}]) == "fine!"
 
 
 def test_bad_messages(model_270m):
