@@ -42,6 +42,7 @@ class ChatFormat:
     keep_special = False  # replies carry syntax in control tokens: decode them with those tokens kept
     thinking = False  # the format has a thinking switch
     end_of_turn: tuple[str, ...] = ()  # tokens besides <eos> that end a reply
+    call_tokens: tuple[str, ...] = ()  # control tokens a forced tool call writes (its grammar may emit them)
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None = None):
         self.tokenizer = tokenizer
@@ -92,8 +93,8 @@ class ChatFormat:
     def reply_parser(self, tools: list[dict] | None = None, in_thought: bool = False) -> ReplyParser:
         raise NotImplementedError
 
-    def tool_grammar(self, tools: list[dict], choice: Any) -> str:
+    def tool_grammar(self, tools: list[dict], choice: Any, in_thought: bool = False) -> str:
         """GBNF (xgrammar's dialect, root rule `root`) for a reply that is exactly one call: to any declared tool
-        ("required") or to the named one."""
+        ("required") or to the named one. `in_thought`: the prompt left the reasoning channel open."""
         raise InputError(f'tool_choice "required" or a named function is not supported with {self.title} yet; '
                          'use "auto"')

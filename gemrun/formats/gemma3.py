@@ -184,5 +184,5 @@ class Gemma3Format(ChatFormat):
     def reply_parser(self, tools=None, in_thought=False):
         return ToolStreamParser(tools) if tools else Passthrough()
 
-    def tool_grammar(self, tools, choice):
+    def tool_grammar(self, tools, choice, in_thought=False):
         return tool_grammar(tools, choice)

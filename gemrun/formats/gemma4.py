@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import InputError
 from .base import ChatFormat, Rendered
-from .gemma4_calls import Gemma4ToolStreamParser, parse_gemma4_tool_calls
+from .gemma4_calls import CALL_TOKENS, Gemma4ToolStreamParser, parse_gemma4_tool_calls, tool_grammar
 from .messages import MediaSlot, normalize_tool_choice, validate_tools
 from .stream import Events, Trimmed, prefix_tail
 
@@ -226,6 +226,7 @@ class Gemma4Format(ChatFormat):
     keep_special = True  # the thought channel and tool calls are control tokens
     thinking = True
     end_of_turn = ("<turn|>", "<|tool_response>")
+    call_tokens = CALL_TOKENS
     past_reply = staticmethod(strip_thinking)
 
     def render(self, messages, add_generation_prompt=True, *, media_kinds=(), tools=None, tool_choice=None,
@@ -245,3 +246,6 @@ class Gemma4Format(ChatFormat):
 
     def reply_parser(self, tools=None, in_thought=False):
         return Gemma4OutputParser(tools, in_thought=in_thought, parse_tools=bool(tools))
+
+    def tool_grammar(self, tools, choice, in_thought=False):
+        return tool_grammar(tools, choice, in_thought)

@@ -142,3 +142,75 @@ class Gemma4ToolStreamParser(CallStream):
     def _parse(self, body: str) -> list[dict] | None:
         call = _call(body, self.names)
         return None if call is None else [call]
+
+
+# ---- constrained decoding ----
+
+# Values as the template's `format_argument` writes them: no whitespace, strings between <|"|> marks (no "<" inside
+# a forced string), numbers of bounded length, nested objects with bare keys.
+_VALUES = r"""
+value ::= string | number | "true" | "false" | "null" | array | object
+string ::= "<|\"|>" [^<]* "<|\"|>"
+integer ::= "-"? ("0" | [1-9] [0-9]{0,15})
+number ::= integer ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})?
+array ::= "[" (value ("," value)*)? "]"
+object ::= "{" (key ":" value ("," key ":" value)*)? "}"
+key ::= [A-Za-z_] [A-Za-z0-9_]*
+"""
+CALL_TOKENS = (OPEN, CLOSE, QUOTE, "<|channel>", "<channel|>")  # control tokens a forced call may write
+
+
+def _literal(v: Any) -> str:
+    """A JSON value as the template writes it (`format_argument`, keys bare)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return QUOTE + v + QUOTE
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_literal(x)}" for k, x in sorted(v.items())) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(_literal(x) for x in v) + "]"
+    return str(v)
+
+
+def _value_rule(schema) -> str:
+    """The grammar of one argument's value: its enum, or its JSON type, else any value."""
+    from .pycall import gbnf_string, jsonable
+
+    if not isinstance(schema, dict):
+        return "value"
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(jsonable(v) for v in enum):
+        return "(" + " | ".join(gbnf_string(_literal(v)) for v in enum) + ")"
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    rule = {"string": "string", "integer": "integer", "number": "number", "boolean": '("true" | "false")',
+            "array": "array", "object": "object", "null": '"null"'}
+    alts = [rule[t] for t in types if isinstance(t, str) and t in rule]
+    return "(" + " | ".join(alts) + ")" if alts else "value"
+
+
+def tool_grammar(tools: list, choice: Any, in_thought: bool = False) -> str:
+    """GBNF (xgrammar's dialect, root rule `root`) for a reply that is one native call, to any declared function
+    ("required") or the named one: its declared parameters in the template's (sorted) order, each at most once,
+    the required ones always, values of their schema's type. A thought channel may come first (with "<" kept out
+    of it); `in_thought`: the prompt already opened it, so the reply starts inside the reasoning."""
+    from .pycall import chain, forced_functions, gbnf_string
+
+    fns = forced_functions(tools, choice)
+    thought = '[^<]* "<channel|>"' if in_thought else '("<|channel>" [^<]* "<channel|>")?'
+    rules = [f'root ::= {thought} "<|tool_call>call:" call "<tool_call|>"',
+             "call ::= " + " | ".join(f"f{i}" for i in range(len(fns)))]
+    for i, fn in enumerate(fns):
+        params = fn["parameters"]
+        props = params.get("properties") or {}
+        required = set(params.get("required") or ()) & set(props)
+        items = [(gbnf_string(f"{k}:"), _value_rule(props[k]), k in required) for k in sorted(props)]
+        if props:
+            rules += chain(f"p{i}", items, separator='","')
+            rules.append(f'f{i} ::= {gbnf_string(fn["name"] + "{")} p{i}_0 "}}"')
+        else:  # no declared parameters: any arguments
+            rules.append(f'f{i} ::= {gbnf_string(fn["name"] + "{")} (key ":" value ("," key ":" value)*)? "}}"')
+    return "\n".join(rules) + _VALUES

@@ -209,16 +209,16 @@ def tool_grammar(tools: list, choice: str | dict) -> str:
     return "\n".join(rules) + _LITERALS
 
 
-def chain(name: str, items: list[tuple[str, str, bool]]) -> list[str]:
-    """Rules `name_0` for a comma-separated list of the items in order, each at most once, the required ones
-    always. `name_i` is the list from item i on with nothing written yet, `name_t_i` after something was."""
+def chain(name: str, items: list[tuple[str, str, bool]], separator: str = '"," ws') -> list[str]:
+    """Rules `name_0` for a list of the items in order joined by `separator`, each at most once, the required
+    ones always. `name_i` is the list from item i on with nothing written yet, `name_t_i` after something was."""
     rules, n = [], len(items)
     rules.append(f'{name}_{n} ::= ""')
     rules.append(f'{name}_t{n} ::= ""')
     for i in range(n - 1, -1, -1):
         key, value, req = items[i]
         item = f"{key} {value}".strip()
-        tail = f'"," ws {item} {name}_t{i + 1}'
+        tail = f"{separator} {item} {name}_t{i + 1}"
         if i:  # a tail from the first item on is never needed
             rules.append(f"{name}_t{i} ::= {tail}" + ("" if req else f" | {name}_t{i + 1}"))
         rules.append(f"{name}_{i} ::= {item} {name}_t{i + 1}" + ("" if req else f" | {name}_{i + 1}"))
