@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -238,7 +237,13 @@ def serve(model: ModelOpt = None,
           port: Annotated[int, typer.Option()] = 8000,
           api_key: Annotated[str | None, typer.Option("--api-key", envvar="GEMRUN_API_KEY",
                                                       help="require Authorization: Bearer KEY on every route "
-                                                      "but /health")] = None,
+                                                      "but /health; prefer GEMRUN_API_KEY or --api-key-file "
+                                                      "(a key on the command line shows in ps)")] = None,
+          api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="read the API key from this "
+                                                            "file (first line)")] = None,
+          allowed_hosts: Annotated[list[str] | None, typer.Option("--allowed-hosts", help="Host names served "
+                                                                  "besides localhost (repeatable; * for any): "
+                                                                  "DNS-rebinding defence")] = None,
           cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="allow this browser origin "
                                                                 "(repeatable; CORS is off by default)")] = None,
           served_model_name: Annotated[str | None, typer.Option(help="model name clients use (default: the "
@@ -261,16 +266,28 @@ def serve(model: ModelOpt = None,
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs, batching concurrent requests."""
     import logging
 
-    import uvicorn
-
-    from .server.app import Server, Settings, create_app
+    from .server.app import Server, Settings, create_app, server_config
 
     if not 0 < port < 65536:
         raise GemrunError(f"--port must be in 1..65535, got {port}")
     if not 1 <= max_batch <= 63 or max_queue < 0 or max_body_mb <= 0 or request_timeout <= 0:
         raise GemrunError("--max-batch must be in 1..63, --max-queue >= 0, --max-body-mb and --request-timeout > 0")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError, UnicodeDecodeError) as e:
+            raise GemrunError(f"cannot read an API key from {api_key_file}: {e}") from None
+    elif api_key and any(a == "--api-key" or a.startswith("--api-key=") for a in sys.argv):
+        err.print("[yellow]warning:[/yellow] an API key on the command line is visible to other users (ps); "
+                  "use GEMRUN_API_KEY or --api-key-file")
+    from .server.app import is_loopback
+
+    if not is_loopback(host) and not api_key:
+        err.print(f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach this "
+                  "address can use the model (set GEMRUN_API_KEY or --api-key-file)")
     settings = Settings(host=host, port=port, api_key=api_key or None, cors_origins=list(cors_origin or []),
+                        allowed_hosts=list(allowed_hosts or []),
                         max_body=int(max_body_mb * (1 << 20)), max_batch=max_batch, max_queue=max_queue,
                         request_timeout=request_timeout, max_tokens_default=max_tokens,
                         shutdown_deadline=shutdown_deadline, served_name=served_model_name, draft=draft,
@@ -285,9 +302,7 @@ def serve(model: ModelOpt = None,
 
     app_ = create_app(loader, settings)
     err.print(f"[dim]gemrun serving on http://{host}:{port} (OpenAI: /v1, Ollama: /api)[/dim]")
-    config = uvicorn.Config(app_, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=int(math.ceil(shutdown_deadline)))
-    Server(config).run()
+    Server(server_config(app_, settings, log_level)).run()
 
 
 @app.command()

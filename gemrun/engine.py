@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -62,6 +62,7 @@ class Request:
     spec: Iterator[int] | None = None  # speculative generation (token ids), instead of `seq`
     stats: Stats | None = None  # a speculative request's stats (a plain one's are seq.stats)
     submitted: float = field(default_factory=time.monotonic)
+    group: object = None  # the client request this is one choice of (its `n` choices share a group)
 
     def emit(self, event: Token | Done) -> None:
         if self.loop is not None:
@@ -123,15 +124,17 @@ class Engine:
 
     # --- called from request handlers -------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: SamplingParams, stop_ids: set[int], matcher=None,
-               logprobs: int | None = None, timeout: float | None = None) -> Request:
-        """Queue a request; iterate it (sync or async) for Token events and a final Done."""
+               logprobs: int | None = None, timeout: float | None = None, group: object = None) -> Request:
+        """Queue a request; iterate it (sync or async) for Token events and a final Done. Requests of one `group`
+        (the choices of one client request) never hold more than `max_batch - 1` slots together, so one `n: 8`
+        request cannot shut everyone else out of the batch."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         req = Request(prompt, params, stop_ids, matcher, logprobs,
                       None if timeout is None else time.monotonic() + timeout,
-                      asyncio.Queue() if loop else queue.SimpleQueue(), loop)
+                      asyncio.Queue() if loop else queue.SimpleQueue(), loop, group=group)
         check_context(len(prompt.ids), self.runtime.max_context)  # fails the caller, before anything is queued
         with self._wake:
             if not self._accepting or self._stopped:
@@ -198,9 +201,7 @@ class Engine:
                         self._wake.wait()
                     if self._stopped and not self.waiting and not self.active:
                         return
-                    admitted = []
-                    while self.waiting and len(self.active) + len(admitted) < self.max_batch:
-                        admitted.append(self.waiting.popleft())
+                    admitted = self._admissions()
                     stopping = self._stopped
                 if stopping:  # cancel everything still here and exit
                     for req in self.active + admitted + list(self.waiting):
@@ -223,6 +224,22 @@ class Engine:
             self.error = f"{type(e).__name__}: {e}"
             for req in list(self.active) + list(self.waiting):
                 self._end(req, "error", self.error)
+
+    def _admissions(self) -> list[Request]:
+        """The waiting requests that take the free slots, oldest first; one group (a request's `n` choices) may
+        hold at most `max_batch - 1` slots, so another client can always start."""
+        share = max(1, self.max_batch - 1)
+        held = Counter(r.group for r in self.active if r.group is not None)
+        admitted = []
+        for req in list(self.waiting):
+            if len(self.active) + len(admitted) >= self.max_batch:
+                break
+            if req.group is not None and held[req.group] >= share:
+                continue
+            held[req.group] += 1
+            self.waiting.remove(req)
+            admitted.append(req)
+        return admitted
 
     def _admit(self, req: Request) -> None:
         if self.draft is not None and req.matcher is None and req.logprobs is None:

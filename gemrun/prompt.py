@@ -19,7 +19,7 @@ from .errors import InputError
 from .formats import ChatFormat, MediaSlot
 from .generate import Prompt
 from .model.multimodal import media_blocks, prompt_embeddings
-from .processing.source import LOCAL, Sources
+from .processing.source import LOCAL, MediaRequest, Sources
 from .tokenizer import Tokenizer
 
 MAX_VISUAL = 32  # images and videos in one prompt
@@ -34,8 +34,7 @@ class MediaInput(Protocol):
     budgets: tuple[int, ...]  # soft tokens an image may be given (empty: fixed)
     vision_ids: tuple[int, ...]  # soft-token ids whose runs attend to each other (an image, a video frame)
 
-    def prepare(self, kind: str, source: Any, sources: Sources, budget: int | None,
-                pan_and_scan: bool | None) -> Any: ...  # an item with a `.slot` (MediaSlot)
+    def prepare(self, kind: str, source: Any, request: MediaRequest) -> Any: ...  # an item with a `.slot`
 
     def embed(self, items: list) -> dict[int, torch.Tensor]: ...  # placeholder id -> soft tokens (M, E)
 
@@ -48,6 +47,7 @@ class PromptBuilder:
     format: ChatFormat
     inputs: MediaInput | None = None
     sources: Sources = LOCAL
+    max_context: int | None = None  # when set, text whose length alone rules it out is refused before tokenizing
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -67,10 +67,21 @@ class PromptBuilder:
             raise InputError(f"max_soft_tokens must be one of {budgets}, got {image_tokens!r}")
         return image_tokens
 
+    def check_length(self, text: str) -> None:
+        """Refuse text that cannot fit the context whatever it tokenizes to: n bytes are at least
+        n / (the longest token's bytes) tokens. Tokenizing megabytes only to refuse them would waste seconds."""
+        if self.max_context is None or len(text) < self.max_context:
+            return
+        least = -(-len(text.encode("utf-8", "surrogatepass")) // self.tokenizer.max_token_bytes)
+        if least >= self.max_context:
+            raise InputError(f"prompt has at least {least} tokens ({len(text)} characters) but the context holds "
+                             f"{self.max_context}")
+
     def text(self, text: str | Sequence[int], bos: bool = True) -> Prompt:
         """A raw prompt: text (with <bos> when `bos` and the tokenizer asks for it), or token ids as they are."""
         tk = self.tokenizer
         if isinstance(text, str):
+            self.check_length(text)
             return Prompt(tk.encode(text, bos=bos and tk.add_bos))
         ids = list(text)
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tk.vocab_size for i in ids):
@@ -85,12 +96,14 @@ class PromptBuilder:
         budget = self.check_budget(image_tokens)
         rendered = self.format.render(messages, add_generation_prompt, media_kinds=self.media_kinds, tools=tools,
                                       tool_choice=tool_choice, think=think)
+        self.check_length(rendered.text)
         sources = [(kind, src) for kind in KINDS for src in rendered.media.get(kind, ())]
         if not sources:
             return Prompt(self.format.encode(rendered.text), in_thought=rendered.in_thought)
         if sum(kind != "audio" for kind, _ in sources) > MAX_VISUAL:
             raise InputError(f"more than {MAX_VISUAL} images and videos in one prompt")
-        items = [self.inputs.prepare(kind, src, self.sources, budget, pan_and_scan) for kind, src in sources]
+        request = MediaRequest(self.sources, budget, pan_and_scan)
+        items = [self.inputs.prepare(kind, src, request) for kind, src in sources]
         slots: list[MediaSlot] = [item.slot for item in items]
         ids = self.format.encode(self.format.expand_media(rendered.text, slots))
         ids_t = torch.tensor(ids, device=self.model.device)

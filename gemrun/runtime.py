@@ -92,7 +92,8 @@ class Runtime:
 
     def prompts(self, sources: Sources | None = None) -> PromptBuilder:
         """Prompt assembly; local media paths allowed (inside `image_dir`) unless `sources` says otherwise."""
-        return PromptBuilder(self.model, self.format, self.inputs, sources or Sources(root=self.image_dir))
+        return PromptBuilder(self.model, self.format, self.inputs, sources or Sources(root=self.image_dir),
+                             self.max_context)
 
     def use_drafter(self, path: str | Path, tokens: int = 4) -> None:
         """Speculative decoding with an MTP assistant checkpoint (Gemma 4) drafting `tokens` per round."""

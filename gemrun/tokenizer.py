@@ -8,6 +8,7 @@ spelled-out `<start_of_turn>` in it stays plain text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -90,6 +91,13 @@ class Tokenizer:
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.specials, key=len, reverse=True)))
         starts = sorted({s[0] for s in self.specials})  # "<" for every Gemma control token
         self._starts = re.compile("[" + "".join(re.escape(c) for c in starts) + "]") if starts else None
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest piece plain text can become: text of n bytes is at least
+        n / max_token_bytes tokens (special tokens never come from text)."""
+        pieces = self.backend.get_vocab(with_added_tokens=False)
+        return max((len(p.replace("\u2581", " ").encode()) for p in pieces), default=1) or 1
 
     @property
     def vocab_size(self) -> int:

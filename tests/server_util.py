@@ -9,7 +9,7 @@ import time
 import httpx
 import uvicorn
 
-from gemrun.server.app import Settings, create_app
+from gemrun.server.app import Settings, create_app, server_config
 
 
 def free_port() -> int:
@@ -23,8 +23,7 @@ class LiveServer:
         self.port = free_port()
         self.settings = Settings(port=self.port, **settings)
         self.app = create_app(loader, self.settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(server_config(self.app, self.settings))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..formats.messages import MediaSlot
 from .audio import AudioLimits, ProcessedAudio, process_audio, waveform_frames
 from .image import load_image
-from .source import LOCAL, Sources, read_source
+from .source import LOCAL, MediaRequest, Sources, read_source
 
 __all__ = [
     "SOFT_TOKEN_BUDGETS", "ProcessedImage", "ProcessedVideo", "ProcessedAudio", "VideoLimits", "target_size",
@@ -149,10 +149,11 @@ def _pad(values: torch.Tensor, positions: torch.Tensor, length: int) -> tuple[to
     return torch.cat([values, pad_v], dim=-2), torch.cat([positions, pad_p], dim=-2)
 
 
-def process_image(source, max_soft_tokens: int = 280, sources: Sources = LOCAL) -> ProcessedImage:
+def process_image(source, max_soft_tokens: int = 280, sources: Sources = LOCAL,
+                  request: MediaRequest | None = None) -> ProcessedImage:
     """Patches of one image (a PIL image or any source `load_image` takes) for a soft-token budget among 70, 140,
     280, 560, 1120: resize bicubic with antialias, x/255, no normalisation."""
-    img = load_image(source, sources)
+    img = load_image(source, sources, request)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()[None]
     # x * (1/255) in float32, as the reference's rescale (its video path divides instead; see process_video)
     patches, positions = _patchify(_resize(pixels, max_soft_tokens) * (1 / 255))
@@ -197,7 +198,7 @@ def _video_audio(data: bytes, fmt: str, limits: AudioLimits) -> ProcessedAudio |
 
 def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio: bool = True,
                   limits: VideoLimits = VideoLimits(), audio_limits: AudioLimits = AudioLimits(),
-                  sources: Sources = LOCAL) -> ProcessedVideo:
+                  sources: Sources = LOCAL, request: MediaRequest | None = None) -> ProcessedVideo:
     """`num_frames` frames sampled uniformly (`arange(n) * total // n`, as the reference) from an MP4/MOV, Matroska/
     WebM or AVI video (bytes, a data: URL or a path), each processed as an image with `max_soft_tokens`, plus the first
     audio track as 16 kHz frames when `audio`. A video with fewer frames uses them all (the reference refuses it)."""
@@ -228,6 +229,8 @@ def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio
             if total == 0:
                 raise InputError("video has no frames")
             n = min(num_frames, total)
+            if request is not None:
+                request.take_pixels(n * width * height, f"{n} video frames of {width}x{height}")
             wanted = set((np.arange(n) * total // n).tolist())
             last = max(wanted)
             kept, indices = [], []
@@ -274,15 +277,12 @@ class Gemma4Inputs:
         self.vision_ids = (cfg.image_token_id, cfg.video_token_id)  # runs of these attend to each other
         self.ids = {"image": cfg.image_token_id, "video": cfg.video_token_id, "audio": cfg.audio_token_id}
 
-    def prepare(self, kind: str, source, sources: Sources = LOCAL, budget: int | None = None,
-                pan_and_scan: bool | None = None):
+    def prepare(self, kind: str, source, request: MediaRequest):
         if kind == "image":
-            item = process_image(source, budget or 280, sources)
-        elif kind == "audio":
-            item = process_audio(source, sources=sources)
-        else:
-            item = process_video(source, audio=False, sources=sources)
-        return item
+            return process_image(source, request.image_tokens or 280, request.sources, request)
+        if kind == "audio":
+            return process_audio(source, sources=request.sources)
+        return process_video(source, audio=False, sources=request.sources, request=request)
 
     @torch.inference_mode()
     def embed(self, items: list) -> dict[int, torch.Tensor]:

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 from ..formats.messages import MediaSlot
-from .source import LOCAL, Sources, read_source
+from .source import LOCAL, MediaRequest, Sources, read_source
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_PIXELS = 50_000_000  # checked from the header, before decoding
@@ -43,15 +43,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source, sources: Sources = LOCAL) -> Image.Image:
+def load_image(source, sources: Sources = LOCAL, request: MediaRequest | None = None) -> Image.Image:
     """An RGB PIL image from a PIL image or any source `source.read_source` takes. The pixel count is checked from the
-    header before decoding; truncated files, bombs and odd sizes fail with InputError. EXIF orientation is
-    applied (as transformers' load_image); GIFs give their first frame."""
+    header before decoding (and taken from `request`'s budget); truncated files, bombs and odd sizes fail with
+    InputError. EXIF orientation is applied (as transformers' load_image); GIFs give their first frame."""
     if isinstance(source, Image.Image):
         img = source
         w, h = img.size
         if w < 1 or h < 1 or w * h > MAX_PIXELS:
             raise InputError(f"image of {w}x{h} pixels is outside 1..{MAX_PIXELS} pixels")
+        if request is not None:
+            request.take_pixels(w * h, f"an image of {w}x{h}")
         return to_rgb(img)
     data = read_source(source, "image", sources=sources)
     try:
@@ -60,6 +62,8 @@ def load_image(source, sources: Sources = LOCAL) -> Image.Image:
         if w < 1 or h < 1 or w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
             raise InputError(f"image of {w}x{h} pixels is refused (at most {MAX_PIXELS} pixels, sides "
                              f"1..{MAX_SIDE})")
+        if request is not None:
+            request.take_pixels(w * h, f"an image of {w}x{h}")
         img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -129,9 +133,8 @@ class Gemma3Images:
         self.vision_ids = (tower.config.image_token_id,)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def prepare(self, kind: str, source, sources: Sources = LOCAL, budget: int | None = None,
-                pan_and_scan: bool | None = None) -> Gemma3Image:
-        pixels = preprocess(load_image(source, sources), self.config, pan_and_scan)
+    def prepare(self, kind: str, source, request: MediaRequest) -> Gemma3Image:
+        pixels = preprocess(load_image(source, request.sources, request), self.config, request.pan_and_scan)
         return Gemma3Image(pixels, MediaSlot("image", self.tower.config.mm_tokens_per_image, len(pixels) - 1))
 
     def embed(self, items: list[Gemma3Image]) -> dict[int, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import InputError
 
 MAX_BYTES = {"image": 20 << 20, "audio": 50 << 20, "video": 256 << 20}  # encoded size of one item
+MAX_REQUEST_PIXELS = 100_000_000  # decoded pixels of all the images and video frames of one prompt
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")  # OpenAI input_audio formats we decode
 _REMOTE = ("http", "https", "ftp", "file")
 
@@ -26,6 +27,24 @@ class Sources:
 
 LOCAL = Sources()
 CLIENT = Sources(paths=False)
+
+
+@dataclass
+class MediaRequest:
+    """One prompt's media: where sources may come from, each image's soft-token budget (models that take one),
+    Pan & Scan (Gemma 3), and the decoded pixels left for all its images and video frames together (checked from
+    headers, before decoding: 32 tiny lossless 7000x7000 WebPs are 4 KB of upload and 1.6 G pixels)."""
+
+    sources: Sources = LOCAL
+    image_tokens: int | None = None
+    pan_and_scan: bool | None = None
+    pixels: int = MAX_REQUEST_PIXELS
+
+    def take_pixels(self, n: int, what: str) -> None:
+        if n > self.pixels:
+            raise InputError(f"{what} would pass this prompt's limit of {MAX_REQUEST_PIXELS} decoded pixels for all "
+                             "its images and video frames")
+        self.pixels -= n
 
 
 def b64decode(data: str, what: str, max_bytes: int) -> bytes:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -24,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.middleware.cors import CORSMiddleware
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine import Engine, Overloaded, Unavailable
 from ..errors import GemrunError, InputError
@@ -54,6 +57,42 @@ class Settings:
     served_name: str | None = None
     draft: object = None  # speculative decoding (Gemma 4): a drafter checkpoint path, or a speculative.Speculator
     draft_tokens: int = 4  # tokens drafted per round (with a path)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names served besides loopback ones ("*": any)
+    header_timeout: float = 20.0  # seconds a client has to send a request's line and headers
+    body_timeout: float = 60.0  # seconds a client has to send a request's body
+
+
+LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address (no port) names this machine's loopback interface."""
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without the port ("[::1]:8000" -> "::1", "localhost:8000" -> "localhost")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.split(":", 1)[0] if header.count(":") == 1 else header  # a bare IPv6 address has several
+
+
+def host_allowed(header: str, settings: Settings) -> bool:
+    """DNS rebinding defence, as Ollama's: a server bound to loopback answers only requests addressed to a
+    loopback name or address (or a name in --allowed-hosts); a web page that rebinds its own name to 127.0.0.1
+    gets 403. A server bound elsewhere restricts Host only when --allowed-hosts names some."""
+    allowed = [h.lower() for h in settings.allowed_hosts]
+    name = host_name(header)
+    if "*" in allowed or is_loopback(name) or name in allowed:
+        return True
+    return not allowed and not is_loopback(settings.host)
 
 
 def openai_error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -70,7 +109,8 @@ def error_response(request: Request, status: int, message: str, kind: str = "inv
     return openai_error(status, message, kind, headers=headers)
 
 
-STATUS_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+STATUS_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 408: "invalid_request_error",
                 413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
                 500: "server_error", 503: "service_unavailable"}
 
@@ -96,9 +136,10 @@ def _send_json(status: int, payload: dict, headers: dict | None = None):
 
 
 class Guard:
-    """Pure ASGI middleware in front of everything: the API key (constant-time compare, every route but
-    /health), JSON content type on bodies (415), and the body size limit (413; uvicorn has none), counted as
-    the body streams in so a lying Content-Length cannot get past it."""
+    """Pure ASGI middleware in front of everything: the Host header (403, `host_allowed`), the API key
+    (constant-time compare, every route but /health), JSON content type on OpenAI bodies (415; Ollama's routes
+    take JSON whatever the content type, as Ollama does), the body size limit (413; uvicorn has none), counted as
+    the body streams in so a lying Content-Length cannot get past it, and a deadline for the body (408)."""
 
     def __init__(self, app, settings: Settings, metrics):
         self.app, self.settings, self.metrics = app, settings, metrics
@@ -136,6 +177,9 @@ class Guard:
             await send(start)
             await send(body)
 
+        if not host_allowed(headers.get("host", ""), self.settings):
+            return await refuse(403, "this server answers requests to localhost only; start it with "
+                                     "--allowed-hosts NAME to serve others")
         key = self.settings.api_key
         if key and path != "/health" and method != "OPTIONS":
             given = headers.get("authorization", "")
@@ -145,15 +189,22 @@ class Guard:
                                     {"www-authenticate": "Bearer"})
         if method in ("POST", "PUT", "PATCH"):
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype != "application/json":
+            if ctype != "application/json" and not ollama:
                 return await refuse(415, f"content type must be application/json, got {ctype or 'none'!r}")
+            if ctype != "application/json":  # Ollama's routes read the body as JSON whatever it is labelled
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
             limit = self.settings.max_body
             declared = headers.get("content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 return await refuse(413, f"request body of {declared} bytes is over the {limit}-byte limit")
             chunks, seen = [], 0
-            while True:  # the body is read here, within the limit, then handed on whole
-                message = await receive()
+            deadline = time.monotonic() + self.settings.body_timeout
+            while True:  # the body is read here, within the limits, then handed on whole
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    return await refuse(408, f"the request body did not arrive within {self.settings.body_timeout:g} s")
                 if message["type"] == "http.disconnect":
                     return
                 seen += len(message.get("body", b""))
@@ -302,8 +353,9 @@ def create_app(loader: Callable[[], Runtime], settings: Settings | None = None) 
             think = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
             ids = (await service.chat_prompt(body.messages, tools, think=think)).ids
         else:
-            ids = service.text_prompt(body.prompt, bos=body.add_special_tokens).ids
-        return {"tokens": ids, "count": len(ids), "max_model_len": service.runtime.max_context}
+            ids = (await service.text_prompt(body.prompt, bos=body.add_special_tokens)).ids
+        payload = json.dumps({"tokens": ids, "count": len(ids), "max_model_len": service.runtime.max_context})
+        return Response(payload, media_type="application/json")  # json's C encoder: a long list is no stall
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
@@ -328,6 +380,54 @@ def create_app(loader: Callable[[], Runtime], settings: Settings | None = None) 
 def model_name(runtime: Runtime) -> str:
     path = runtime.loaded.path
     return path.stem if path.suffix == ".gguf" else path.name
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for each request's head: a client that connects and then trickles its
+    request line and headers (slowloris) is disconnected after `header_timeout` seconds. (uvicorn times out only
+    idle keep-alive connections, and any byte resets that.)"""
+
+    header_timeout = 20.0
+    _timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(self.header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete  # no request head has arrived since
+        if waiting and not self.transport.is_closing():
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._disarm()  # a head arrived: the body has its own deadline (Guard)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def server_config(app: FastAPI, settings: Settings, log_level: str = "warning") -> uvicorn.Config:
+    """uvicorn's configuration for the app: the settings' address, the head deadline, graceful shutdown."""
+    protocol = type("GemrunHTTP", (HeadDeadline,), {"header_timeout": settings.header_timeout})
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
+                          http=protocol, timeout_graceful_shutdown=int(math.ceil(settings.shutdown_deadline)))
 
 
 class Server(uvicorn.Server):

@@ -137,7 +137,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     if body.raw:
         if body.images:
             raise InputError("images need the chat template (raw is false)")
-        prompt = s.text_prompt(body.prompt, bos=not body.context)
+        prompt = await s.text_prompt(body.prompt, bos=not body.context)
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         content: str | list = body.prompt
@@ -147,8 +147,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         messages.append({"role": "user", "content": content})
         prompt = await s.chat_prompt(messages, think=_think(s, body))
     if body.context:  # continue an earlier exchange: its tokens, then this prompt
-        prompt.ids = s.text_prompt(body.context).ids + prompt.ids[1 if prompt.ids[:1] == [s.tokenizer.bos_id]
-                                                                   else 0:]
+        context = (await s.text_prompt(body.context)).ids
+        prompt.ids = context + prompt.ids[1 if prompt.ids[:1] == [s.tokenizer.bos_id] else 0:]
         if prompt.embeds is not None:
             raise InputError("context cannot be combined with images")
     params = _params(s, body.options, len(prompt.ids))

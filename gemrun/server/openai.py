@@ -208,7 +208,7 @@ async def completions(body: CompletionRequest, request: Request):
         if len(prompt_in) != 1:
             raise InputError("one prompt per request (send a list of prompts as separate requests)")
         prompt_in = prompt_in[0]
-    prompt = s.text_prompt(prompt_in)
+    prompt = await s.text_prompt(prompt_in)
     constraint = s.constraint(body.response_format)
     params = body.sampling(s.max_tokens(body.max_tokens, len(prompt.ids)), s.tokenizer.vocab_size)
     logprobs = body.logprobs

@@ -20,6 +20,7 @@ from ..sampling import SamplingParams
 
 MAX_N = 8
 MAX_LOGPROBS = 20
+PROMPT_WORKERS = 2  # prompts assembled at once (tokenizing, rendering, decoding media), each off the event loop
 
 
 class NotFound(GemrunError):
@@ -74,6 +75,7 @@ class Service:
         self.prompts = runtime.prompts(CLIENT)
         self.max_tokens_default = max_tokens_default
         self.request_timeout = request_timeout
+        self.prompt_slots = asyncio.Semaphore(PROMPT_WORKERS)
 
     def check_model(self, name: str | None) -> None:
         if name not in (self.name, f"{self.name}:latest"):
@@ -84,26 +86,36 @@ class Service:
         return kind in self.prompts.media_kinds
 
     def max_tokens(self, asked: int | None, prompt_len: int, field_name: str = "max_tokens") -> int:
-        """What a request may generate: its own limit, else the rest of the context."""
-        room = self.runtime.max_context - prompt_len
+        """What a request may generate: its own limit (generation still ends where the context does), else the
+        server's default, at most the rest of the context. A limit larger than the whole context is refused."""
+        context = self.runtime.max_context
+        room = context - prompt_len
         if asked is None:
             return max(1, min(room, self.max_tokens_default or room))
         if asked < 1:
             raise InputError(f"{field_name} must be an integer >= 1, got {asked!r}")
+        if asked > context:
+            raise InputError(f"{field_name} = {asked} is more than the model's context of {context} tokens")
         return asked
 
     def check_thinking(self, think: bool | None) -> None:
         if think and not self.format.thinking:
             raise InputError(f"{self.name!r} does not support thinking")
 
+    async def _off_loop(self, fn, *args, **kw):
+        """Run prompt work in a worker thread, at most PROMPT_WORKERS at a time: the event loop (and /health)
+        stays responsive whatever a request holds."""
+        async with self.prompt_slots:
+            return await asyncio.to_thread(fn, *args, **kw)
+
     async def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: Any = None,
                           think: bool | None = None, image_tokens: int | None = None) -> Prompt:
-        """The prompt of a chat request (rendered, media decoded and embedded off the event loop)."""
-        return await asyncio.to_thread(self.prompts.chat, messages, tools=tools, tool_choice=tool_choice,
-                                       think=think, image_tokens=image_tokens)
+        """The prompt of a chat request: rendered, tokenized, its media decoded and embedded."""
+        return await self._off_loop(self.prompts.chat, messages, tools=tools, tool_choice=tool_choice, think=think,
+                                    image_tokens=image_tokens)
 
-    def text_prompt(self, text: str | list[int], bos: bool = True) -> Prompt:
-        return self.prompts.text(text, bos)
+    async def text_prompt(self, text: str | list[int], bos: bool = True) -> Prompt:
+        return await self._off_loop(self.prompts.text, text, bos)
 
     def constraint(self, response_format: dict | None = None, tools: list | None = None, choice: Any = None,
                    ollama_format: Any = None):
@@ -134,12 +146,13 @@ class Service:
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise InputError(f"top_logprobs must be in 0..{MAX_LOGPROBS}, got {logprobs}")
         stop_ids = stop_ids_for(self.runtime.model, params)
-        requests = []
+        requests, group = [], object()
         try:
             for i in range(n):
                 p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
                 matcher = constraint.matcher() if constraint is not None else None
-                requests.append(self.engine.submit(prompt, p, stop_ids, matcher, logprobs, self.request_timeout))
+                requests.append(self.engine.submit(prompt, p, stop_ids, matcher, logprobs, self.request_timeout,
+                                                   group if n > 1 else None))
         except BaseException:
             for r in requests:
                 r.cancel()
