@@ -20,6 +20,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
 from .errors import InputError, TokenizerError
+from .files import model_file
 from .weights.gguf import check_tokenizer_metadata
 
 MEDIA_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
@@ -232,26 +233,34 @@ def from_sentencepiece(path: Path) -> Backend:
 
 
 def from_directory(root: Path) -> Tokenizer:
-    """tokenizer.json (preferred) or tokenizer.model, with tokenizer_config.json / chat_template.jinja."""
+    """tokenizer.json (preferred) or tokenizer.model, with tokenizer_config.json / chat_template.jinja; each a
+    regular file inside `root` (`files.model_file`)."""
+    def find(name: str) -> Path | None:
+        return model_file(root, name, TokenizerError)
+
     cfg: dict = {}
-    cfg_path = root / "tokenizer_config.json"
-    if cfg_path.is_file():
+    if cfg_path := find("tokenizer_config.json"):
         try:
             cfg = json.loads(cfg_path.read_text())
         except ValueError as e:
             raise TokenizerError(f"{cfg_path} is not valid JSON: {e}") from None
-    if (root / "tokenizer.json").is_file():
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_path} is not a JSON object")
+    if json_path := find("tokenizer.json"):
         try:
-            backend = Backend.from_file(str(root / "tokenizer.json"))
+            backend = Backend.from_file(str(json_path))
         except Exception as e:  # the library raises its own exception type  # noqa: BLE001
-            raise TokenizerError(f"{root / 'tokenizer.json'} cannot be loaded: {e}") from None
-    elif (root / "tokenizer.model").is_file():
-        backend = from_sentencepiece(root / "tokenizer.model")
+            raise TokenizerError(f"{json_path} cannot be loaded: {e}") from None
+    elif sp_path := find("tokenizer.model"):
+        backend = from_sentencepiece(sp_path)
     else:
         raise TokenizerError(f"{root} has neither tokenizer.json nor tokenizer.model")
     template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
-    if (root / "chat_template.jinja").is_file():
-        template = (root / "chat_template.jinja").read_text()
+    if template_path := find("chat_template.jinja"):
+        try:
+            template = template_path.read_text()
+        except ValueError:
+            raise TokenizerError(f"{template_path} is not UTF-8 text") from None
 
     def tid(name: str, default: int) -> int:
         tok = cfg.get(name)
