@@ -8,7 +8,7 @@ import pytest
 
 from gemrun.chat import prompt_tokens
 from gemrun.errors import InputError
-from gemrun.tokenizer import Tokenizer, derive_merges, from_directory
+from gemrun.tokenizer import Tokenizer, from_directory
 
 SAMPLES = ["Hello world!", "Emoji: 😀👍🏽 👨‍👩‍👧‍👦", "中文分词测试", "rare: \u0f3a \U0001d54f \u2603",
            "  two  spaces\n\n\ttab", "مرحبا بالعالم", "x" * 50 + " end"]
@@ -113,6 +113,7 @@ def test_derived_merges_equal_transformers_in_linear_time(gguf_path):
 
     from transformers.convert_slow_tokenizer import generate_merges
 
+    from gemrun.tokenizer import derive_merges
     from gemrun.weights.gguf import GGUFFile
 
     def reference(tokens):
