@@ -21,7 +21,6 @@ from tokenizers.models import BPE
 
 from .errors import InputError, TokenizerError
 from .files import model_file
-from .weights.gguf import check_tokenizer_metadata
 
 MEDIA_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 CONTROL, USER_DEFINED = 3, 4  # token types shared by GGUF and sentencepiece
@@ -181,8 +180,8 @@ class StreamDecoder:
 def from_gguf_metadata(meta: dict, image_token: bool = False) -> Tokenizer:
     """Build the tokenizer a GGUF describes (tokens, types, special ids), caching the result on disk: deriving
     the merges of a 262k vocabulary takes seconds, loading the cached tokenizer.json much less.
-    `image_token` appends `<image_soft_token>` (not in GGUF vocabularies) after the last id, as HF's has it."""
-    check_tokenizer_metadata(meta)
+    `image_token` appends `<image_soft_token>` (not in GGUF vocabularies) after the last id, as HF's has it.
+    The loader has checked the metadata's types (`weights.gguf.check_tokenizer_metadata`)."""
     model = meta.get("tokenizer.ggml.model")
     if model != "llama":
         raise TokenizerError(f"GGUF tokenizer model {str(model)[:40]!r} is not supported (Gemma uses 'llama')")
