@@ -351,7 +351,7 @@ def from_gguf_metadata(meta: dict[str, Any]) -> TextConfig:
         raise ConfigError(f"GGUF architecture {arch!r} is not supported (expected 'gemma3')")
 
     def get(name: str, key: str, default: Any = None) -> Any:
-        """gemma3.`key`, checked as our field `name` (type and range), the error naming the key."""
+        """Metadata `key` checked as our field `name` (type and range), the error naming the key."""
         value = meta.get(key, default)
         if value is None:
             raise ConfigError(f"GGUF metadata is missing {key}")

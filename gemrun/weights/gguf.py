@@ -30,10 +30,9 @@ SUPPORTED = {GGMLQuantizationType[n] for n in (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-UINT32 = 4
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
           12: "<f8"}
-STRING, ARRAY = 8, 9
+UINT32, STRING, ARRAY = 4, 8, 9
 
 
 @dataclass(frozen=True)
@@ -147,8 +146,9 @@ class GGUFFile:
                 raise WeightsError(f"GGUF corrupt: metadata key #{i} {key[:40]!r} is empty or not ASCII")
             if key in meta:
                 raise WeightsError(f"GGUF corrupt: duplicate metadata key {key[:80]!r}")
-            self.types[key] = c.scalar("<I", key)
-            meta[key] = c.value(self.types[key], key)
+            what = key if len(key) <= 80 else key[:80] + "..."
+            self.types[key] = c.scalar("<I", what)
+            meta[key] = c.value(self.types[key], what)
         self.metadata = meta
         align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
         if self.types.get("general.alignment", UINT32) != UINT32 or align <= 0 or align & (align - 1):
