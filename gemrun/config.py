@@ -12,6 +12,39 @@ from typing import Any
 
 from .errors import ConfigError
 
+# Sane maxima, far above every Gemma (27B: 62 layers, 5376 wide, 32 heads; 262k vocabulary; 128k context), so that
+# a lying config.json or GGUF is refused here instead of asking for billions of layers or terabytes of weights.
+MAX_VOCAB = 1 << 22
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, MAX_VOCAB), "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 20),
+    "num_layers": (1, 1024), "num_heads": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (1, 4096),
+    "sliding_window": (1, 1 << 22), "sliding_window_pattern": (1, 1024), "max_position_embeddings": (2, 1 << 22),
+    "pad_token_id": (0, MAX_VOCAB - 1), "eos_token_id": (0, MAX_VOCAB - 1), "bos_token_id": (0, MAX_VOCAB - 1),
+    "global_head_dim": (1, 4096), "num_global_kv_heads": (1, 1024), "num_kv_shared_layers": (0, 1023),
+}
+# low < value <= high (finite: NaN and infinities fail the comparison)
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "rms_norm_eps": (0.0, 0.1), "query_pre_attn_scalar": (0.0, 1e6), "final_logit_softcapping": (0.0, 1e6),
+    "attn_logit_softcapping": (0.0, 1e6), "theta": (0.0, 1e12), "factor": (0.0, 1e4), "partial": (0.0, 1.0),
+}
+OPTIONAL = {"final_logit_softcapping", "attn_logit_softcapping", "num_global_kv_heads"}  # None: off / as local
+
+
+def check_field(name: str, value: Any, label: str | None = None) -> Any:
+    """`value` checked for field `name`'s type and range (INT_RANGES, FLOAT_RANGES); floats come back as float.
+    The error names `label` (the key in the file it came from) or the field."""
+    label = label or f"config field {name}"
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    if name in INT_RANGES:
+        lo, hi = INT_RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(f"{label} = {shown}: must be an integer in [{lo}, {hi}]")
+        return value
+    lo, hi = FLOAT_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value <= hi:
+        raise ConfigError(f"{label} = {shown}: must be a finite number in ({lo:g}, {hi:g}]")
+    return float(value)
+
 
 @dataclass(frozen=True)
 class Rope:
@@ -21,6 +54,10 @@ class Rope:
     theta: float
     factor: float = 1.0
     partial: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("theta", "factor", "partial"):
+            check_field(name, getattr(self, name), f"rope {name}")
 
 
 @dataclass(frozen=True)
@@ -64,22 +101,22 @@ class TextConfig:
     name: str = "gemma3"
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "sliding_window", "max_position_embeddings")
-        for key in positive:
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {key} must be a positive integer, got {value!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if (f.name in INT_RANGES or f.name in FLOAT_RANGES) and not (value is None and f.name in OPTIONAL):
+                check_field(f.name, value)
+        if not isinstance(self.stop_token_ids, tuple):
+            raise ConfigError("config field stop_token_ids must be a tuple of token ids")
+        for t in self.stop_token_ids:
+            check_field("eos_token_id", t, "config field stop_token_ids")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
                 raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-            bad = set(self.layer_types) - {"sliding_attention", "full_attention"}
+            bad = sorted({repr(t)[:40] for t in self.layer_types if t not in ("sliding_attention", "full_attention")})
             if bad:
-                raise ConfigError(f"unknown layer types {sorted(bad)}")
-        if not self.rms_norm_eps > 0 or not self.query_pre_attn_scalar > 0:
-            raise ConfigError("rms_norm_eps and query_pre_attn_scalar must be positive")
+                raise ConfigError(f"unknown layer types {', '.join(bad)}")
 
     @property
     def layers(self) -> tuple[LayerSpec, ...]:
@@ -141,12 +178,15 @@ class Gemma4TextConfig(TextConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("attention_k_eq_v", "double_wide_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name} = {getattr(self, name)!r}: must be true or false")
         if self.vision_attention not in (None, "sliding", "all"):
             raise ConfigError(f"vision_attention must be 'sliding', 'all' or None, got {self.vision_attention!r}")
         if not 0 <= self.num_kv_shared_layers < self.num_layers:
             raise ConfigError(f"num_kv_shared_layers {self.num_kv_shared_layers} is out of range")
         heads = self.num_global_kv_heads
-        if heads is not None and (heads <= 0 or self.num_heads % heads):
+        if heads is not None and self.num_heads % heads:
             raise ConfigError(f"num_global_kv_heads {heads} does not divide num_heads {self.num_heads}")
 
     @property
@@ -216,14 +256,45 @@ def preset(name: str) -> TextConfig:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-def _rope_from(params: dict[str, Any] | None, default_theta: float) -> Rope:
-    params = params or {}
+def _rope_from(params: dict[str, Any] | None, default_theta: float, where: str = "rope_parameters") -> Rope:
+    params = _expect(params or {}, dict, where)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", "linear", "proportional"):
-        raise ConfigError(f"unsupported rope_type {kind!r}")
-    factor = float(params.get("factor", 1.0)) if kind in ("linear", "proportional") else 1.0
-    partial = float(params.get("partial_rotary_factor", 1.0)) if kind == "proportional" else 1.0
-    return Rope(float(params.get("rope_theta", default_theta)), factor, partial)
+        raise ConfigError(f"unsupported rope_type {str(kind)[:40]!r}")
+
+    def number(name: str, key: str, default: float) -> float:  # a default comes from a top-level key or is ours
+        return check_field(name, params.get(key, default), f"config.json {where + '.' if key in params else ''}{key}")
+
+    factor = number("factor", "factor", 1.0) if kind in ("linear", "proportional") else 1.0
+    partial = number("partial", "partial_rotary_factor", 1.0) if kind == "proportional" else 1.0
+    return Rope(number("theta", "rope_theta", default_theta), factor, partial)
+
+
+def _expect(value: Any, kind: type, where: str) -> Any:
+    if not isinstance(value, kind):
+        raise ConfigError(f"config.json {where} must be {'an object' if kind is dict else 'a list'}, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+def _hf_fields(text: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """Our fields from config.json keys (hf -> ours), each checked for type and range, errors naming the key."""
+    kw = {}
+    for hf, ours in names.items():
+        value = text.get(hf)
+        if value is not None:
+            known = ours in INT_RANGES or ours in FLOAT_RANGES
+            kw[ours] = check_field(ours, value, f"config.json {hf}") if known else value
+    return kw
+
+
+def _text_part(raw: dict[str, Any]) -> dict[str, Any]:
+    return dict(_expect(raw.get("text_config") or raw, dict, "text_config"))
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    ids = tuple(value) if isinstance(value, list) else (() if value is None else (value,))
+    return tuple(check_field("eos_token_id", i, "config.json eos_token_id") for i in ids)
 
 
 def from_hf_config(raw: dict[str, Any]) -> TextConfig:
@@ -232,14 +303,15 @@ def from_hf_config(raw: dict[str, Any]) -> TextConfig:
     Multimodal files nest the text part under `text_config`; unknown keys are ignored on purpose.
     """
     top = raw
-    text = dict(raw.get("text_config") or raw)
+    text = _text_part(raw)
     model_type = text.get("model_type") or top.get("model_type", "")
+    if not isinstance(model_type, str):
+        raise ConfigError("config.json model_type must be a string")
     if model_type.startswith("gemma4"):
         return gemma4_from_hf_config(raw)
     if model_type and not model_type.startswith("gemma3"):
         raise ConfigError(f"model_type {model_type!r} is not a Gemma 3 text model")
     defaults = TextConfig()
-    kw: dict[str, Any] = {}
     names = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
              "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
              "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
@@ -248,27 +320,23 @@ def from_hf_config(raw: dict[str, Any]) -> TextConfig:
              "max_position_embeddings": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
              "final_logit_softcapping": "final_logit_softcapping", "attn_logit_softcapping": "attn_logit_softcapping",
              "pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id"}
-    for hf, ours in names.items():
-        if text.get(hf) is not None:
-            kw[ours] = text[hf]
+    kw = _hf_fields(text, names)
     if text.get("layer_types"):
-        kw["layer_types"] = tuple(text["layer_types"])
-    rope = text.get("rope_parameters")
-    if rope and "full_attention" in rope or rope and "sliding_attention" in rope:
-        kw["rope_global"] = _rope_from(rope.get("full_attention"), rope.get("rope_theta", 1_000_000.0))
-        kw["rope_local"] = _rope_from(rope.get("sliding_attention"), 10_000.0)
+        kw["layer_types"] = tuple(_expect(text["layer_types"], list, "layer_types"))
+    rope = _expect(text.get("rope_parameters") or {}, dict, "rope_parameters")
+    if "full_attention" in rope or "sliding_attention" in rope:
+        kw["rope_global"] = _rope_from(rope.get("full_attention"), rope.get("rope_theta", 1_000_000.0),
+                                       "rope_parameters.full_attention")
+        kw["rope_local"] = _rope_from(rope.get("sliding_attention"), 10_000.0, "rope_parameters.sliding_attention")
     else:  # older files: rope_theta (global), rope_local_base_freq (local), rope_scaling (global only)
-        scaling = dict(text.get("rope_scaling") or rope or {})
-        scaling.setdefault("rope_theta", text.get("rope_theta", defaults.rope_global.theta))
-        kw["rope_global"] = _rope_from(scaling, 1_000_000.0)
-        kw["rope_local"] = Rope(float(text.get("rope_local_base_freq", defaults.rope_local.theta)))
-    eos = top.get("eos_token_id", text.get("eos_token_id"))
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        scaling = text.get("rope_scaling") or rope
+        kw["rope_global"] = _rope_from(scaling, text.get("rope_theta", defaults.rope_global.theta), "rope_scaling")
+        kw["rope_local"] = Rope(check_field("theta", text.get("rope_local_base_freq", defaults.rope_local.theta),
+                                            "config.json rope_local_base_freq"))
+    eos_ids = _eos_ids(top.get("eos_token_id", text.get("eos_token_id")))
     if eos_ids:
         kw["eos_token_id"] = eos_ids[0]
     kw["stop_token_ids"] = tuple(dict.fromkeys((*eos_ids, 1, 106)))
-    if isinstance(kw.get("query_pre_attn_scalar"), (int, float)):
-        kw["query_pre_attn_scalar"] = float(kw["query_pre_attn_scalar"])
     try:
         return TextConfig(**kw)
     except TypeError as e:
@@ -282,32 +350,37 @@ def from_gguf_metadata(meta: dict[str, Any]) -> TextConfig:
     if arch != "gemma3":
         raise ConfigError(f"GGUF architecture {arch!r} is not supported (expected 'gemma3')")
 
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"gemma3.{key}", default)
+    def get(name: str, key: str, default: Any = None) -> Any:
+        """Metadata `key` checked as our field `name` (type and range), the error naming the key."""
+        value = meta.get(key, default)
         if value is None:
-            raise ConfigError(f"GGUF metadata is missing gemma3.{key}")
-        return value
+            raise ConfigError(f"GGUF metadata is missing {key}")
+        return check_field(name, value, f"GGUF {key}")
 
-    heads = int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", 256))
+    heads = get("num_heads", "gemma3.attention.head_count")
+    head_dim = get("head_dim", "gemma3.attention.key_length", 256)
     kw: dict[str, Any] = dict(
-        hidden_size=int(get("embedding_length")), intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")), num_heads=heads, num_kv_heads=int(get("attention.head_count_kv")),
-        head_dim=head_dim, query_pre_attn_scalar=float(head_dim),
-        sliding_window=int(get("attention.sliding_window")), max_position_embeddings=int(get("context_length")),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        hidden_size=get("hidden_size", "gemma3.embedding_length"),
+        intermediate_size=get("intermediate_size", "gemma3.feed_forward_length"),
+        num_layers=get("num_layers", "gemma3.block_count"), num_heads=heads,
+        num_kv_heads=get("num_kv_heads", "gemma3.attention.head_count_kv"), head_dim=head_dim,
+        query_pre_attn_scalar=float(head_dim), sliding_window=get("sliding_window", "gemma3.attention.sliding_window"),
+        max_position_embeddings=get("max_position_embeddings", "gemma3.context_length"),
+        rms_norm_eps=get("rms_norm_eps", "gemma3.attention.layer_norm_rms_epsilon", 1e-6),
     )
-    if int(get("attention.value_length", head_dim)) != head_dim:
+    if get("head_dim", "gemma3.attention.value_length", head_dim) != head_dim:
         raise ConfigError("GGUF key_length and value_length differ; Gemma 3 uses one head_dim")
-    scale_type = meta.get("gemma3.rope.scaling.type")
-    factor = float(meta.get("gemma3.rope.scaling.factor", 1.0)) if scale_type == "linear" else 1.0
-    kw["rope_global"] = Rope(float(get("rope.freq_base", 1_000_000.0)), factor)
+    scale_type = meta.get("gemma3.rope.scaling.type", "none")
+    if scale_type not in ("none", "linear"):
+        raise ConfigError(f"GGUF gemma3.rope.scaling.type = {str(scale_type)[:40]!r}: only linear is supported")
+    factor = get("factor", "gemma3.rope.scaling.factor", 1.0) if scale_type == "linear" else 1.0
+    kw["rope_global"] = Rope(get("theta", "gemma3.rope.freq_base", 1_000_000.0), factor)
     if "gemma3.final_logit_softcapping" in meta:
-        kw["final_logit_softcapping"] = float(meta["gemma3.final_logit_softcapping"])
+        kw["final_logit_softcapping"] = get("final_logit_softcapping", "gemma3.final_logit_softcapping")
     for ours, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
-            kw[ours] = int(meta[f"tokenizer.ggml.{key}"])
+            kw[ours] = get(ours, f"tokenizer.ggml.{key}")
     kw["stop_token_ids"] = tuple(dict.fromkeys((kw.get("eos_token_id", 1), 1, 106)))
     # 27B uses hidden/heads, every other size head_dim (the hub config.json files, configuration_gemma3.py:
     # Gemma3TextConfig); GGUF has no key for it.
@@ -318,7 +391,7 @@ def from_gguf_metadata(meta: dict[str, Any]) -> TextConfig:
 
 def gemma4_from_hf_config(raw: dict[str, Any]) -> Gemma4TextConfig:
     """Gemma 4 (Unified) text config from `config.json` (the composite file or its `text_config`)."""
-    text = dict(raw.get("text_config") or raw)
+    text = _text_part(raw)
     names = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
              "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
              "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim", "global_head_dim": "global_head_dim",
@@ -327,12 +400,17 @@ def gemma4_from_hf_config(raw: dict[str, Any]) -> Gemma4TextConfig:
              "sliding_window": "sliding_window", "max_position_embeddings": "max_position_embeddings",
              "rms_norm_eps": "rms_norm_eps", "final_logit_softcapping": "final_logit_softcapping",
              "pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id"}
-    kw: dict[str, Any] = {ours: text[hf] for hf, ours in names.items() if text.get(hf) is not None}
-    overrides = text.get("per_layer_config") or {}  # files saved by transformers: the global shapes per layer
+    kw = _hf_fields(text, names)
+    # files saved by transformers: the global shapes per layer
+    overrides = _expect(text.get("per_layer_config") or {}, dict, "per_layer_config")
     if overrides:
         types = text.get("layer_types") or []
-        shapes = {(o.get("head_dim"), o.get("num_key_value_heads")) for o in overrides.values()}
-        if len(shapes) != 1 or any(types and types[int(i)] != "full_attention" for i in overrides):
+        try:
+            shapes = {(o.get("head_dim"), o.get("num_key_value_heads")) for o in overrides.values()}
+            wrong = any(types and types[int(i)] != "full_attention" for i in overrides)
+        except (AttributeError, TypeError, ValueError, IndexError):
+            raise ConfigError("config.json per_layer_config must map layer numbers to objects") from None
+        if len(shapes) != 1 or wrong:
             raise ConfigError("per_layer_config must give every global layer the same shape, and only them")
         head_dim, kv_heads = shapes.pop()
         if head_dim is not None:
@@ -340,7 +418,7 @@ def gemma4_from_hf_config(raw: dict[str, Any]) -> Gemma4TextConfig:
         if kv_heads is not None:
             kw["num_global_kv_heads"] = kv_heads
     if text.get("layer_types"):
-        kw["layer_types"] = tuple(text["layer_types"][:-1]) + ("full_attention",)
+        kw["layer_types"] = tuple(_expect(text["layer_types"], list, "layer_types")[:-1]) + ("full_attention",)
     bidirectional = text.get("use_bidirectional_attention", "vision")
     if bidirectional == "all":
         raise ConfigError("use_bidirectional_attention='all' (bidirectional text) is not a generative setting")
@@ -348,13 +426,12 @@ def gemma4_from_hf_config(raw: dict[str, Any]) -> Gemma4TextConfig:
         kw["vision_attention"] = None
     if text.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise ConfigError(f"unsupported hidden_activation {text['hidden_activation']!r}")
-    rope = text.get("rope_parameters") or {}
+    rope = _expect(text.get("rope_parameters") or {}, dict, "rope_parameters")
     if rope.get("full_attention"):
-        kw["rope_global"] = _rope_from(rope["full_attention"], 1_000_000.0)
+        kw["rope_global"] = _rope_from(rope["full_attention"], 1_000_000.0, "rope_parameters.full_attention")
     if rope.get("sliding_attention"):
-        kw["rope_local"] = _rope_from(rope["sliding_attention"], 10_000.0)
-    eos = raw.get("eos_token_id", text.get("eos_token_id"))
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        kw["rope_local"] = _rope_from(rope["sliding_attention"], 10_000.0, "rope_parameters.sliding_attention")
+    eos_ids = _eos_ids(raw.get("eos_token_id", text.get("eos_token_id")))
     if eos_ids:
         kw["eos_token_id"] = eos_ids[0]
     kw["stop_token_ids"] = tuple(dict.fromkeys((*eos_ids, 1, 106, 50)))

@@ -6,6 +6,9 @@ tokens are never allowed (their spellings would otherwise read as text); the sto
 the grammar is complete, so a constrained answer always parses.
 
 Untrusted schemas are bounded before compiling (size, nesting depth) and compiling itself has a time limit.
+Output is bounded too, as llama.cpp's JSON grammar is: whitespace between tokens is fixed (xgrammar's default
+allows any amount, and a weak model then emits newlines until max_tokens) and numbers have at most 16 integer
+digits (`bound_numbers`), so a JSON answer cannot run away inside one value.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from .errors import InputError
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_DEPTH = 32
+MAX_INDENT = 8
+NUMBER_BOUND = 10**15  # |integer or number| when the schema gives no bound: 16 digits, as llama.cpp's json.gbnf
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")  # JSON values, not schemas: never rewritten
 COMPILE_TIMEOUT = 10.0
 STOP_TOKENS = ("<end_of_turn>", "<turn|>")  # besides eos: the end of a model turn (Gemma 3, Gemma 4)
 
@@ -45,11 +51,12 @@ def tokenizer_info(tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
 
 
 def compiler(tokenizer, vocab_size: int) -> xgr.GrammarCompiler:
-    """One grammar compiler (with its cache) per tokenizer."""
+    """One grammar compiler (with its cache) per tokenizer and vocabulary size (the model's head may be wider)."""
     with _lock:
-        c = _compilers.get(tokenizer)
+        per_size = _compilers.setdefault(tokenizer, {})
+        c = per_size.get(vocab_size)
         if c is None:
-            c = _compilers[tokenizer] = xgr.GrammarCompiler(tokenizer_info(tokenizer, vocab_size), max_threads=2)
+            c = per_size[vocab_size] = xgr.GrammarCompiler(tokenizer_info(tokenizer, vocab_size), max_threads=2)
         return c
 
 
@@ -107,8 +114,41 @@ def _depth(value, limit: int = MAX_DEPTH) -> None:
             stack.extend((x, d + 1) for x in v)
 
 
+def bound_numbers(schema):
+    """A copy of the schema in which every integer or number without a lower or upper bound gets one
+    (+-NUMBER_BOUND around the other bound), which xgrammar turns into a digit-count limit; unbounded, a
+    constrained number may take digits until max_tokens."""
+    if isinstance(schema, list):
+        return [bound_numbers(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else bound_numbers(v) for k, v in schema.items()}
+    kinds = out.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if "integer" in kinds or "number" in kinds:
+        lower = next((out[k] for k in ("minimum", "exclusiveMinimum") if _is_number(out.get(k))), None)
+        upper = next((out[k] for k in ("maximum", "exclusiveMaximum") if _is_number(out.get(k))), None)
+        if lower is None:
+            out["minimum"] = min(upper if upper is not None else 0, 0) - NUMBER_BOUND
+        if upper is None:
+            out["maximum"] = max(lower if lower is not None else 0, 0) + NUMBER_BOUND
+    return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def any_json_object() -> dict:
+    """Any JSON object, as a schema whose numbers are bounded (xgrammar's built-in "any JSON" is not)."""
+    value = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+                       {"type": "array", "items": {"$ref": "#/$defs/value"}},
+                       {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}}]}
+    return {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}, "$defs": {"value": value}}
+
+
 def check_schema(schema) -> str:
-    """A JSON schema (object or JSON text) within the bounds, as canonical JSON text."""
+    """A JSON schema (object or JSON text) within the bounds, as canonical JSON text with its numbers bounded."""
     if isinstance(schema, str):
         if len(schema.encode()) > MAX_SCHEMA_BYTES:
             raise InputError(f"JSON schema larger than {MAX_SCHEMA_BYTES // 1024} KiB")
@@ -121,54 +161,59 @@ def check_schema(schema) -> str:
     if not isinstance(schema, dict):
         raise InputError(f"a JSON schema must be an object, got {type(schema).__name__}")
     _depth(schema)
-    text = json.dumps(schema)
-    if len(text.encode()) > MAX_SCHEMA_BYTES:
+    if len(json.dumps(schema).encode()) > MAX_SCHEMA_BYTES:
         raise InputError(f"JSON schema larger than {MAX_SCHEMA_BYTES // 1024} KiB")
-    return text
+    return json.dumps(bound_numbers(schema))
 
 
 def compile_constraint(tokenizer, config, *, ebnf: str | None = None, schema=None, json_object: bool = False,
-                       strict: bool = True) -> Constraint:
+                       strict: bool = True, indent: int | None = None) -> Constraint:
     """Exactly one of: an EBNF grammar (xgrammar's GBNF dialect, root rule `root`), a JSON schema, or any JSON
-    object (`json_object`)."""
+    object (`json_object`). JSON comes on one line with `", "` and `": "` separators, or pretty-printed with
+    `indent` spaces (0..8); no other whitespace is allowed."""
     if sum((ebnf is not None, schema is not None, json_object)) != 1:
         raise ValueError("give exactly one of ebnf, schema, json_object")
+    if indent is not None and (isinstance(indent, bool) or not isinstance(indent, int)
+                               or not 0 <= indent <= MAX_INDENT):
+        raise InputError(f"indent = {indent!r}: must be an integer between 0 and {MAX_INDENT}")
     vocab_size = max(config.vocab_size, tokenizer.vocab_size)
     c = compiler(tokenizer, vocab_size)
     if ebnf is not None:
         if len(ebnf.encode()) > MAX_SCHEMA_BYTES:
             raise InputError(f"grammar larger than {MAX_SCHEMA_BYTES // 1024} KiB")
         compiled = _compile(c.compile_grammar, ebnf)
-    elif json_object:
-        compiled = _compile(c.compile_json_schema, json.dumps({"type": "object"}), strict_mode=False)
     else:
-        compiled = _compile(c.compile_json_schema, check_schema(schema), strict_mode=strict)
+        text = check_schema(any_json_object() if json_object else schema)
+        compiled = _compile(c.compile_json_schema, text, strict_mode=strict and not json_object,
+                             any_whitespace=False, indent=indent)
     return Constraint(compiled, vocab_size)
 
 
-def from_response_format(tokenizer, config, rf: dict) -> Constraint | None:
-    """OpenAI `response_format`: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}."""
+def from_response_format(tokenizer, config, rf: dict, indent: int | None = None) -> Constraint | None:
+    """OpenAI `response_format`: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}};
+    `indent` asks for pretty-printed JSON."""
     if not isinstance(rf, dict):
         raise InputError("response_format must be an object")
     kind = rf.get("type")
     if kind in (None, "text"):
         return None
     if kind == "json_object":
-        return compile_constraint(tokenizer, config, json_object=True)
+        return compile_constraint(tokenizer, config, json_object=True, indent=indent)
     if kind == "json_schema":
         spec = rf.get("json_schema")
         if not isinstance(spec, dict) or "schema" not in spec:
             raise InputError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
-        return compile_constraint(tokenizer, config, schema=spec["schema"], strict=spec.get("strict") is not False)
+        return compile_constraint(tokenizer, config, schema=spec["schema"], strict=spec.get("strict") is not False,
+                                  indent=indent)
     raise InputError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
 
 
-def from_ollama_format(tokenizer, config, fmt) -> Constraint | None:
+def from_ollama_format(tokenizer, config, fmt, indent: int | None = None) -> Constraint | None:
     """Ollama `format`: "json" or a JSON schema object."""
     if fmt in (None, ""):
         return None
     if fmt == "json":
-        return compile_constraint(tokenizer, config, json_object=True)
+        return compile_constraint(tokenizer, config, json_object=True, indent=indent)
     if isinstance(fmt, dict):
-        return compile_constraint(tokenizer, config, schema=fmt)
+        return compile_constraint(tokenizer, config, schema=fmt, indent=indent)
     raise InputError('format must be "json" or a JSON schema object')

@@ -9,6 +9,8 @@ import torch
 
 from .errors import InputError
 
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes (64 bits, either sign)
+
 
 @dataclass
 class SamplingParams:
@@ -54,8 +56,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= number(name) <= 2:
                 raise bad(name, "between -2 and 2")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "an integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX}]")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 16:

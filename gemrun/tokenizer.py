@@ -21,6 +21,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
 from .errors import InputError, TokenizerError
+from .files import model_file
 
 MEDIA_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 CONTROL, USER_DEFINED = 3, 4  # token types shared by GGUF and sentencepiece
@@ -47,17 +48,37 @@ def derive_merges(tokens: list[str]) -> list[tuple[str, str]]:
     """BPE merges implied by a vocabulary ranked by file order (Gemma GGUFs store no merges).
 
     Every split of a token into two known tokens is a merge ranked by the token's position; ties prefer the
-    longer left part. This is the order transformers derives (`generate_merges` with scores = -index).
+    longer left part. This is the order transformers derives (`generate_merges` with scores = -index), which
+    tries every split and so costs the square of a token's length; here the splits come from the lengths of the
+    token's known prefixes and suffixes (`_affix_lengths`), in time linear in the vocabulary's characters.
     """
-    vocab = {t: i for i, t in enumerate(tokens)}
+    vocab = {t: i for i, t in enumerate(tokens)}  # a repeated token ranks at its last position, as there
+    prefixes = _affix_lengths(vocab)
+    suffixes = _affix_lengths([t[::-1] for t in vocab])
     merges = []
-    for token, rank in vocab.items():
-        local = [(token[:k], token[k:], -rank) for k in range(1, len(token))
-                 if token[:k] in vocab and token[k:] in vocab]
-        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
+    for token in sorted(vocab, key=vocab.__getitem__):
+        n, left, right = len(token), prefixes[token], suffixes[token[::-1]]
+        while left:
+            k = left.bit_length() - 1  # the longest known prefix first
+            left ^= 1 << k
+            if 0 < k and right >> (n - k) & 1:
+                merges.append((token[:k], token[k:]))
+    return merges
+
+
+def _affix_lengths(words) -> dict[str, int]:
+    """For each word, a bit mask of the lengths of the other words that are its prefixes. In sorted order a
+    word's prefixes come before it and every word between a prefix and the word shares that prefix, so a stack
+    of the current chain of prefixes finds them all, each word pushed and popped once."""
+    out: dict[str, int] = {}
+    chain: list[tuple[str, int]] = []  # (word, mask of its own known prefixes and itself)
+    for w in sorted(words):
+        while chain and not w.startswith(chain[-1][0]):
+            chain.pop()
+        mask = chain[-1][1] if chain else 0
+        out[w] = mask
+        chain.append((w, mask | 1 << len(w)))
+    return out
 
 
 def build_backend(tokens: list[str], types: Iterable[int], unk: str = "<unk>") -> Backend:
@@ -172,10 +193,11 @@ class StreamDecoder:
 def from_gguf_metadata(meta: dict, image_token: bool = False) -> Tokenizer:
     """Build the tokenizer a GGUF describes (tokens, types, special ids), caching the result on disk: deriving
     the merges of a 262k vocabulary takes seconds, loading the cached tokenizer.json much less.
-    `image_token` appends `<image_soft_token>` (not in GGUF vocabularies) after the last id, as HF's has it."""
+    `image_token` appends `<image_soft_token>` (not in GGUF vocabularies) after the last id, as HF's has it.
+    The loader has checked the metadata's types (`weights.gguf.check_tokenizer_metadata`)."""
     model = meta.get("tokenizer.ggml.model")
     if model != "llama":
-        raise TokenizerError(f"GGUF tokenizer model {model!r} is not supported (Gemma uses 'llama')")
+        raise TokenizerError(f"GGUF tokenizer model {str(model)[:40]!r} is not supported (Gemma uses 'llama')")
     tokens = meta["tokenizer.ggml.tokens"]
     types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
     key = hashlib.sha256(json.dumps([tokens, types]).encode()).hexdigest()[:24]
@@ -187,7 +209,8 @@ def from_gguf_metadata(meta: dict, image_token: bool = False) -> Tokenizer:
         except Exception:  # a damaged cache file is rebuilt  # noqa: BLE001
             backend = None
     if backend is None:
-        unk = tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 3))]
+        unk_id = meta.get("tokenizer.ggml.unknown_token_id", 3)
+        unk = tokens[unk_id] if unk_id < len(tokens) else "<unk>"
         backend = build_backend(tokens, types, unk)
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -222,26 +245,34 @@ def from_sentencepiece(path: Path) -> Backend:
 
 
 def from_directory(root: Path) -> Tokenizer:
-    """tokenizer.json (preferred) or tokenizer.model, with tokenizer_config.json / chat_template.jinja."""
+    """tokenizer.json (preferred) or tokenizer.model, with tokenizer_config.json / chat_template.jinja; each a
+    regular file inside `root` (`files.model_file`)."""
+    def find(name: str) -> Path | None:
+        return model_file(root, name, TokenizerError)
+
     cfg: dict = {}
-    cfg_path = root / "tokenizer_config.json"
-    if cfg_path.is_file():
+    if cfg_path := find("tokenizer_config.json"):
         try:
             cfg = json.loads(cfg_path.read_text())
         except ValueError as e:
             raise TokenizerError(f"{cfg_path} is not valid JSON: {e}") from None
-    if (root / "tokenizer.json").is_file():
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_path} is not a JSON object")
+    if json_path := find("tokenizer.json"):
         try:
-            backend = Backend.from_file(str(root / "tokenizer.json"))
+            backend = Backend.from_file(str(json_path))
         except Exception as e:  # the library raises its own exception type  # noqa: BLE001
-            raise TokenizerError(f"{root / 'tokenizer.json'} cannot be loaded: {e}") from None
-    elif (root / "tokenizer.model").is_file():
-        backend = from_sentencepiece(root / "tokenizer.model")
+            raise TokenizerError(f"{json_path} cannot be loaded: {e}") from None
+    elif sp_path := find("tokenizer.model"):
+        backend = from_sentencepiece(sp_path)
     else:
         raise TokenizerError(f"{root} has neither tokenizer.json nor tokenizer.model")
     template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
-    if (root / "chat_template.jinja").is_file():
-        template = (root / "chat_template.jinja").read_text()
+    if template_path := find("chat_template.jinja"):
+        try:
+            template = template_path.read_text()
+        except ValueError:
+            raise TokenizerError(f"{template_path} is not UTF-8 text") from None
 
     def tid(name: str, default: int) -> int:
         tok = cfg.get(name)

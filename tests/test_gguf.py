@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as _T
 from gguf.quants import dequantize
 from tiny import hf_model, write_gguf
 
 import gemrun
-from gemrun.errors import WeightsError
+from gemrun.errors import ConfigError, WeightsError
 from gemrun.weights.gguf import SUPPORTED, GGUFFile
 
 
@@ -184,6 +185,50 @@ def test_unsupported_type_and_tokenizer_arrays(tmp_path):
                        ("tokenizer.ggml.tokens", [1, 2, 3]), ("tokenizer.ggml.eos_token_id", 7)):
         with pytest.raises(WeightsError):
             check_tokenizer_metadata({**good, key: value})
+
+
+def _bad(name: str, key: str, value, vtype, match: str, sub=None):
+    return pytest.param(key, (value, vtype) if sub is None else (value, vtype, sub), match, id=name)
+
+
+EPS = "gemma3.attention.layer_norm_rms_epsilon"
+BAD_METADATA = [
+    _bad("width-nan", "gemma3.embedding_length", float("nan"), _T.FLOAT32, "embedding_length = nan: must be an int"),
+    _bad("width-2^63", "gemma3.embedding_length", 2**63, _T.UINT64, "embedding_length = 9223372036854775808"),
+    _bad("layers-str", "gemma3.block_count", "6", _T.STRING, "gemma3.block_count = '6': must be an integer"),
+    _bad("layers-2^31", "gemma3.block_count", 2**31, _T.UINT32, r"block_count = 2147483648: .* in \[1, 1024\]"),
+    _bad("layers-7-of-6", "gemma3.block_count", 7, _T.UINT32, r"missing: text\.layers\.6\."),  # vs the tensors
+    _bad("heads-0", "gemma3.attention.head_count", 0, _T.UINT32, "gemma3.attention.head_count = 0"),
+    _bad("context-2^40", "gemma3.context_length", 2**40, _T.UINT64, "gemma3.context_length = 1099511627776"),
+    _bad("theta-nan", "gemma3.rope.freq_base", float("nan"), _T.FLOAT32, "freq_base = nan: must be a finite number"),
+    _bad("theta-0", "gemma3.rope.freq_base", 0.0, _T.FLOAT32, "gemma3.rope.freq_base = 0.0"),
+    _bad("theta-neg", "gemma3.rope.freq_base", -1e6, _T.FLOAT32, "gemma3.rope.freq_base = -1000000.0"),
+    _bad("eps-inf", EPS, float("inf"), _T.FLOAT32, "layer_norm_rms_epsilon = inf"),
+    _bad("eps-1e30", EPS, 1e30, _T.FLOAT32, "layer_norm_rms_epsilon = 1.000"),
+    _bad("eps-bool", EPS, True, _T.BOOL, "layer_norm_rms_epsilon = True"),
+    _bad("scaling-yarn", "gemma3.rope.scaling.type", "yarn", _T.STRING, "only linear"),
+    _bad("factor-nan", "gemma3.rope.scaling.factor", float("nan"), _T.FLOAT32, "rope.scaling.factor = nan"),
+    _bad("alignment-u64", "general.alignment", 32, _T.UINT64, "alignment 32 is not a power of two of type uint32"),
+    _bad("alignment-48", "general.alignment", 48, _T.UINT32, "alignment 48 is not a power of two"),
+    _bad("eos-bool", "tokenizer.ggml.eos_token_id", True, _T.BOOL, "eos_token_id = True is outside the vocabulary"),
+    _bad("add-bos-u32", "tokenizer.ggml.add_bos_token", 1, _T.UINT32, "add_bos_token must be a bool"),
+    _bad("model-u32", "tokenizer.ggml.model", 7, _T.UINT32, "tokenizer.ggml.model must be a str"),
+    _bad("template-array", "tokenizer.chat_template", [1, 2], _T.ARRAY, "chat_template must be a string", _T.INT32),
+    _bad("key-empty", "", "x", _T.STRING, "key #.* is empty"),
+    _bad("key-70k", "k" * 70_000, "x", _T.STRING, "key #.* declares a string of 70000 bytes"),
+    _bad("token-1MB", "tokenizer.ggml.tokens", [f"t{i}" for i in range(511)] + ["q" * 1_000_000], _T.ARRAY,
+         "tokenizer.ggml.tokens declares a string of 1000000 bytes", _T.STRING),
+]
+
+
+@pytest.mark.parametrize("key, entry, match", BAD_METADATA)
+def test_metadata_of_the_wrong_type_or_range_is_refused(ref, tmp_path, key, entry, match):
+    """Every metadata key gemrun reads is checked for type and range, the error naming it. Before: NaN and 2^63
+    widths escaped as ValueError/TypeError, a string block count, a uint64 alignment, NaN/0/negative RoPE bases and
+    infinite epsilons loaded (RoPE ones giving NaN logits), and a 1 MB token took ~110 CPU-s deriving merges."""
+    write_gguf(tmp_path / "bad.gguf", ref, meta={key: entry})
+    with pytest.raises((WeightsError, ConfigError), match=match):
+        gemrun.load(tmp_path / "bad.gguf", device="cpu")
 
 
 def test_wrong_model_tensors_are_named(ref, tmp_path):

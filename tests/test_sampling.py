@@ -69,10 +69,19 @@ def test_top_k_path_keeps_the_filtered_distribution():
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=math.nan), dict(top_p=0), dict(top_p=1.5),
                                  dict(top_k=-1), dict(min_p=2), dict(max_tokens=0), dict(max_tokens=1.5),
                                  dict(repetition_penalty=0), dict(presence_penalty=3), dict(seed="x"),
-                                 dict(stop=[""]), dict(stop=["s"] * 17), dict(stop_token_ids=[-1])])
+                                 dict(stop=[""]), dict(stop=["s"] * 17), dict(stop_token_ids=[-1]),
+                                 dict(seed=2**64), dict(seed=-(2**63) - 1), dict(seed=True)])
 def test_bad_parameters_are_refused(bad):
     with pytest.raises(InputError):
         SamplingParams(**bad)
+
+
+def test_seed_range_is_what_the_generator_takes():
+    """Seeds past 64 bits made torch's manual_seed raise a bare ValueError (a 500 from the server)."""
+    for seed in (0, 2**63 - 1, 2**64 - 1, -1, -(2**63)):
+        SamplingParams(seed=seed).generator()
+    with pytest.raises(InputError, match="seed"):
+        SamplingParams(seed=2**64)
 
 
 def test_non_finite_logits_fail_cleanly():

@@ -86,11 +86,13 @@ def gguf_name(ours: str) -> str:
     return f"blk.{n}.{GGUF_NAMES['.'.join(rest[:-1])]}.weight"
 
 
-def write_gguf(path, ref: Gemma3ForCausalLM, qtype=None, embed_qtype=None) -> None:
-    """Write `ref` as a llama.cpp-style Gemma 3 GGUF (norms stored as 1 + w), matrices in `qtype`."""
+def write_gguf(path, ref: Gemma3ForCausalLM, qtype=None, embed_qtype=None, meta: dict | None = None) -> None:
+    """Write `ref` as a llama.cpp-style Gemma 3 GGUF (norms stored as 1 + w), matrices in `qtype`. `meta` replaces
+    or adds metadata entries (key -> (value, GGUFValueType)) or removes them (key -> None), for broken files."""
     import numpy as np
     from gguf import GGMLQuantizationType as Q
     from gguf import GGUFWriter
+    from gguf.gguf_writer import GGUFValue
     from gguf.quants import quantize
 
     c = ref.config
@@ -134,6 +136,11 @@ def write_gguf(path, ref: Gemma3ForCausalLM, qtype=None, embed_qtype=None) -> No
             w.add_tensor(gguf_name(ours), data.astype(np.float16))
         else:
             w.add_tensor(gguf_name(ours), quantize(data, q), raw_dtype=q)
+    for key, entry in (meta or {}).items():
+        if entry is None:
+            w.kv_data[0].pop(key, None)
+        else:
+            w.kv_data[0][key] = GGUFValue(*entry)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

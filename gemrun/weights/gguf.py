@@ -15,11 +15,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from ..config import MAX_VOCAB
 from ..errors import WeightsError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-MAX_STRING = 1 << 24  # 16 MiB: no legitimate key, token or template is longer
+MAX_STRING = 1 << 24  # 16 MiB: no legitimate value (a chat template, say) is longer
+MAX_KEY = (1 << 16) - 1  # the GGUF spec's limit on a key
+MAX_ITEM = 4096  # one string in an array (a token, merge or tag); Gemma's longest token is 48 bytes
 MAX_DEPTH = 2  # arrays of arrays, at most
 
 # Tensor types gemrun dequantizes (those real Gemma GGUFs use).
@@ -29,7 +32,7 @@ SUPPORTED = {GGMLQuantizationType[n] for n in (
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
           12: "<f8"}
-STRING, ARRAY = 8, 9
+UINT32, STRING, ARRAY = 4, 8, 9
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,10 @@ class _Cursor:
         self.pos += size
         return value
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int = MAX_STRING) -> str:
         n = self.scalar("<Q", what)
-        if n > MAX_STRING:
-            raise WeightsError(f"GGUF corrupt: {what} declares a string of {n} bytes")
+        if n > limit:
+            raise WeightsError(f"GGUF corrupt: {what} declares a string of {n} bytes (at most {limit})")
         self.need(n, what)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
@@ -74,7 +77,7 @@ class _Cursor:
             v = self.scalar(_SCALARS[vtype], what)
             return bool(v) if vtype == 7 else v
         if vtype == STRING:
-            return self.string(what)
+            return self.string(what, MAX_ITEM if depth else MAX_STRING)
         if vtype == ARRAY:
             if depth >= MAX_DEPTH:
                 raise WeightsError(f"GGUF corrupt: {what} nests arrays too deeply")
@@ -136,15 +139,20 @@ class GGUFFile:
         if n_kv * 13 > left or n_tensors * 24 > left:  # smallest possible entries: no allocation on a lie
             raise WeightsError(f"GGUF corrupt: {n_kv} metadata entries / {n_tensors} tensors cannot fit the file")
         meta: dict[str, Any] = {}
+        self.types: dict[str, int] = {}  # key -> GGUF value type
         for i in range(n_kv):
-            key = c.string(f"metadata key #{i}")
+            key = c.string(f"metadata key #{i}", MAX_KEY)
+            if not key or not key.isascii():
+                raise WeightsError(f"GGUF corrupt: metadata key #{i} {key[:40]!r} is empty or not ASCII")
             if key in meta:
-                raise WeightsError(f"GGUF corrupt: duplicate metadata key {key!r}")
-            meta[key] = c.value(c.scalar("<I", key), key)
+                raise WeightsError(f"GGUF corrupt: duplicate metadata key {key[:80]!r}")
+            what = key if len(key) <= 80 else key[:80] + "..."
+            self.types[key] = c.scalar("<I", what)
+            meta[key] = c.value(self.types[key], what)
         self.metadata = meta
         align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise WeightsError(f"GGUF corrupt: general.alignment {align!r} is not a power of two")
+        if self.types.get("general.alignment", UINT32) != UINT32 or align <= 0 or align & (align - 1):
+            raise WeightsError(f"GGUF corrupt: general.alignment {align!r} is not a power of two of type uint32")
         raw: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]] = []
         names: set[str] = set()
         for i in range(n_tensors):
@@ -220,12 +228,20 @@ class GGUFFile:
 
 
 def check_tokenizer_metadata(meta: dict[str, Any]) -> None:
-    """Tokenizer arrays typed and consistent: tokens strings, scores f32 and types i32 of the tokens' length,
-    special ids inside the vocabulary."""
+    """Tokenizer metadata typed and consistent: tokens strings (at most MAX_VOCAB), scores f32 and types i32 of
+    the tokens' length, special ids inside the vocabulary, flags booleans, the template a string."""
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise WeightsError("GGUF tokenizer.ggml.tokens is missing or not an array of strings")
     n = len(tokens)
+    if n > MAX_VOCAB:
+        raise WeightsError(f"GGUF tokenizer.ggml.tokens has {n} tokens; at most {MAX_VOCAB} are supported")
+    for key, kind in (("model", str), ("add_bos_token", bool), ("add_eos_token", bool)):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and not isinstance(value, kind):
+            raise WeightsError(f"GGUF tokenizer.ggml.{key} must be a {kind.__name__}, got {type(value).__name__}")
+    if not isinstance(meta.get("tokenizer.chat_template", ""), str):
+        raise WeightsError("GGUF tokenizer.chat_template must be a string")
     for key, dtype in (("tokenizer.ggml.scores", np.float32), ("tokenizer.ggml.token_type", np.int32)):
         arr = meta.get(key)
         if key == "tokenizer.ggml.scores" and arr is None:
@@ -234,5 +250,5 @@ def check_tokenizer_metadata(meta: dict[str, Any]) -> None:
             raise WeightsError(f"GGUF {key} must be {np.dtype(dtype).name}[{n}]")
     for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
         value = meta.get(f"tokenizer.ggml.{key}")
-        if value is not None and not (isinstance(value, int) and 0 <= value < n):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n):
             raise WeightsError(f"GGUF tokenizer.ggml.{key} = {value!r} is outside the vocabulary of {n}")

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import WeightsError
+from ..files import model_file
 
 ALLOWED_DTYPES = {"F32", "F16", "BF16", "U8", "F8_E4M3"}  # U8 and F8_E4M3: quantized directories
 INDEX = "model.safetensors.index.json"
@@ -20,24 +21,23 @@ def _inside(root: Path, name: str) -> Path:
     """A file named by an index, resolved, regular and inside the model directory."""
     if not isinstance(name, str) or not name or Path(name).is_absolute():
         raise WeightsError(f"shard name {name!r} in {INDEX} is not a relative file name")
-    path = (root / name).resolve()
-    if root.resolve() not in path.parents:
-        raise WeightsError(f"shard {name!r} in {INDEX} points outside the model directory")
-    if not path.is_file():
-        raise WeightsError(f"shard {name!r} listed in {INDEX} is missing or not a regular file")
+    path = model_file(root, name, what=f"shard listed in {INDEX}")
+    if path is None:
+        raise WeightsError(f"shard {name!r} listed in {INDEX} is missing")
     return path
 
 
 def shard_files(root: Path) -> list[Path]:
-    index = root / INDEX
-    if index.is_file():
+    """The shards an index lists, or every *.safetensors file; each a regular file inside `root`."""
+    index = model_file(root, INDEX)
+    if index is not None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise WeightsError(f"{index} is not a valid safetensors index (no weight_map)") from None
         return [_inside(root, n) for n in names]
-    files = sorted(root.glob("*.safetensors"))
+    files = [model_file(root, p.name) for p in sorted(root.glob("*.safetensors"))]
     if files:
         return files
     pickled = [p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
