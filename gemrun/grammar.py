@@ -30,33 +30,39 @@ MAX_INDENT = 8
 NUMBER_BOUND = 10**15  # |integer or number| when the schema gives no bound: 16 digits, as llama.cpp's json.gbnf
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")  # JSON values, not schemas: never rewritten
 COMPILE_TIMEOUT = 10.0
-STOP_TOKENS = ("<end_of_turn>", "<turn|>")  # besides eos: the end of a model turn (Gemma 3, Gemma 4)
 
 _compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemrun-grammar")
 
 
-def tokenizer_info(tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
+def tokenizer_info(tokenizer, vocab_size: int, stop_ids: tuple[int, ...],
+                   allowed: tuple[str, ...] = ()) -> xgr.TokenizerInfo:
     """xgrammar's view of our vocabulary: sentencepiece pieces with byte fallback, control tokens blanked (never
-    allowed), stop tokens = eos and the end-of-turn token; rows past the tokenizer (a padded head) never allowed."""
+    allowed) except the `allowed` ones a grammar writes (a native tool call's markers), `stop_ids` (the chat
+    format's end-of-reply tokens) allowed where the grammar is complete; rows past the tokenizer (a padded head)
+    never allowed."""
     vocab = [""] * tokenizer.vocab_size
     for piece, i in tokenizer.backend.get_vocab(with_added_tokens=True).items():
         vocab[i] = piece
-    for i in tokenizer.specials.values():
-        vocab[i] = ""
-    stops = [tokenizer.eos_id] + [tokenizer.specials[t] for t in STOP_TOKENS if t in tokenizer.specials]
+    for token, i in tokenizer.specials.items():
+        if token not in allowed:
+            vocab[i] = ""
     return xgr.TokenizerInfo(vocab, xgr.VocabType.BYTE_FALLBACK, vocab_size=max(vocab_size, len(vocab)),
-                             stop_token_ids=stops, add_prefix_space=False)
+                             stop_token_ids=list(stop_ids), add_prefix_space=False)
 
 
-def compiler(tokenizer, vocab_size: int) -> xgr.GrammarCompiler:
-    """One grammar compiler (with its cache) per tokenizer and vocabulary size (the model's head may be wider)."""
+def compiler(tokenizer, vocab_size: int, stop_ids: tuple[int, ...],
+             allowed: tuple[str, ...] = ()) -> xgr.GrammarCompiler:
+    """One grammar compiler (with its cache) per tokenizer, vocabulary size (the model's head may be wider), stop
+    tokens and allowed control tokens."""
+    key = (vocab_size, stop_ids, allowed)
     with _lock:
-        per_size = _compilers.setdefault(tokenizer, {})
-        c = per_size.get(vocab_size)
+        per_tokenizer = _compilers.setdefault(tokenizer, {})
+        c = per_tokenizer.get(key)
         if c is None:
-            c = per_size[vocab_size] = xgr.GrammarCompiler(tokenizer_info(tokenizer, vocab_size), max_threads=2)
+            info = tokenizer_info(tokenizer, vocab_size, stop_ids, allowed)
+            c = per_tokenizer[key] = xgr.GrammarCompiler(info, max_threads=2)
         return c
 
 
@@ -167,17 +173,20 @@ def check_schema(schema) -> str:
 
 
 def compile_constraint(tokenizer, config, *, ebnf: str | None = None, schema=None, json_object: bool = False,
-                       strict: bool = True, indent: int | None = None) -> Constraint:
+                       strict: bool = True, indent: int | None = None, stop_ids=None,
+                       allowed: tuple[str, ...] = ()) -> Constraint:
     """Exactly one of: an EBNF grammar (xgrammar's GBNF dialect, root rule `root`), a JSON schema, or any JSON
     object (`json_object`). JSON comes on one line with `", "` and `": "` separators, or pretty-printed with
-    `indent` spaces (0..8); no other whitespace is allowed."""
+    `indent` spaces (0..8); no other whitespace is allowed. `stop_ids` end the reply once the grammar is complete
+    (default: <eos>); `allowed` are the control tokens an EBNF grammar may write."""
     if sum((ebnf is not None, schema is not None, json_object)) != 1:
         raise ValueError("give exactly one of ebnf, schema, json_object")
     if indent is not None and (isinstance(indent, bool) or not isinstance(indent, int)
                                or not 0 <= indent <= MAX_INDENT):
         raise InputError(f"indent = {indent!r}: must be an integer between 0 and {MAX_INDENT}")
     vocab_size = max(config.vocab_size, tokenizer.vocab_size)
-    c = compiler(tokenizer, vocab_size)
+    stops = tuple(sorted(stop_ids or {tokenizer.eos_id}))
+    c = compiler(tokenizer, vocab_size, stops, tuple(sorted(allowed)) if ebnf is not None else ())
     if ebnf is not None:
         if len(ebnf.encode()) > MAX_SCHEMA_BYTES:
             raise InputError(f"grammar larger than {MAX_SCHEMA_BYTES // 1024} KiB")
@@ -189,7 +198,7 @@ def compile_constraint(tokenizer, config, *, ebnf: str | None = None, schema=Non
     return Constraint(compiled, vocab_size)
 
 
-def from_response_format(tokenizer, config, rf: dict, indent: int | None = None) -> Constraint | None:
+def from_response_format(tokenizer, config, rf: dict, indent: int | None = None, stop_ids=None) -> Constraint | None:
     """OpenAI `response_format`: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}};
     `indent` asks for pretty-printed JSON."""
     if not isinstance(rf, dict):
@@ -198,22 +207,22 @@ def from_response_format(tokenizer, config, rf: dict, indent: int | None = None)
     if kind in (None, "text"):
         return None
     if kind == "json_object":
-        return compile_constraint(tokenizer, config, json_object=True, indent=indent)
+        return compile_constraint(tokenizer, config, json_object=True, indent=indent, stop_ids=stop_ids)
     if kind == "json_schema":
         spec = rf.get("json_schema")
         if not isinstance(spec, dict) or "schema" not in spec:
             raise InputError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
         return compile_constraint(tokenizer, config, schema=spec["schema"], strict=spec.get("strict") is not False,
-                                  indent=indent)
+                                  indent=indent, stop_ids=stop_ids)
     raise InputError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
 
 
-def from_ollama_format(tokenizer, config, fmt, indent: int | None = None) -> Constraint | None:
+def from_ollama_format(tokenizer, config, fmt, indent: int | None = None, stop_ids=None) -> Constraint | None:
     """Ollama `format`: "json" or a JSON schema object."""
     if fmt in (None, ""):
         return None
     if fmt == "json":
-        return compile_constraint(tokenizer, config, json_object=True, indent=indent)
+        return compile_constraint(tokenizer, config, json_object=True, indent=indent, stop_ids=stop_ids)
     if isinstance(fmt, dict):
-        return compile_constraint(tokenizer, config, schema=fmt, indent=indent)
+        return compile_constraint(tokenizer, config, schema=fmt, indent=indent, stop_ids=stop_ids)
     raise InputError('format must be "json" or a JSON schema object')

@@ -198,3 +198,64 @@ def test_weak_model_writes_valid_json_within_64_tokens(model_270m):
         assert s.finish_reason == "stop", text
         obj = json.loads(text)
         assert set(obj) == {"name", "age"} and isinstance(obj["name"], str) and type(obj["age"]) is int, text
+
+
+# ---- Gemma 4: forced native tool calls ----
+
+G4_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                     "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "ping", "parameters": {}}}]
+
+
+def _feed(constraint, ids) -> bool:
+    """Whether the grammar takes every token of `ids` and is complete at the end."""
+    m = constraint.matcher()
+    for t in ids:
+        try:
+            m.accept(t)
+        except RuntimeError:
+            return False
+    return m.is_terminated
+
+
+@pytest.mark.parametrize("in_thought", [False, True])
+def test_gemma4_forced_call_grammar(in_thought):
+    """The grammar of a forced Gemma 4 call takes exactly the calls Google's template writes (control tokens
+    included) to a declared function with well-typed arguments, then a stop token (<|tool_response>)."""
+    from tiny4 import gemma4_tokenizer
+
+    from gemrun.formats import format_for
+    from gemrun.formats.gemma4 import parse_gemma4_output
+
+    tok = gemma4_tokenizer()
+    fmt = format_for(tok)
+    config = SimpleNamespace(vocab_size=tok.vocab_size)
+
+    def constraint(choice):
+        return grammar.compile_constraint(tok, config, ebnf=fmt.tool_grammar(G4_TOOLS, choice, in_thought),
+                                          stop_ids=fmt.stop_ids, allowed=fmt.call_tokens)
+
+    required, named = constraint("required"), constraint({"type": "function", "function": {"name": "ping"}})
+    calls = ['<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>',
+             '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:-2,unit:<|"|>f<|"|>}<tool_call|>',
+             '<|tool_call>call:ping{}<tool_call|>', '<|tool_call>call:ping{a:[1,true,null]}<tool_call|>']
+    thought = "weighing it<channel|>" if in_thought else "<|channel>thought\nweighing it<channel|>"
+    # the reply may think first; from inside an open channel it must close it first
+    good = [thought + c for c in calls] + ([] if in_thought else calls)
+    bad = ['<|tool_call>call:get_weather{days:2}<tool_call|>',  # a required argument missing
+           '<|tool_call>call:get_weather{city:3}<tool_call|>',  # wrong type
+           '<|tool_call>call:get_weather{unit:<|"|>k<|"|>,city:<|"|>x<|"|>}<tool_call|>',  # order and enum
+           '<|tool_call>call:nope{}<tool_call|>', "Sure, here it is", '<|tool_call>call:ping{}<tool_call|><|image>',
+           '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:1234567890123456789}<tool_call|>']
+    bad += calls if in_thought else []
+    end = [tok.specials["<|tool_response>"]]
+    for text in good:
+        assert _feed(required, tok.encode_template(text) + end), text
+        _, content, parsed = parse_gemma4_output(text, G4_TOOLS, in_thought)
+        assert len(parsed) == 1 and not content
+    for text in bad:
+        assert not _feed(required, tok.encode_template(text) + end), text
+    ping = thought + '<|tool_call>call:ping{}<tool_call|>'
+    assert _feed(named, tok.encode_template(ping) + end)
+    assert not _feed(named, tok.encode_template(thought + calls[0]) + end)

@@ -185,8 +185,25 @@ def test_native_tool_calls_and_the_tool_response_stop(client, name, script):
     assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].index == 0
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
-    with pytest.raises(openai.BadRequestError, match="Gemma 4"):
-        client.chat.completions.create(model=name, messages=HELLO, tools=TOOLS, tool_choice="required")
+
+
+def test_forced_native_tool_calls(client, name, script):
+    """tool_choice "required" or a named function decodes under the native call grammar: the scripted call passes
+    the grammar token by token (a token outside it would fail the request), thinking on or off."""
+    follow = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for text, kw in ((CALL, {}), ("<|channel>thought\nI must call it<channel|>" + CALL, {"reasoning_effort": "high"})):
+        script(text)
+        for choice in ("required", named):
+            r = client.chat.completions.create(model=name, messages=follow, tools=TOOLS, tool_choice=choice,
+                                               max_tokens=60, **kw)
+            call = r.choices[0].message.tool_calls[0]
+            assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+            assert json.loads(call.function.arguments) == {"city": "Paris"}
+    script('<|tool_call>call:get_weather{town:<|"|>Paris<|"|>}<tool_call|>')  # not what was declared
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model=name, messages=follow, tools=TOOLS, tool_choice="required",
+                                       max_tokens=60)
 
 
 def test_thoughts_after_a_tool_result_stay_out_of_content(client, name, model, script):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, WeightsError
+from ..files import model_file
 from . import packed as P
 
 log = logging.getLogger("gemrun.quant")
@@ -62,8 +63,8 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def read_scheme(root: Path) -> dict | None:
-    path = root / QUANT_FILE
-    if not path.is_file():
+    path = model_file(root, QUANT_FILE)
+    if path is None:
         return None
     try:
         scheme = json.loads(path.read_text())

@@ -86,8 +86,8 @@ async def chat(body: OllamaChatRequest, request: Request):
         return {"model": s.name, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
     tools = validate_tools(body.tools) if body.tools else None
-    constraint = s.constraint(ollama_format=body.format)
     prompt = await s.chat_prompt(chat_messages(body.messages), tools, "auto", think=_think(s, body))
+    constraint = s.constraint(prompt, ollama_format=body.format)
     params = _params(s, body.options, len(prompt.ids))
     events = s.run(prompt, params, 1, constraint, None, tools, request.is_disconnected)
 
@@ -152,7 +152,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         if prompt.embeds is not None:
             raise InputError("context cannot be combined with images")
     params = _params(s, body.options, len(prompt.ids))
-    events = s.run(prompt, params, 1, s.constraint(ollama_format=body.format), None, None, request.is_disconnected)
+    constraint = s.constraint(prompt, ollama_format=body.format)
+    events = s.run(prompt, params, 1, constraint, None, None, request.is_disconnected)
     generated: list[int] = []
 
     def line(ev: Event) -> dict:

@@ -136,8 +136,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     tools, choice = active_tools(body.tools, body.tool_choice)
     if body.top_logprobs and not body.logprobs:
         raise InputError("top_logprobs needs logprobs: true")
-    constraint = s.constraint(body.response_format, tools, choice)
     prompt = await s.chat_prompt(body.messages, tools, choice, think=body.think(), image_tokens=body.image_budget)
+    constraint = s.constraint(prompt, body.response_format, tools, choice)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = body.sampling(s.max_tokens(asked, len(prompt.ids)), s.tokenizer.vocab_size)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -209,7 +209,7 @@ async def completions(body: CompletionRequest, request: Request):
             raise InputError("one prompt per request (send a list of prompts as separate requests)")
         prompt_in = prompt_in[0]
     prompt = await s.text_prompt(prompt_in)
-    constraint = s.constraint(body.response_format)
+    constraint = s.constraint(prompt, body.response_format)
     params = body.sampling(s.max_tokens(body.max_tokens, len(prompt.ids)), s.tokenizer.vocab_size)
     logprobs = body.logprobs
     events = s.run(prompt, params, body.n, constraint, logprobs, None, request.is_disconnected)

@@ -94,10 +94,10 @@ async def responses(body: ResponsesRequest, request: Request):
     if isinstance(raw_choice, dict) and raw_choice.get("type") == "function" and "name" in raw_choice:
         raw_choice = {"type": "function", "function": {"name": raw_choice["name"]}}
     tools, choice = active_tools(responses_tools(body.tools), raw_choice)
-    constraint = s.constraint(response_format(body.text), tools, choice)
     effort = body.reasoning.effort if body.reasoning else None
     prompt = await s.chat_prompt(responses_messages(body), tools, choice, think=body.think(effort),
                                  image_tokens=body.image_budget)
+    constraint = s.constraint(prompt, response_format(body.text), tools, choice)
     params = body.sampling(s.max_tokens(body.max_output_tokens, len(prompt.ids), "max_output_tokens"),
                            s.tokenizer.vocab_size)
     events = s.run(prompt, params, 1, constraint, None, tools, request.is_disconnected)

@@ -117,22 +117,24 @@ class Service:
     async def text_prompt(self, text: str | list[int], bos: bool = True) -> Prompt:
         return await self._off_loop(self.prompts.text, text, bos)
 
-    def constraint(self, response_format: dict | None = None, tools: list | None = None, choice: Any = None,
-                   ollama_format: Any = None):
-        """The grammar a request decodes under: its response format (OpenAI or Ollama), or a forced tool call."""
+    def constraint(self, prompt: Prompt, response_format: dict | None = None, tools: list | None = None,
+                   choice: Any = None, ollama_format: Any = None):
+        """The grammar a request decodes under: its response format (OpenAI or Ollama), or a forced tool call in
+        the format's own syntax (which may open from inside the prompt's reasoning channel)."""
         from .. import grammar
 
         rf = response_format if response_format and response_format.get("type") != "text" else None
         call = forced(tools, choice)
         if call and (rf or ollama_format not in (None, "")):
             raise InputError("response_format cannot be combined with a forced tool_choice")
-        args = (self.tokenizer, self.runtime.config)
+        args, stops = (self.tokenizer, self.runtime.config), self.format.stop_ids
         if call:
-            return grammar.compile_constraint(*args, ebnf=self.format.tool_grammar(tools, choice))
+            return grammar.compile_constraint(*args, ebnf=self.format.tool_grammar(tools, choice, prompt.in_thought),
+                                              stop_ids=stops, allowed=self.format.call_tokens)
         if rf:
-            return grammar.from_response_format(*args, rf)
+            return grammar.from_response_format(*args, rf, stop_ids=stops)
         if ollama_format not in (None, ""):
-            return grammar.from_ollama_format(*args, ollama_format)
+            return grammar.from_ollama_format(*args, ollama_format, stop_ids=stops)
         return None
 
     def run(self, prompt: Prompt, params: SamplingParams, n: int = 1, constraint=None, logprobs: int | None = None,
@@ -149,7 +151,8 @@ class Service:
         requests, group = [], object()
         try:
             for i in range(n):
-                p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+                seed = None if params.seed is None else (params.seed + i) % 2**64  # stays in the generator's range
+                p = params if i == 0 else dataclasses.replace(params, seed=seed)
                 matcher = constraint.matcher() if constraint is not None else None
                 requests.append(self.engine.submit(prompt, p, stop_ids, matcher, logprobs, self.request_timeout,
                                                    group if n > 1 else None))

@@ -14,6 +14,7 @@ from torch import nn
 from .. import tokenizer as tok
 from ..config import Gemma4TextConfig, TextConfig, from_gguf_metadata, from_hf_config, gemma4_from_hf_config
 from ..errors import ConfigError, WeightsError
+from ..files import model_file
 from ..model.decoder import Decoder
 from ..model.gemma3 import Gemma3
 from ..model.gemma4 import Drafter, Gemma4, Gemma4Media, MediaConfig, media_from_hf_config
@@ -182,8 +183,8 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
             quantize: str | None = None, packed: bool = True) -> Loaded:
     """An HF directory; a quantized one (`gemrun convert`, `gemrun_quant.json`) keeps int4 groups packed on the
     CPU unless `packed` is False (then, like fp8, dequantized on load)."""
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
+    cfg_path = model_file(root, "config.json")
+    if cfg_path is None:
         raise WeightsError(f"{root} has no config.json")
     try:
         raw = json.loads(cfg_path.read_text())
@@ -255,7 +256,8 @@ def load_drafter(path: str | Path, dtype: torch.dtype, device: torch.device,
         raise ConfigError("a drafter goes with a Gemma 4 model")
     root = Path(path).expanduser()
     try:
-        raw = json.loads((root / "config.json").read_text())
+        path = model_file(root, "config.json")
+        raw = json.loads(path.read_text()) if path else None
     except (OSError, ValueError) as e:
         raise WeightsError(f"cannot read {root / 'config.json'}: {e}") from None
     if not isinstance(raw, dict) or not str(raw.get("model_type", "")).endswith("_assistant"):
