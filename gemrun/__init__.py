@@ -1,8 +1,29 @@
-"""gemrun: run Google's Gemma models locally from Python."""
+"""gemrun: run Google's Gemma models locally from Python.
 
-from .api import Model, load
+The public names are imported on first use, so that `import gemrun.cli` (and `gemrun --help`) does not pay for
+torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from .errors import GemrunError
-from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .api import Model, load
+    from .sampling import SamplingParams
 
 __all__ = ["GemrunError", "Model", "SamplingParams", "load"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("Model", "load"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "SamplingParams":
+        from .sampling import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'gemrun' has no attribute {name!r}")

@@ -1,34 +1,55 @@
-"""The `gemrun` command line: results on stdout, progress and statistics on stderr."""
+"""The `gemrun` command line: results on stdout, progress and statistics on stderr.
+
+torch and the model code are imported inside the commands that need them, so `gemrun --help`, `gemrun info` and
+argument errors answer at once."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .api import Model, load
-from .config import PRESETS, TextConfig
+from . import __version__
+from .config import PRESETS
 from .errors import GemrunError
-from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .api import Model
+    from .sampling import SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run Google's Gemma models locally.")
 err = Console(stderr=True, soft_wrap=True)
+THREADS: list[int] = []  # --threads, applied when torch is first needed
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"gemrun {__version__}")
+        raise typer.Exit()
+
 
 @app.callback()
 def _options(threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for every command "
-                                                         "(default: all cores)")] = None) -> None:
-    import os
-
+                                                         "(default: all cores)")] = None,
+             version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="print the version and exit")] = False) -> None:
     if threads is not None and threads < 1:
         raise GemrunError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    THREADS[:] = [threads or os.cpu_count() or 1]
+
+
+def _torch():
+    import torch
+
+    torch.set_num_threads(THREADS[0] if THREADS else os.cpu_count() or 1)
+    return torch
 
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or HF directory (default: the "
@@ -46,6 +67,9 @@ QuantOpt = Annotated[str | None, typer.Option("--quantize", help="q4 | q8 | none
 def _load(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False,
           mmproj: str | None = None, pan_and_scan: bool = False, quantize: str | None = None,
           packed: bool | None = None) -> Model:
+    _torch()
+    from .api import load
+
     with Progress(TextColumn("loading"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                   transient=True, disable=quiet) as bar:
         task = bar.add_task("load", total=None)
@@ -53,16 +77,6 @@ def _load(model: str | None, device: str, dtype: str, max_context: int | None = 
                  pan_and_scan=pan_and_scan, quantize=quantize, packed=packed,
                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     return m
-
-
-def _user_message(text: str, images: list[str], audio: list[str] = (), videos: list[str] = ()) -> dict:
-    """A user turn; images and videos go before the text (Gemma's documented order), audio after it."""
-    if not (images or audio or videos):
-        return {"role": "user", "content": text}
-    return {"role": "user", "content": [*({"type": "image", "image": p} for p in images),
-                                        *({"type": "video", "video": p} for p in videos),
-                                        {"type": "text", "text": text},
-                                        *({"type": "audio", "audio": p} for p in audio)]}
 
 
 DraftOpt = Annotated[str | None, typer.Option("--draft", help="Gemma 4 MTP drafter (assistant) directory: "
@@ -77,17 +91,31 @@ def _drafter(m: Model, draft: str | None, tokens: int) -> None:
 
 def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
             presence_penalty: float, frequency_penalty: float, seed: int | None, stop: list[str] | None):
+    from .sampling import SamplingParams
+
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
                           frequency_penalty=frequency_penalty, seed=seed, stop=list(stop or []))
 
 
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
 def _report(m: Model) -> None:
     s = m.last_stats
     drafted = f" | draft acceptance {s.acceptance_rate:.0%} of {s.drafted_tokens}" if s.drafted_tokens else ""
-    err.print(f"[dim]prompt {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tok/s prefill | generated "
-              f"{s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s decode | finish: {s.finish_reason}"
+    err.print(f"[dim]prompt {_tokens(s.prompt_tokens)}, {s.prefill_tps:.1f} tok/s prefill | generated "
+              f"{_tokens(s.generated_tokens)}, {s.decode_tps:.1f} tok/s decode | finish: {s.finish_reason}"
               f"{drafted}[/dim]")
+
+
+def _clamp(params: SamplingParams, m: Model) -> None:
+    """--max-tokens past the context: clamped, with a warning (generation could not go further anyway)."""
+    if params.max_tokens >= m.max_context:
+        err.print(f"[yellow]warning:[/yellow] --max-tokens {params.max_tokens} is more than the context of "
+                  f"{m.max_context} tokens; clamped to {m.max_context - 1}")
+        params.max_tokens = m.max_context - 1
 
 
 def _emit(pieces) -> None:
@@ -101,8 +129,12 @@ def _emit(pieces) -> None:
 MaxTok = Annotated[int, typer.Option("--max-tokens", "-n", help="tokens to generate at most")]
 Temp = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy")]
 TopK = Annotated[int, typer.Option("--top-k", help="0 = off")]
-TopP = Annotated[float, typer.Option("--top-p")]
-MinP = Annotated[float, typer.Option("--min-p")]
+TopP = Annotated[float, typer.Option("--top-p", help="nucleus sampling: keep the most likely tokens whose "
+                                     "probabilities add up to this (1.0 = off)")]
+MinP = Annotated[float, typer.Option("--min-p", help="drop tokens less likely than this fraction of the most "
+                                     "likely one (0 = off)")]
+MaxCtx = Annotated[int | None, typer.Option("--max-context", help="context length in tokens (default: the "
+                                            "model's; smaller saves KV-cache memory)")]
 Rep = Annotated[float, typer.Option("--repeat-penalty", help="1.0 = off")]
 Pres = Annotated[float, typer.Option("--presence-penalty")]
 Freq = Annotated[float, typer.Option("--frequency-penalty")]
@@ -115,7 +147,7 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
              max_tokens: MaxTok = 256, temperature: Temp = 1.0, top_k: TopK = 64, top_p: TopP = 0.95,
              min_p: MinP = 0.0, repeat_penalty: Rep = 1.0, presence_penalty: Pres = 0.0,
              frequency_penalty: Freq = 0.0, seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto",
-             dtype: DtypeOpt = "auto", max_context: Annotated[int | None, typer.Option()] = None,
+             dtype: DtypeOpt = "auto", max_context: MaxCtx = None,
              quantize: QuantOpt = None, packed: PackedOpt = None, draft: DraftOpt = None,
              draft_tokens: DraftTokens = 4) -> None:
     """Continue PROMPT as raw text and stream the continuation only."""
@@ -123,8 +155,12 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
                      frequency_penalty, seed, stop)
     m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed)
     _drafter(m, draft, draft_tokens)
+    _clamp(params, m)
     _emit(m.generate(prompt, params, stream=True))
     _report(m)
+    if m.last_stats.finish_reason == "length":
+        err.print(f"[dim]stopped at the limit of {_tokens(params.max_tokens)} (--max-tokens): a raw continuation "
+                  "rarely ends by itself; `gemrun chat` talks to instruction-tuned models[/dim]")
 
 
 @app.command()
@@ -134,7 +170,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
          max_tokens: MaxTok = 1024, temperature: Temp = 1.0, top_k: TopK = 64, top_p: TopP = 0.95,
          min_p: MinP = 0.0, repeat_penalty: Rep = 1.0, presence_penalty: Pres = 0.0, frequency_penalty: Freq = 0.0,
          seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-         max_context: Annotated[int | None, typer.Option()] = None,
+         max_context: MaxCtx = None,
          image: Annotated[list[str] | None, typer.Option("--image", "-i", help="image file for the first "
                                                          "message (repeatable)")] = None,
          mmproj: Annotated[str | None, typer.Option(help="vision encoder GGUF (llama.cpp mmproj) for a GGUF "
@@ -151,84 +187,31 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
          image_tokens: Annotated[int | None, typer.Option("--image-tokens", help="Gemma 4 soft tokens per image: "
                                                           "70, 140, 280 (default), 560, 1120 (OCR)")] = None,
          draft: DraftOpt = None, draft_tokens: DraftTokens = 4) -> None:
-    """Chat through the model's template. Interactive: end a line with '\\' to continue it; /reset clears the
-    conversation, /system TEXT sets the system prompt, /image PATH attaches an image to the next message,
-    /quit leaves."""
+    """Chat through the model's template. Interactive (like `ollama run`): /help lists the commands (/system,
+    /image, /reset, /save FILE, /load FILE, /bye); end a line with \\ to continue it; Ctrl-C stops a reply."""
+    from .repl import Conversation, Repl
+
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
     m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize,
               packed=packed)
     _drafter(m, draft, draft_tokens)
+    _clamp(params, m)
     kinds = m.prompts().media_kinds
     for flag, given, able in (("--audio", audio, "audio" in kinds), ("--video", video, "video" in kinds),
                               ("--think/--no-think", think is not None, m.format.thinking),
                               ("--image-tokens", image_tokens, bool(m.inputs and m.inputs.budgets))):
         if given and not able:
             raise GemrunError(f"{flag}: this model cannot take it")
-    history: list[dict] = []
-    pending: list[str] = list(image or [])
-    sounds, clips = list(audio or []), list(video or [])
 
-    def answer(text: str) -> None:
-        msgs = ([{"role": "system", "content": system}] if system else []) + history
-        msgs.append(_user_message(text, pending, sounds, clips))
-        pieces = []
-        prompt = m.chat_prompt(msgs, think=think, image_tokens=image_tokens)
-        for kind, piece in m.events(prompt, params):
-            if kind == "reasoning":
-                err.print(piece, style="dim", end="")
-                continue
-            pieces.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.extend([msgs[-1], {"role": "assistant", "content": "".join(pieces)}])
-        pending.clear()
-        sounds.clear()
-        clips.clear()
-        _report(m)
+    def reply(messages: list[dict]):
+        return m.events(m.chat_prompt(messages, think=think, image_tokens=image_tokens), params)
 
-    if message is not None:
-        answer(message)
-        return
-    err.print("[dim]gemrun chat: /reset, /system TEXT, /quit; end a line with \\ for more lines[/dim]")
-    while True:
-        lines = []
-        try:
-            line = input(">>> ")
-            while line.endswith("\\"):
-                lines.append(line[:-1])
-                line = input("... ")
-        except EOFError:
-            return
-        text = "\n".join([*lines, line]).strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit", "/bye"):
-            return
-        if text.startswith("/image"):
-            path = text[len("/image"):].strip()
-            if not path:
-                err.print("[red]usage:[/red] /image PATH")
-            elif "image" not in kinds:
-                err.print("[red]error:[/red] this model is text-only and cannot read images")
-            else:
-                pending.append(path)
-                err.print(f"[dim]image {path} attached to the next message[/dim]")
-            continue
-        if text == "/reset":
-            history.clear()
-            err.print("[dim]conversation cleared[/dim]")
-            continue
-        if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
-            history.clear()
-            err.print(f"[dim]system prompt {'set' if system else 'cleared'}; conversation cleared[/dim]")
-            continue
-        try:
-            answer(text)
-        except GemrunError as e:
-            err.print(f"[red]error:[/red] {e}")
+    repl = Repl(Conversation(system, image or [], audio or [], video or []), reply, lambda: _report(m), err,
+                "image" in kinds)
+    if message is None:
+        return repl.run()
+    repl.answer(message)
 
 
 @app.command()
@@ -248,12 +231,13 @@ def serve(model: ModelOpt = None,
                                                                 "(repeatable; CORS is off by default)")] = None,
           served_model_name: Annotated[str | None, typer.Option(help="model name clients use (default: the "
                                                                 "file name)")] = None,
-          max_context: Annotated[int | None, typer.Option(help="context length (default: the model's)")] = None,
+          max_context: MaxCtx = None,
           max_batch: Annotated[int, typer.Option(help="sequences decoded together")] = 8,
           max_queue: Annotated[int, typer.Option(help="requests waiting beyond the batch; past it, 429")] = 64,
           max_body_mb: Annotated[float, typer.Option(help="request body limit in MiB")] = 32,
-          max_tokens: Annotated[int | None, typer.Option(help="default max_tokens when a request sets none "
-                                                         "(default: the rest of the context)")] = None,
+          max_tokens: Annotated[int, typer.Option("--max-tokens-default", "--max-tokens",
+                                                  help="tokens a reply may take when its request sets no limit "
+                                                  "(at most the rest of the context)")] = 2048,
           request_timeout: Annotated[float, typer.Option(help="seconds a request may run")] = 600,
           shutdown_deadline: Annotated[float, typer.Option(help="seconds in-flight requests get on SIGTERM")] = 10,
           device: DeviceOpt = "auto",
@@ -292,17 +276,40 @@ def serve(model: ModelOpt = None,
                         request_timeout=request_timeout, max_tokens_default=max_tokens,
                         shutdown_deadline=shutdown_deadline, served_name=served_model_name, draft=draft,
                         draft_tokens=draft_tokens)
+    if max_tokens < 1:
+        raise GemrunError(f"--max-tokens-default must be >= 1, got {max_tokens}")
+    listener = _listen(host, port)  # a port in use fails here, before anything is loaded or announced
+    torch = _torch()
     serve_dtype = dtype if dtype != "auto" else "bfloat16"
     if dtype == "auto" and device != "cpu" and torch.cuda.is_available():
         serve_dtype = "auto"
 
     def loader():
+        from .api import load
+
         return load(model, device=device, dtype=serve_dtype, max_context=max_context, mmproj=mmproj,
                     quantize=quantize)
 
     app_ = create_app(loader, settings)
     err.print(f"[dim]gemrun serving on http://{host}:{port} (OpenAI: /v1, Ollama: /api)[/dim]")
-    Server(server_config(app_, settings, log_level)).run()
+    Server(server_config(app_, settings, log_level)).run(sockets=[listener])
+
+
+def _listen(host: str, port: int):
+    """The server's listening socket, bound now so that an address in use is a clean error (exit 2)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise GemrunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 @app.command()
@@ -385,9 +392,11 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     first token, and peak RSS, as JSON on stdout (medians over REPEAT runs)."""
     import statistics
 
+    from .api import load
     from .generate import Stats, generate_ids
     from .sampling import SamplingParams
 
+    torch = _torch()
     if threads is not None:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -496,29 +505,26 @@ def _gib(n: float) -> str:
 
 @app.command()
 def info(model: Annotated[str | None, typer.Argument(help="GGUF file, HF directory, or a preset name: "
-                                                     + ", ".join(PRESETS))] = None,
+                                                     + ", ".join(PRESETS) + " (default: the embedded model)")]
+         = None,
          context: Annotated[int | None, typer.Option(help="context for the cache size (default: the model's)")]
          = None) -> None:
-    """Model facts, KV bytes per token and the KV cache size at the full context (bf16 cache)."""
-    if model in PRESETS:
-        cfg: TextConfig = PRESETS[model]
-        params = None
-        source = f"preset {model}"
-    else:
-        m = _load(model, "cpu", "auto", quiet=True)
-        cfg, source = m.config, f"{m.loaded.format} {m.loaded.path}"
-        from .quant.packed import parameter_count
+    """Model facts, parameter count, KV bytes per token and the KV cache size at the full context (bf16 cache),
+    read from the file's metadata (no weights are loaded)."""
+    from .weights.embedded import default_model_path
+    from .weights.inspect import describe
 
-        params = parameter_count(m.model)
+    d = describe(model or default_model_path())
+    cfg = d.config
     ctx = context or cfg.max_position_embeddings
     per = cfg.kv_bytes_per_token(2)
     layers = cfg.layers
     out = {
-        "source": source, "layers": cfg.num_layers,
+        "source": d.source, "layers": cfg.num_layers,
         "sliding_layers": sum(s.sliding for s in layers), "global_layers": sum(not s.sliding for s in layers),
         "hidden_size": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "sliding_window": cfg.sliding_window, "vocab_size": cfg.vocab_size,
-        "max_context": cfg.max_position_embeddings, "parameters": params,
+        "max_context": cfg.max_position_embeddings, "parameters": d.parameters,
         "kv_bytes_per_token_bf16": {"global_layers": per["global"], "sliding_layers_until_window": per["sliding"]},
         "kv_cache_context": ctx, "kv_cache_bytes_bf16": cfg.kv_cache_bytes(ctx, 2),
         "kv_cache_bf16": _gib(cfg.kv_cache_bytes(ctx, 2)),
@@ -526,7 +532,7 @@ def info(model: Annotated[str | None, typer.Argument(help="GGUF file, HF directo
     }
     glob = next((s for s in layers if not s.sliding), None)
     if glob is not None and (glob.head_dim, glob.num_kv_heads) != (cfg.head_dim, cfg.num_kv_heads):
-        # Gemma 4: global layers have their own shape; layers that share KV store nothing
+        # global layers of their own shape (Gemma 4); layers that share KV store nothing
         out |= {"global_head_dim": glob.head_dim, "global_kv_heads": glob.num_kv_heads,
                 "global_keys_are_values": glob.k_eq_v, "kv_sharing_layers": sum(s.kv_source is not None
                                                                                for s in layers)}

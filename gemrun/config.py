@@ -136,6 +136,16 @@ class TextConfig:
     def replace(self, **changes: Any) -> TextConfig:
         return dataclasses.replace(self, **changes)
 
+    def parameter_count(self) -> int:
+        """Parameters of the text decoder (embedding tied to the head), from the config alone."""
+        e = self.hidden_size
+        return self.vocab_size * e + e + sum(self._layer_parameters(spec) for spec in self.layers)
+
+    def _layer_parameters(self, spec: LayerSpec) -> int:
+        e, d, kv = self.hidden_size, spec.head_dim, spec.num_kv_heads
+        attention = 2 * e * self.num_heads * d + 2 * e * kv * d + 2 * d  # q, o, k, v; q and k norms
+        return attention + 3 * e * self.intermediate_size + 4 * e  # gated MLP; the four block norms
+
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, int]:
         """K and V bytes one token adds to each kind of layer cache (layers that share KV store nothing)."""
         out = {"sliding": 0, "global": 0}
@@ -188,6 +198,14 @@ class Gemma4TextConfig(TextConfig):
         heads = self.num_global_kv_heads
         if heads is not None and self.num_heads % heads:
             raise ConfigError(f"num_global_kv_heads {heads} does not divide num_heads {self.num_heads}")
+
+    def _layer_parameters(self, spec: LayerSpec) -> int:
+        e, d, kv = self.hidden_size, spec.head_dim, spec.num_kv_heads
+        attention = 2 * e * self.num_heads * d + d  # q and o projections, q norm
+        if spec.kv_source is None:  # layers that share KV have no K/V weights; k = v has no v_proj
+            attention += e * kv * d * (1 if spec.k_eq_v else 2) + d
+        wide = 2 if self.double_wide_mlp and spec.kv_source is not None else 1
+        return attention + 3 * e * self.intermediate_size * wide + 4 * e + 1  # MLP, block norms, layer scalar
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ class Unavailable(GemrunError):
 class Done:
     """The last event of a request: why it ended, and its stats."""
 
-    finish_reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "timeout" | "shutdown" | "error"
     stats: Stats
     error: str | None = None
 
@@ -119,6 +119,7 @@ class Engine:
         self._wake = threading.Condition()
         self._accepting = True
         self._stopped = False
+        self._cut = False  # stop() reached its deadline with requests in flight
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # set when the step loop itself died
 
@@ -177,7 +178,8 @@ class Engine:
         return self
 
     def stop(self, deadline: float = 10.0) -> None:
-        """Refuse new work, let requests in flight finish for up to `deadline` seconds, then cancel the rest."""
+        """Refuse new work, let requests in flight finish for up to `deadline` seconds, then end the rest with
+        finish reason "shutdown" (each still gets its Done event, so every reply ends well-formed)."""
         with self._wake:
             self._accepting = False
             self._wake.notify()
@@ -185,6 +187,7 @@ class Engine:
         while (self.active or self.waiting) and time.monotonic() < end and self.alive:
             time.sleep(0.02)
         with self._wake:
+            self._cut = bool(self.active or self.waiting)
             self._stopped = True
             for req in list(self.waiting) + list(self.active):
                 req.cancel()
@@ -203,9 +206,9 @@ class Engine:
                         return
                     admitted = self._admissions()
                     stopping = self._stopped
-                if stopping:  # cancel everything still here and exit
-                    for req in self.active + admitted + list(self.waiting):
-                        self._end(req, "cancelled")
+                if stopping:  # end everything still here and exit
+                    for req in list(self.active) + list(self.waiting):
+                        self._end(req, "shutdown")
                     self.waiting.clear()
                     return
                 for req in admitted:  # caches exist only for admitted requests, never for waiting ones
@@ -239,6 +242,7 @@ class Engine:
             held[req.group] += 1
             self.waiting.remove(req)
             admitted.append(req)
+        self.active += admitted  # in flight from here on (stop() must see them), caches made outside the lock
         return admitted
 
     def _admit(self, req: Request) -> None:
@@ -247,13 +251,11 @@ class Engine:
             req.spec = self.draft.generate(self.runtime.model, req.prompt, req.params, req.stop_ids,
                                            self.runtime.max_context, self.runtime.tokenizer.vocab_size, req.stats,
                                            self.chunk)
-            self.active.append(req)
             return
         try:
             req.seq = Sequence(self.runtime.model, req.prompt, req.params, req.stop_ids, self.runtime.max_context,
                                self.runtime.tokenizer.vocab_size, req.matcher, req.logprobs, self.chunk,
                                reserve=RESERVE)
-            self.active.append(req)
         except Exception as e:
             self._end(req, "error", _message(e))
 
@@ -261,7 +263,7 @@ class Engine:
         now = time.monotonic()
         for req in list(self.active):
             if req.cancelled.is_set():
-                self._end(req, "cancelled")
+                self._end(req, "shutdown" if self._cut else "cancelled")
             elif req.deadline is not None and now > req.deadline:
                 self._end(req, "timeout", "the request ran past its deadline")
         for req in [r for r in self.active if r.spec is not None]:

@@ -11,6 +11,10 @@ import uvicorn
 
 from gemrun.server.app import Settings, create_app, server_config
 
+# How long a test waits for the server before calling it broken. It only detects failures: on a busy machine a
+# reply may take minutes, and no test asserts a speed (speed lives in benchmarks/).
+PATIENCE = 1800
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,7 +36,7 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + PATIENCE
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
@@ -48,7 +52,7 @@ class LiveServer:
 
     def metric(self, name: str, labels: str = "") -> float:
         """A value from /metrics (`labels` as written there, e.g. 'reason="cancelled"')."""
-        text = httpx.get(self.url + "/metrics", headers=self.auth, timeout=10).text
+        text = httpx.get(self.url + "/metrics", headers=self.auth, timeout=PATIENCE).text
         key = f"{name}{{{labels}}}" if labels else name
         for line in text.splitlines():
             if line.startswith(key + " "):

@@ -137,3 +137,84 @@ def test_threads_option():
     assert json.loads(out.stdout)["threads"] == 1
     bad = gemrun("--threads", "0", "info", "gemma-3-1b")
     assert bad.returncode == 2 and "--threads" in bad.stderr
+
+
+# --- the REPL through a pseudo-terminal, as a person types ---------------------------------------------------------
+
+def _repl(*args):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "gemrun.cli", "chat", *map(str, args)], encoding="utf-8",
+                          timeout=900, env={**__import__("os").environ, "COLUMNS": "200", "TERM": "dumb"})
+    child.expect(">>> ")
+    return child
+
+
+def test_repl_help_save_load_and_errors(tiny_path, tmp_path):
+    child = _repl("--model", tiny_path, "--max-tokens", "3", "--seed", "1")
+    child.sendline("/help")
+    child.expect("/save FILE")
+    child.expect(">>> ")
+    child.sendline("/?")
+    child.expect("/load FILE")
+    child.expect(">>> ")
+    child.sendline("hello there")
+    child.expect("finish")
+    child.expect(">>> ")
+    saved = tmp_path / "conv.json"
+    child.sendline(f"/save {saved}")
+    child.expect("saved")
+    child.expect(">>> ")
+    assert json.loads(saved.read_text())["messages"][0] == {"role": "user", "content": "hello there"}
+    child.sendline(f"/image {tmp_path / 'missing.png'}")  # an error inside the REPL never ends it
+    child.expect("text-only")
+    child.expect(">>> ")
+    child.sendline("/nonsense")
+    child.expect("unknown command")
+    child.expect(">>> ")
+    child.sendline("/reset")
+    child.expect("cleared")
+    child.sendline(f"/load {saved}")
+    child.expect("loaded 2 messages")
+    child.expect(">>> ")
+    child.sendline(f"/load {tmp_path / 'nope.json'}")
+    child.expect("cannot load")
+    child.expect(">>> ")
+    child.sendline("/bye")
+    child.expect(pytest.importorskip("pexpect").EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_repl_ctrl_c_stops_a_reply_and_keeps_the_conversation(tmp_path):
+    """The base 270M rambles: Ctrl-C stops its reply, the conversation goes on; at the prompt one Ctrl-C only
+    says how to leave, a second one leaves."""
+    child = _repl("--max-tokens", "2000", "--temperature", "0")
+    child.sendline("Write a very long story about the sea.")
+    child.expect(r"sea\.\r\n")  # the echo of the line
+    child.expect(r"\w{3}")  # the reply is streaming
+    child.sendintr()
+    child.expect(r"\(stopped\)")
+    child.expect(">>> ")
+    saved = tmp_path / "c.json"
+    child.sendline(f"/save {saved}")
+    child.expect(">>> ")
+    history = json.loads(saved.read_text())["messages"]
+    assert len(history) == 2 and history[1]["role"] == "assistant" and history[1]["content"]
+    child.sendintr()
+    child.expect("again")
+    child.sendintr()
+    child.expect(pytest.importorskip("pexpect").EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_small_things(tiny_path):
+    assert gemrun("--version").stdout.startswith("gemrun ")
+    bad = gemrun("info", "gemma-5")
+    assert bad.returncode == 2 and "gemma-3-12b" in bad.stderr and "Traceback" not in bad.stderr
+    preset = json.loads(gemrun("info", "gemma-3-12b").stdout)
+    assert preset["parameters"] == 11_766_034_176
+    out = gemrun("generate", "hi", "--model", tiny_path, "--max-tokens", "100000", "--temperature", "0")
+    assert out.returncode == 0 and "clamped" in out.stderr
+    one = gemrun("generate", "hi", "--model", tiny_path, "--max-tokens", "1")
+    assert "generated 1 token," in one.stderr and "--max-tokens" in one.stderr  # the length-limit hint

@@ -12,7 +12,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_util import LiveServer
+from server_util import PATIENCE, LiveServer
 
 import gemrun
 from gemrun.api import Model
@@ -35,12 +35,12 @@ def server(model):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
 
 
 @pytest.fixture(scope="module")
 def oclient(server):
-    return ollama.Client(host=server.url, timeout=120)
+    return ollama.Client(host=server.url, timeout=PATIENCE)
 
 
 def alone(model: Model, messages, **kw) -> str:
@@ -269,7 +269,7 @@ def test_full_queue_answers_429(model):
         body = {"model": NAME, "messages": HELLO, "max_tokens": 40, "temperature": 0}
 
         def post(_):
-            return httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)
+            return httpx.post(s.url + "/v1/chat/completions", json=body, timeout=PATIENCE)
 
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(post, range(6)))
@@ -285,7 +285,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     before = server.metric("gemrun_requests_finished_total", 'reason="cancelled"')
     body = {"model": NAME, "messages": HELLO, "max_tokens": 2000, "stream": True, "temperature": 1.0,
             "seed": 3}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=PATIENCE) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 5:
                 break
@@ -387,39 +387,119 @@ def test_images_through_both_apis(tmp_path):
 
 # --- shutdown -----------------------------------------------------------------------------------------------
 
-def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path):
+def _serve(port: int, *args: str):
     import os
-    import signal
     import subprocess
     import sys
 
-    from server_util import free_port
-
-    port = free_port()
     env = {**os.environ, "GEMRUN_API_KEY": ""}
     proc = subprocess.Popen([sys.executable, "-m", "gemrun.cli", "--threads", "2", "serve", "--port", str(port),
-                             "--max-context", "1024", "--shutdown-deadline", "30", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--max-context", "1024", "--log-level", "warning", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + PATIENCE
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=PATIENCE).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return proc, url
+
+
+def _stream_until_first_chunk_then(url: str, body: dict, then) -> list[str]:
+    lines = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=PATIENCE) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and not lines:
+                then()
+            lines.append(line)
+    return lines
+
+
+def test_sigterm_finishes_in_flight_work_and_exits_0():
+    """Within the shutdown deadline in-flight work finishes (a deadline no machine can miss for 30 tokens)."""
+    import signal
+
+    from server_util import free_port
+
+    proc, url = _serve(free_port(), "--shutdown-deadline", str(PATIENCE))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         body = {"model": NAME, "messages": HELLO, "max_tokens": 30, "stream": True, "temperature": 0,
                 "ignore_eos": True}
-        lines = []
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:") and not lines:
-                    proc.send_signal(signal.SIGTERM)
-                lines.append(line)
+        lines = _stream_until_first_chunk_then(url, body, lambda: proc.send_signal(signal.SIGTERM))
         assert lines[-2] == "data: [DONE]" or lines[-1] == "data: [DONE]"
         chunks = [json.loads(x[5:]) for x in lines if x.startswith("data: {")]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # all 30 tokens, not cut
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=PATIENCE) == 0
     finally:
         proc.kill()
+
+
+def test_sigterm_past_the_deadline_ends_every_reply_well_formed():
+    """Replies still running at the deadline end well-formed: a stream with finish_reason "shutdown" and [DONE],
+    a non-streaming request with an OpenAI error (503); the log says so in a line, without tracebacks."""
+    import signal
+    import threading
+
+    from server_util import free_port
+
+    proc, url = _serve(free_port(), "--shutdown-deadline", "0.5")
+    try:
+        long = {"model": NAME, "messages": HELLO, "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+        plain = {}
+        started = threading.Event()
+
+        def non_streaming():
+            started.set()
+            plain["r"] = httpx.post(url + "/v1/chat/completions", json=long, timeout=PATIENCE)
+
+        worker = threading.Thread(target=non_streaming)
+
+        def then():
+            worker.start()
+            started.wait()
+            time.sleep(0.5)  # let the second request reach the engine; if it has not, it gets a 503 all the same
+            proc.send_signal(signal.SIGTERM)
+
+        lines = _stream_until_first_chunk_then(url, {**long, "stream": True}, then)
+        worker.join(PATIENCE)
+        assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
+        chunks = [json.loads(x[5:]) for x in lines if x.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "shutdown"
+        r = plain["r"]
+        assert r.status_code == 503 and r.json()["error"]["message"]
+        assert proc.wait(timeout=PATIENCE) == 0
+        log = proc.stderr.read()
+        assert "shutdown" in log and "Traceback" not in log and "CancelledError" not in log
+    finally:
+        proc.kill()
+
+
+def test_port_in_use_fails_before_loading(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "gemrun.cli", "serve", "--port", str(port)], capture_output=True,
+                             text=True, timeout=PATIENCE)
+    assert out.returncode == 2 and "cannot listen" in out.stderr and "serving on" not in out.stderr
+
+
+def test_timeouts_are_reported_as_such(model):
+    with LiveServer(lambda: model, request_timeout=0.001) as s:
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=PATIENCE,
+                       json={"model": NAME, "messages": HELLO, "max_tokens": 200, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "timeout"
+        assert s.metric("gemrun_requests_finished_total", 'reason="timeout"') >= 1
+        assert s.metric("gemrun_request_seconds_count") >= 1
+
+
+def test_ollama_reports_its_durations(oclient):
+    r = oclient.generate(model=NAME, prompt="The sea", options={"num_predict": 4, "temperature": 0})
+    assert r.prompt_eval_duration > 0 and r.eval_duration > 0 and r.load_duration > 0
+    assert r.total_duration >= r.load_duration + r.prompt_eval_duration + r.eval_duration - 1000

@@ -18,7 +18,7 @@ import ollama
 import openai
 import pytest
 import torch
-from server_util import LiveServer
+from server_util import PATIENCE, LiveServer
 
 import gemrun
 from gemrun.api import Model
@@ -57,12 +57,12 @@ def name(server):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
 
 
 @pytest.fixture(scope="module")
 def oclient(server):
-    return ollama.Client(host=server.url, timeout=120)
+    return ollama.Client(host=server.url, timeout=PATIENCE)
 
 
 @pytest.fixture
@@ -291,7 +291,7 @@ def test_speculative_serving_equals_plain_and_reports_acceptance(server, client,
     assert extra(plain.usage, "gemrun") is None
     fresh = Model(model.loaded, model.tokenizer)  # its own drafter; the plain server's model keeps none
     with LiveServer(lambda: fresh, draft=str(model_dir / "drafter"), draft_tokens=3) as s:
-        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=PATIENCE)
         spec = c.chat.completions.create(**kw)
         a, b = plain.choices[0].message, spec.choices[0].message
         assert (a.content, extra(a, "reasoning_content")) == (b.content, extra(b, "reasoning_content"))

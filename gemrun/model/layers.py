@@ -17,6 +17,12 @@ class Embedding(nn.Embedding):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T
 
+    def reset_parameters(self) -> None:
+        # Built on `meta` before loading there is nothing to initialise, and normal_ there would import torch's
+        # decompositions (about a second of start-up).
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
 
 class RMSNorm(nn.Module):
     """Gemma 3 RMSNorm: x / rms(x) * (1 + w), computed in float32 and cast back after the scale

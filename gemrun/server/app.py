@@ -63,6 +63,7 @@ class Settings:
 
 
 LOOPBACK_NAMES = ("localhost", "localhost.")
+GENERATION_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/chat", "/api/generate"}
 
 
 def is_loopback(host: str) -> bool:
@@ -160,6 +161,8 @@ class Guard:
             await self._guarded(scope, receive, logged_send)
         finally:
             self.metrics.http.labels(str(status[0])).inc()
+            if scope["path"] in GENERATION_ROUTES and status[0] == 200:
+                self.metrics.latency.observe(time.perf_counter() - t0)
             # json.dumps escapes control characters; headers (and so the API key) are never logged
             log.info(json.dumps({"event": "request", "id": rid, "method": scope["method"], "path": scope["path"],
                                  "status": status[0], "ms": round(1000 * (time.perf_counter() - t0), 1)}))
@@ -297,7 +300,7 @@ def create_app(loader: Callable[[], Runtime], settings: Settings | None = None) 
         thread = threading.Thread(target=load, name="gemrun-load", daemon=True)
         thread.start()
         yield
-        app.state.status = "shutting_down"
+        begin_shutdown(app)
         service = getattr(app.state, "service", None)
         if service is not None:
             await asyncio.to_thread(service.engine.stop, settings.shutdown_deadline)
@@ -426,13 +429,42 @@ class HeadDeadline(H11Protocol):
 def server_config(app: FastAPI, settings: Settings, log_level: str = "warning") -> uvicorn.Config:
     """uvicorn's configuration for the app: the settings' address, the head deadline, graceful shutdown."""
     protocol = type("GemrunHTTP", (HeadDeadline,), {"header_timeout": settings.header_timeout})
+    # uvicorn's own grace outlasts the engine's deadline, so replies end well-formed before it cancels anything
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
-                          http=protocol, timeout_graceful_shutdown=int(math.ceil(settings.shutdown_deadline)))
+                          http=protocol, timeout_graceful_shutdown=int(math.ceil(settings.shutdown_deadline)) + 5)
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """SIGTERM / SIGINT: /health turns 503, the engine refuses new work and gives the requests in flight the
+    shutdown deadline, then ends the rest with finish reason "shutdown" (a well-formed end for every client), in
+    a thread of its own, while uvicorn waits for the connections to close. One log line says what happened."""
+    if app.state.status == "shutting_down":
+        return
+    app.state.status = "shutting_down"
+    service, deadline = app.state.service, app.state.settings.shutdown_deadline
+    if service is None:
+        return
+    running = service.engine.running + service.engine.queue_depth
+    log.warning(json.dumps({"event": "shutdown", "in_flight": running, "deadline_s": deadline}))
+
+    def drain() -> None:
+        service.engine.stop(deadline)
+        cut = service.engine.counters.finished.get("shutdown", 0)
+        log.warning(json.dumps({"event": "shutdown_done", "finished": running - cut, "cut_at_deadline": cut}))
+
+    threading.Thread(target=drain, name="gemrun-shutdown", daemon=True).start()
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, except that SIGTERM / SIGINT end it with exit status 0 once the graceful shutdown is done
-    (uvicorn re-raises the signal after shutdown, so the process would die of it)."""
+    """uvicorn's server, except that SIGTERM / SIGINT start the engine's drain at once (`begin_shutdown`: uvicorn
+    would otherwise wait for connections, then cancel them, before the app hears of it) and end the process with
+    exit status 0 once the graceful shutdown is done (uvicorn re-raises the signal, so it would die of it)."""
+
+    def handle_exit(self, sig, frame) -> None:
+        app = getattr(self.config, "app", None)
+        if isinstance(app, FastAPI):
+            begin_shutdown(app)
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self):

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 
+from ..engine import Unavailable
 from ..errors import InputError
 from ..formats import validate_tools
 from ..sampling import SamplingParams
@@ -70,11 +71,34 @@ def _call(event_call: dict) -> dict:
     return {"function": {"name": fn["name"], "arguments": json.loads(fn["arguments"])}}
 
 
-def _final(s: Service, usage: tuple[int, int], reason: str, started: float) -> dict:
-    total = int((time.perf_counter() - started) * 1e9)
-    return {"done": True, "done_reason": reason or "stop", "total_duration": total, "load_duration": 0,
-            "prompt_eval_count": usage[0], "prompt_eval_duration": 0, "eval_count": usage[1],
-            "eval_duration": total}
+def _final(ev: Event, reason: str, started: float) -> dict:
+    """The last line's figures, in nanoseconds: evaluation of the prompt and of the reply as the engine timed them,
+    and as load_duration what came before (prompt assembly, media decoding, waiting for a batch slot: the model
+    itself stays loaded)."""
+    ns = 1e9
+    total = time.perf_counter() - started
+    prefill = ev.stats.prefill_seconds if ev.stats else 0.0
+    decode = ev.stats.decode_seconds if ev.stats else 0.0
+    return {"done": True, "done_reason": reason or "stop", "total_duration": int(total * ns),
+            "load_duration": int(max(0.0, total - prefill - decode) * ns), "prompt_eval_count": ev.usage[0],
+            "prompt_eval_duration": int(prefill * ns), "eval_count": ev.usage[1], "eval_duration": int(decode * ns)}
+
+
+async def _gather(events) -> tuple[Event, list[dict], list]:
+    """Non-streaming: the whole reply as one event (text, reasoning, tokens, the last event's end and figures) and
+    its tool calls; a reply cut by shutdown is an error (503)."""
+    whole, calls = Event(0), []
+    async for ev in events:
+        if ev.finish_reason == "shutdown":
+            raise Unavailable("the server shut down before the reply was complete")
+        whole.text += ev.text
+        whole.reasoning += ev.reasoning
+        whole.tokens += ev.tokens
+        if ev.tool_call:
+            calls.append(_call(ev.tool_call))
+        if ev.finish_reason:
+            whole.finish_reason, whole.usage, whole.stats = ev.finish_reason, ev.usage, ev.stats
+    return whole, calls
 
 
 @router.post("/api/chat")
@@ -99,8 +123,7 @@ async def chat(body: OllamaChatRequest, request: Request):
             message["tool_calls"] = [_call(ev.tool_call)]
         out = {"model": s.name, "created_at": _now(), "message": message, "done": False}
         if ev.finish_reason:
-            out.update(_final(s, ev.usage, "stop" if ev.finish_reason == "tool_calls" else ev.finish_reason,
-                              started))
+            out.update(_final(ev, "stop" if ev.finish_reason == "tool_calls" else ev.finish_reason, started))
         return out
 
     if body.stream:
@@ -110,14 +133,8 @@ async def chat(body: OllamaChatRequest, request: Request):
                     yield line(ev)
 
         return ndjson_stream(lines(), events.aclose)
-    text, thought, calls, last = "", "", [], None
-    async for ev in events:
-        text += ev.text
-        thought += ev.reasoning
-        if ev.tool_call:
-            calls.append(_call(ev.tool_call))
-        last = ev if ev.finish_reason else last
-    out = line(Event(0, text, finish_reason=last.finish_reason, usage=last.usage, reasoning=thought))
+    whole, calls = await _gather(events)
+    out = line(whole)
     if calls:
         out["message"]["tool_calls"] = calls
     return out
@@ -162,7 +179,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         if ev.reasoning:
             out["thinking"] = ev.reasoning
         if ev.finish_reason:
-            out.update(_final(s, ev.usage, ev.finish_reason, started))
+            out.update(_final(ev, ev.finish_reason, started))
             out["context"] = prompt.ids + generated
         return out
 
@@ -175,13 +192,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
                     generated.extend(t.id for t in ev.tokens)
 
         return ndjson_stream(lines(), events.aclose)
-    text, thought, last, tokens = "", "", None, []
-    async for ev in events:
-        text += ev.text
-        thought += ev.reasoning
-        tokens += ev.tokens
-        last = ev if ev.finish_reason else last
-    return line(Event(0, text, tokens, finish_reason=last.finish_reason, usage=last.usage, reasoning=thought))
+    whole, _ = await _gather(events)
+    return line(whole)
 
 
 def _details(s: Service) -> dict:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..engine import Unavailable
 from ..errors import InputError
 from ..formats import normalize_tool_choice, validate_tools
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -102,6 +103,8 @@ async def collect(events: AsyncIterator[Event], n: int) -> tuple[list[dict], Usa
         c["tokens"] += ev.tokens
         if ev.tool_call:
             c["calls"].append(ev.tool_call)
+        if ev.finish_reason == "shutdown":
+            raise Unavailable("the server shut down before the reply was complete")
         if ev.finish_reason:
             c["finish"] = ev.finish_reason
         usage.add(ev)

@@ -40,7 +40,7 @@ class Event:
     text: str = ""
     tokens: list[Token] = field(default_factory=list)
     tool_call: dict | None = None
-    finish_reason: str | None = None  # set on the last event of a choice
+    finish_reason: str | None = None  # set on the last event: stop, length, tool_calls, timeout or shutdown
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens, on the last event
     reasoning: str = ""
     stats: Stats | None = None  # on the last event: the engine's stats (speculative acceptance included)
@@ -227,7 +227,7 @@ class Service:
                 if event.finish_reason == "error":
                     raise ServerError(event.error or "generation failed")
                 stats = event.stats
-                finish = {"timeout": "length"}.get(event.finish_reason, event.finish_reason)
+                finish = event.finish_reason  # "timeout" and "shutdown" too: the client is told why it ended
             last = text.flush(finish)
             emit(last.text, last.tokens, final=True)
             reason = last.finish_reason or finish

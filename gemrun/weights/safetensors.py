@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import WeightsError
 from ..files import model_file
+
+if TYPE_CHECKING:  # torch itself is imported only where tensors are (metadata readers stay light)
+    import torch
 
 ALLOWED_DTYPES = {"F32", "F16", "BF16", "U8", "F8_E4M3"}  # U8 and F8_E4M3: quantized directories
 INDEX = "model.safetensors.index.json"
@@ -56,7 +59,7 @@ class SafetensorsCheckpoint:
         self.shapes: dict[str, tuple[int, ...]] = {}
         for f in self.files:
             try:
-                with safe_open(str(f), framework="pt") as st:
+                with safe_open(str(f), framework="numpy") as st:
                     for name in st.keys():
                         sl = st.get_slice(name)
                         if sl.get_dtype() not in ALLOWED_DTYPES:
