@@ -178,14 +178,18 @@ def compile_constraint(tokenizer, config, *, ebnf: str | None = None, schema=Non
     """Exactly one of: an EBNF grammar (xgrammar's GBNF dialect, root rule `root`), a JSON schema, or any JSON
     object (`json_object`). JSON comes on one line with `", "` and `": "` separators, or pretty-printed with
     `indent` spaces (0..8); no other whitespace is allowed. `stop_ids` end the reply once the grammar is complete
-    (default: <eos>); `allowed` are the control tokens an EBNF grammar may write."""
+    (default: the tokenizer's chat format's); `allowed` are the control tokens an EBNF grammar may write."""
     if sum((ebnf is not None, schema is not None, json_object)) != 1:
         raise ValueError("give exactly one of ebnf, schema, json_object")
     if indent is not None and (isinstance(indent, bool) or not isinstance(indent, int)
                                or not 0 <= indent <= MAX_INDENT):
         raise InputError(f"indent = {indent!r}: must be an integer between 0 and {MAX_INDENT}")
     vocab_size = max(config.vocab_size, tokenizer.vocab_size)
-    stops = tuple(sorted(stop_ids or {tokenizer.eos_id}))
+    if stop_ids is None:
+        from .formats import format_for
+
+        stop_ids = format_for(tokenizer).stop_ids
+    stops = tuple(sorted(stop_ids))
     c = compiler(tokenizer, vocab_size, stops, tuple(sorted(allowed)) if ebnf is not None else ())
     if ebnf is not None:
         if len(ebnf.encode()) > MAX_SCHEMA_BYTES:
