@@ -165,3 +165,52 @@ def test_shards_and_index_never_follow_links_out_of_the_directory(tmp_path):
     (real / "model.safetensors").rename(tmp_path / "models--x--y" / "blobs" / "123")
     (snap / "model.safetensors").symlink_to("../../blobs/123")
     assert load_hf(snap, torch.float32, torch.device("cpu")).config.num_layers == ref.config.num_hidden_layers
+
+
+def test_decoded_pixels_are_bounded_per_prompt():
+    """32 lossless 7000x7000 WebPs are a few KB of upload; their headers alone are enough to refuse the prompt
+    before most of them are decoded (before: 270 s and 1.8 GB)."""
+    import io
+    import resource
+    import time
+
+    from PIL import Image
+
+    from gemrun.errors import InputError
+    from gemrun.processing.source import MAX_REQUEST_PIXELS, MediaRequest
+    from gemrun.processing.image import load_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (10, 200, 30)).save(buf, format="WEBP", lossless=True)
+    data = buf.getvalue()
+    assert len(data) < 10_000
+    request = MediaRequest()
+    t0, rss0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    decoded = 0
+    with pytest.raises(InputError, match="decoded pixels"):
+        for _ in range(32):
+            load_image(data, request=request)
+            decoded += 1
+    assert decoded == MAX_REQUEST_PIXELS // (7000 * 7000)
+    assert time.process_time() - t0 < 60
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 1 << 20  # KiB: under 1 GiB more
+
+
+def test_thinking_split_is_linear_in_stray_markers():
+    """Repeated `<channel|>` used to cost quadratic time in split_thinking (a find to the end after each)."""
+    import time
+
+    from gemrun.formats.gemma4 import ThinkingSplitter, split_thinking
+
+    def cost(n: int) -> float:
+        text = "x<channel|>" * n
+        t0 = time.process_time()
+        assert split_thinking(text) == ("", "x" * n)
+        splitter = ThinkingSplitter()
+        events = splitter.push(text) + splitter.finish()
+        assert "".join(t for _, t in events) == "x" * n
+        return time.process_time() - t0
+
+    cost(1000)
+    small, large = cost(20_000), cost(160_000)
+    assert large < 20 * max(small, 0.01)  # 8x the input: linear, not 64x
