@@ -5,6 +5,7 @@ ends). A Hugging Face cache snapshot (`models--org--name/snapshots/REV/`) links 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import GemrunError, WeightsError
@@ -25,3 +26,17 @@ def model_file(root: Path, name: str, error: type[GemrunError] = WeightsError, w
     if not real.is_file():
         raise error(f"{what} {name!r} in {root} is missing or not a regular file")
     return real
+
+
+def config_json(root: Path) -> dict:
+    """An HF directory's `config.json` as a dict (`auto_map` / `trust_remote_code` in it are never looked at)."""
+    path = model_file(root, "config.json")
+    if path is None:
+        raise WeightsError(f"{root} has no config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path} is not a JSON object")
+    return raw

@@ -12,6 +12,7 @@ import secrets
 from typing import Any
 
 from .messages import declared_names
+from .pycall import chain, forced_functions, gbnf_string, value_rule
 from .stream import MAX_BLOCK, CallStream, find_unquoted
 
 OPEN, CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
@@ -175,21 +176,8 @@ def _literal(v: Any) -> str:
     return str(v)
 
 
-def _value_rule(schema) -> str:
-    """The grammar of one argument's value: its enum, or its JSON type, else any value."""
-    from .pycall import gbnf_string, jsonable
-
-    if not isinstance(schema, dict):
-        return "value"
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum and all(jsonable(v) for v in enum):
-        return "(" + " | ".join(gbnf_string(_literal(v)) for v in enum) + ")"
-    types = schema.get("type")
-    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
-    rule = {"string": "string", "integer": "integer", "number": "number", "boolean": '("true" | "false")',
-            "array": "array", "object": "object", "null": '"null"'}
-    alts = [rule[t] for t in types if isinstance(t, str) and t in rule]
-    return "(" + " | ".join(alts) + ")" if alts else "value"
+_RULES = {"string": "string", "integer": "integer", "number": "number", "boolean": '("true" | "false")',
+          "array": "array", "object": "object", "null": '"null"'}
 
 
 def tool_grammar(tools: list, choice: Any, in_thought: bool = False) -> str:
@@ -197,8 +185,6 @@ def tool_grammar(tools: list, choice: Any, in_thought: bool = False) -> str:
     ("required") or the named one: its declared parameters in the template's (sorted) order, each at most once,
     the required ones always, values of their schema's type. A thought channel may come first (with "<" kept out
     of it); `in_thought`: the prompt already opened it, so the reply starts inside the reasoning."""
-    from .pycall import chain, forced_functions, gbnf_string
-
     fns = forced_functions(tools, choice)
     thought = '[^<]* "<channel|>"' if in_thought else '("<|channel>" [^<]* "<channel|>")?'
     rules = [f'root ::= {thought} "<|tool_call>call:" call "<tool_call|>"',
@@ -207,7 +193,7 @@ def tool_grammar(tools: list, choice: Any, in_thought: bool = False) -> str:
         params = fn["parameters"]
         props = params.get("properties") or {}
         required = set(params.get("required") or ()) & set(props)
-        items = [(gbnf_string(f"{k}:"), _value_rule(props[k]), k in required) for k in sorted(props)]
+        items = [(gbnf_string(f"{k}:"), value_rule(props[k], _literal, _RULES), k in required) for k in sorted(props)]
         if props:
             rules += chain(f"p{i}", items, separator='","')
             rules.append(f'f{i} ::= {gbnf_string(fn["name"] + "{")} p{i}_0 "}}"')

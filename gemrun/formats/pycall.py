@@ -13,6 +13,7 @@ import json
 import keyword
 import math
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import InputError
@@ -194,9 +195,9 @@ def tool_grammar(tools: list, choice: str | dict) -> str:
         props = params.get("properties") or {}
         required = set(params.get("required") or ()) & set(props)
         order = [k for k in props if k in required] + [k for k in props if k not in required]
-        plain = [(f'"{k}="', _value_rule(props[k]), k in required) for k in order if _is_kwarg(k)]
+        plain = [(f'"{k}="', value_rule(props[k]), k in required) for k in order if _is_kwarg(k)]
         # names that cannot be Python keywords (`from`, `my-key`) go in a trailing **{...}, as `render_calls` does
-        odd = [(gbnf_string(_py(k) + ": "), _value_rule(props[k]), k in required) for k in order if not _is_kwarg(k)]
+        odd = [(gbnf_string(_py(k) + ": "), value_rule(props[k]), k in required) for k in order if not _is_kwarg(k)]
         if not props:
             rules.append(f'f{i} ::= "{fn["name"]}(" (a{i} ("," ws a{i})*)? ")"')
             rules.append(f'a{i} ::= ident "=" value')
@@ -230,16 +231,20 @@ def gbnf_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _value_rule(schema) -> str:
-    """The grammar of one argument's value: its enum, or its JSON type as a Python literal, else any value."""
+_PY_RULES = {"string": "string", "integer": "integer", "number": "number", "boolean": '"True" | "False"',
+             "array": "list", "object": "dict", "null": '"None"'}
+
+
+def value_rule(schema, literal: Callable[[Any], str] | None = None, rules: dict[str, str] = _PY_RULES) -> str:
+    """The grammar of one argument's value: its enum (each value as `literal` writes it), or the rule of its JSON
+    type (`rules`: JSON type -> rule), else any value. Defaults: Python literals, as `render_calls` writes."""
+    literal = literal or _py
     if not isinstance(schema, dict):
         return "value"
     enum = schema.get("enum")
     if isinstance(enum, list) and enum and all(jsonable(v) for v in enum):
-        return "(" + " | ".join(gbnf_string(_py(v)) for v in enum) + ")"
+        return "(" + " | ".join(gbnf_string(literal(v)) for v in enum) + ")"
     types = schema.get("type")
     types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
-    rule = {"string": "string", "integer": "integer", "number": "number", "boolean": '"True" | "False"',
-            "array": "list", "object": "dict", "null": '"None"'}
-    alts = [rule[t] for t in types if isinstance(t, str) and t in rule]
+    alts = [rules[t] for t in types if isinstance(t, str) and t in rules]
     return "(" + " | ".join(alts) + ")" if alts else "value"

@@ -4,14 +4,13 @@ header or an HF directory's config.json and safetensors headers. No tensor is re
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PRESETS, TextConfig, from_gguf_metadata, from_hf_config
 from ..errors import WeightsError
-from ..files import model_file
+from ..files import config_json
 
 
 @dataclass
@@ -39,16 +38,8 @@ def describe(name: str | Path) -> Description:
     if path.is_dir():
         from .safetensors import SafetensorsCheckpoint
 
-        cfg_path = model_file(path, "config.json")
-        if cfg_path is None:
-            raise WeightsError(f"{path} has no config.json")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except ValueError as e:
-            raise WeightsError(f"{cfg_path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise WeightsError(f"{cfg_path} is not a JSON object")
         shapes = SafetensorsCheckpoint(path).shapes
-        return Description(from_hf_config(raw), sum(math.prod(s) for s in shapes.values()), f"safetensors {path}")
+        return Description(from_hf_config(config_json(path)), sum(math.prod(s) for s in shapes.values()),
+                           f"safetensors {path}")
     raise WeightsError(f"{name} is neither a GGUF file, an HF directory nor a preset (presets: "
                        f"{', '.join(PRESETS)})")

@@ -14,7 +14,7 @@ from torch import nn
 from .. import tokenizer as tok
 from ..config import Gemma4TextConfig, TextConfig, from_gguf_metadata, from_hf_config, gemma4_from_hf_config
 from ..errors import ConfigError, WeightsError
-from ..files import model_file
+from ..files import config_json, model_file
 from ..model.decoder import Decoder
 from ..model.gemma3 import Gemma3
 from ..model.gemma4 import Drafter, Gemma4, Gemma4Media, MediaConfig, media_from_hf_config
@@ -183,16 +183,9 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
             quantize: str | None = None, packed: bool = True) -> Loaded:
     """An HF directory; a quantized one (`gemrun convert`, `gemrun_quant.json`) keeps int4 groups packed on the
     CPU unless `packed` is False (then, like fp8, dequantized on load)."""
-    cfg_path = model_file(root, "config.json")
-    if cfg_path is None:
-        raise WeightsError(f"{root} has no config.json")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise WeightsError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise WeightsError(f"{cfg_path} is not a JSON object")
-    config = from_hf_config(raw)  # auto_map / trust_remote_code are never looked at
+    raw = config_json(root)
+    cfg_path = root / "config.json"
+    config = from_hf_config(raw)
     gemma4 = isinstance(config, Gemma4TextConfig)
     vision = None if gemma4 else vision_from_hf_config(raw)
     try:
