@@ -33,7 +33,7 @@ class Model(Runtime):
     def _stream(self, prompt: Prompt | list[int], params: SamplingParams, keep_special: bool = False):
         self.last_stats = Stats()
         return stream(self.model, self.tokenizer, prompt, params, self.max_context, self.last_stats,
-                      draft=self.draft, keep_special=keep_special)
+                      draft=self.draft, keep_special=keep_special, pool=self.pool)
 
     def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                     pan_and_scan: bool | None = None, think: bool | None = None, tools: list[dict] | None = None,

@@ -239,6 +239,8 @@ def serve(model: ModelOpt = None,
                                                   help="tokens a reply may take when its request sets no limit "
                                                   "(at most the rest of the context)")] = 2048,
           request_timeout: Annotated[float, typer.Option(help="seconds a request may run")] = 600,
+          cache_ram: Annotated[float, typer.Option("--cache-ram", help="GiB of finished requests' KV caches kept "
+                                                   "for prompts that share their prefix (0: off)")] = 4.0,
           shutdown_deadline: Annotated[float, typer.Option(help="seconds in-flight requests get on SIGTERM")] = 10,
           device: DeviceOpt = "auto",
           dtype: Annotated[str, typer.Option(help="auto (bfloat16: packed weights, batch-invariant kernels) | "
@@ -275,6 +277,7 @@ def serve(model: ModelOpt = None,
                         max_body=int(max_body_mb * (1 << 20)), max_batch=max_batch, max_queue=max_queue,
                         request_timeout=request_timeout, max_tokens_default=max_tokens,
                         shutdown_deadline=shutdown_deadline, served_name=served_model_name, draft=draft,
+                        cache_ram=cache_ram,
                         draft_tokens=draft_tokens)
     if max_tokens < 1:
         raise GemrunError(f"--max-tokens-default must be >= 1, got {max_tokens}")

@@ -113,6 +113,7 @@ class Engine:
             raise GemrunError(f"max_batch must be in 1..{DENSE_ROWS - 1}, got {max_batch}")
         self.runtime, self.max_batch, self.max_queue, self.chunk = runtime, max_batch, max_queue, chunk
         self.draft = draft if draft is not None else runtime.draft
+        self.pool = runtime.pool  # finished sequences' caches, for prompts that share a prefix
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self.counters = Counters()
@@ -255,7 +256,7 @@ class Engine:
         try:
             req.seq = Sequence(self.runtime.model, req.prompt, req.params, req.stop_ids, self.runtime.max_context,
                                self.runtime.tokenizer.vocab_size, req.matcher, req.logprobs, self.chunk,
-                               reserve=RESERVE)
+                               reserve=RESERVE, pool=self.pool)
         except Exception as e:
             self._end(req, "error", _message(e))
 
@@ -321,7 +322,9 @@ class Engine:
         elif req.seq is not None:
             req.seq.finish(reason)
             stats = req.seq.stats
-            req.seq.caches = []  # freed now, not when the handler lets go of the request
+            if reason == "error":  # caches a failed step left half-written are never reused
+                req.seq.pool = None
+            req.seq.release()  # to the prefix pool, or freed now (not when the handler lets go of the request)
         else:
             stats = req.stats or Stats()
         self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1

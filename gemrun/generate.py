@@ -23,6 +23,7 @@ class Stats:
     finish_reason: str | None = None
     drafted_tokens: int = 0  # speculative decoding: tokens the drafter proposed, and how many the target kept
     accepted_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from an earlier sequence (prefix reuse)
 
     @property
     def acceptance_rate(self) -> float:
@@ -47,6 +48,11 @@ class Prompt:
     embeds: torch.Tensor | None = None
     blocks: torch.Tensor | None = None
     in_thought: bool = False  # Gemma 4: the prompt ends inside an open thought channel
+    key: list[int] | None = None  # what prefix reuse compares: ids, media soft tokens as hashes of their content
+
+    @property
+    def cache_key(self) -> list[int]:
+        return self.key if self.key is not None else self.ids
 
 
 @dataclass
@@ -78,10 +84,10 @@ def check_context(n_prompt: int, max_context: int) -> None:
                          f"(at most {max_context - 1} leave room for one new token)")
 
 
-def chunk_bounds(n: int, chunk: int, blocks: torch.Tensor | None) -> list[tuple[int, int]]:
-    """Prefill chunks of about `chunk` tokens; a chunk never ends inside an image block, whose tokens must see
-    each other."""
-    bounds, start = [], 0
+def chunk_bounds(n: int, chunk: int, blocks: torch.Tensor | None, start: int = 0) -> list[tuple[int, int]]:
+    """Prefill chunks of about `chunk` tokens from `start` on; a chunk never ends inside an image block, whose
+    tokens must see each other."""
+    bounds = []
     while start < n:
         end = min(start + chunk, n)
         if blocks is not None:
@@ -119,12 +125,14 @@ class Sequence:
     """One generation in flight: caches, penalty counts, its own generator, an optional grammar, the output.
 
     Lifecycle: `prefill_step()` until `prefilled`, then a token is chosen from each step's logits with `choose`
-    (the engine batches the decode forwards of many sequences; `generate_ids` runs one alone)."""
+    (the engine batches the decode forwards of many sequences; `generate_ids` runs one alone). With a `pool`
+    (`cache.PrefixPool`), the caches of an earlier sequence sharing a prefix are taken from it, only the rest of
+    the prompt is prefilled, and `release()` gives the caches back at the end."""
 
     def __init__(self, model, prompt: Prompt | list[int], params: SamplingParams, stop_ids: set[int],
                  max_context: int, vocab_limit: int, matcher=None, logprobs: int | None = None,
                  chunk: int = 256, stats: Stats | None = None, reserve: int | None = None, spare: int = 0,
-                 keep_hidden: bool = False):
+                 keep_hidden: bool = False, pool=None):
         self.prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         n = len(self.prompt.ids)
         check_context(n, max_context)
@@ -134,20 +142,22 @@ class Sequence:
         # global-layer caches are preallocated for `reserve` new tokens (default: all of max_tokens) and grow
         # by doubling past that
         want = params.max_tokens if reserve is None else min(params.max_tokens, reserve)
-        self.caches = model.make_caches(capacity=min(max_context, n + want), spare=spare)
+        self.pool = pool
+        reused = pool.take(self.prompt.cache_key, self.prompt.blocks) if pool is not None else None
+        self.caches, cached = reused or (model.make_caches(capacity=min(max_context, n + want), spare=spare), 0)
         self.counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=device)
         seen = torch.tensor([i for i in self.prompt.ids if i < model.config.vocab_size], dtype=torch.long,
                             device=device)
         self.counts.index_add_(0, seen, torch.ones(len(seen), device=device))
         self.gen = params.generator(device)
-        self.chunks = chunk_bounds(n, chunk, self.prompt.blocks)
+        self.chunks = chunk_bounds(n, chunk, self.prompt.blocks, start=cached)
         self.logits: torch.Tensor | None = None  # (V,) of the last position, once prefilled
         self.keep_hidden = keep_hidden  # speculative decoding starts from the last final-normed hidden state
         self.hidden: torch.Tensor | None = None  # (1, 1, E), with keep_hidden
         self.tokens: list[Token] = []
         self.finish_reason: str | None = None
         self.stats = stats if stats is not None else Stats()
-        self.stats.prompt_tokens = n
+        self.stats.prompt_tokens, self.stats.cached_tokens = n, cached
         self._t0 = time.perf_counter()
 
     @property
@@ -174,6 +184,9 @@ class Sequence:
         if not self.chunks:
             self.stats.prefill_seconds = time.perf_counter() - self._t0
             self._t1 = time.perf_counter()
+            if self.pool is not None:  # a later prompt may diverge anywhere from here on (a reply re-rendered)
+                for c in self.caches:
+                    c.checkpoint()
 
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor) -> Token:
@@ -227,6 +240,13 @@ class Sequence:
     def finish(self, reason: str) -> None:
         self.finish_reason = self.stats.finish_reason = reason
 
+    def release(self) -> None:
+        """Give the caches to the pool (under the key of the tokens they hold), or drop them."""
+        if self.pool is not None and self.caches:
+            key = self.prompt.cache_key + [t.id for t in self.tokens]
+            self.pool.put(key[:self.caches[0].length], self.caches)
+        self.caches = []
+
 
 @torch.inference_mode()
 def decode_step(model, sequences: list[Sequence]) -> torch.Tensor:
@@ -237,19 +257,23 @@ def decode_step(model, sequences: list[Sequence]) -> torch.Tensor:
 
 
 def generate_ids(model, prompt: Prompt | list[int], params: SamplingParams, stop_ids: set[int], max_context: int,
-                 vocab_limit: int, stats: Stats, chunk: int = 256, draft=None) -> Iterator[int]:
+                 vocab_limit: int, stats: Stats, chunk: int = 256, draft=None, pool=None) -> Iterator[int]:
     """Token ids as they are sampled; the last one is a stop token when generation stopped on one.
     Sets stats.finish_reason to "stop" or "length" (max_tokens or a full context). `draft` (a
-    `speculative.Speculator`) drafts tokens that the model verifies several at a time."""
+    `speculative.Speculator`) drafts tokens that the model verifies several at a time. `pool` (a
+    `cache.PrefixPool`) reuses an earlier sequence's caches for a shared prefix and keeps these ones after."""
     if draft is not None:
         yield from draft.generate(model, prompt, params, stop_ids, max_context, vocab_limit, stats, chunk)
         return
-    seq = Sequence(model, prompt, params, stop_ids, max_context, vocab_limit, chunk=chunk, stats=stats)
-    while not seq.prefilled:
-        seq.prefill_step()
-    yield seq.choose(seq.logits).id
-    while not seq.finished:
-        yield seq.choose(decode_step(model, [seq])[0]).id
+    seq = Sequence(model, prompt, params, stop_ids, max_context, vocab_limit, chunk=chunk, stats=stats, pool=pool)
+    try:
+        while not seq.prefilled:
+            seq.prefill_step()
+        yield seq.choose(seq.logits).id
+        while not seq.finished:
+            yield seq.choose(decode_step(model, [seq])[0]).id
+    finally:  # also when the caller stops early (a stop string, Ctrl-C)
+        seq.release()
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -311,14 +335,15 @@ def stop_ids_for(model, params: SamplingParams) -> set[int]:
 
 
 def stream(model, tokenizer: Tokenizer, prompt: Prompt | list[int], params: SamplingParams, max_context: int,
-           stats: Stats | None = None, chunk: int = 256, draft=None, keep_special: bool = False) -> Iterator[Chunk]:
+           stats: Stats | None = None, chunk: int = 256, draft=None, keep_special: bool = False,
+           pool=None) -> Iterator[Chunk]:
     """Text chunks of the continuation (see TextStream); the last one carries the finish reason.
     `keep_special` keeps control tokens in the text (Gemma 4's channel and tool-call syntax, parsed later)."""
     stats = stats if stats is not None else Stats()
     stop_ids = stop_ids_for(model, params)
     text = TextStream(tokenizer, params.stop, stop_ids, keep_special)
     for token in generate_ids(model, prompt, params, stop_ids, max_context, tokenizer.vocab_size, stats, chunk,
-                              draft):
+                              draft, pool):
         piece = text.push(Token(token))
         if text.stopped:
             stats.finish_reason = "stop"

@@ -9,6 +9,7 @@ policy (a server's clients may not name local files).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,6 +38,18 @@ class MediaInput(Protocol):
     def prepare(self, kind: str, source: Any, request: MediaRequest) -> Any: ...  # an item with a `.slot`
 
     def embed(self, items: list) -> dict[int, torch.Tensor]: ...  # placeholder id -> soft tokens (M, E)
+
+
+def media_key(ids: list[int], soft: dict[int, torch.Tensor]) -> list[int]:
+    """The prompt as prefix reuse sees it: ids, except that each media placeholder becomes a (negative) hash of
+    its soft token, so two prompts share a prefix only as far as their images and audio are the same."""
+    key = list(ids)
+    for token_id, rows in soft.items():
+        at = [i for i, t in enumerate(ids) if t == token_id]
+        data = rows.detach().float().cpu().numpy()
+        for i, row in zip(at, data):
+            key[i] = -1 - int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=7).digest(), "little")
+    return key
 
 
 @dataclass
@@ -107,5 +120,7 @@ class PromptBuilder:
         slots: list[MediaSlot] = [item.slot for item in items]
         ids = self.format.encode(self.format.expand_media(rendered.text, slots))
         ids_t = torch.tensor(ids, device=self.model.device)
-        embeds = prompt_embeddings(self.model, ids_t, self.inputs.embed(items))
-        return Prompt(ids, embeds, media_blocks(ids_t, self.inputs.vision_ids), in_thought=rendered.in_thought)
+        soft = self.inputs.embed(items)
+        embeds = prompt_embeddings(self.model, ids_t, soft)
+        return Prompt(ids, embeds, media_blocks(ids_t, self.inputs.vision_ids), in_thought=rendered.in_thought,
+                      key=media_key(ids, soft))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import PrefixPool
 from .errors import ConfigError
 from .formats import ChatFormat, format_for
 from .processing.source import Sources
@@ -73,7 +74,7 @@ class Runtime:
     directory its local media paths must lie in (None: anywhere)."""
 
     def __init__(self, loaded: Loaded, tokenizer=None, max_context: int | None = None,
-                 image_dir: Path | None = None):
+                 image_dir: Path | None = None, cache_ram: float = 1.0, cache_entries: int | None = 1):
         self.loaded, self.model, self.config = loaded, loaded.model, loaded.config
         self.tokenizer = tokenizer or loaded.tokenizer
         self.vision, self.media, self.inputs = loaded.vision, loaded.media, loaded.inputs
@@ -85,6 +86,9 @@ class Runtime:
         self.template = self.format.template
         self.image_dir = image_dir
         self.draft = None  # a speculative.Speculator, set by `use_drafter`
+        # finished sequences' KV caches for prompts that share a prefix (a conversation's next turn): the Python
+        # API and the REPL keep their last conversation; a server keeps many (`serve --cache-ram`)
+        self.pool = PrefixPool(int(cache_ram * (1 << 30)), cache_entries)
 
     @property
     def device(self) -> torch.device:

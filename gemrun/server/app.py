@@ -54,6 +54,7 @@ class Settings:
     request_timeout: float = 600.0  # seconds a request may run
     max_tokens_default: int | None = None  # when a request sets none: the rest of the context
     shutdown_deadline: float = 10.0  # seconds in-flight requests get on shutdown
+    cache_ram: float = 4.0  # GiB of finished sequences' KV caches kept for prefix reuse (0: none)
     served_name: str | None = None
     draft: object = None  # speculative decoding (Gemma 4): a drafter checkpoint path, or a speculative.Speculator
     draft_tokens: int = 4  # tokens drafted per round (with a path)
@@ -262,6 +263,15 @@ class Metrics:
                                 value=engine.running if engine else 0)
         yield GaugeMetricFamily("gemrun_queue_depth", "Requests waiting for a batch slot",
                                 value=engine.queue_depth if engine else 0)
+        pool = engine.pool if engine else None
+        yield CounterMetricFamily("gemrun_prefix_cache_hits", "Requests that reused cached KV of a prefix",
+                                  value=pool.hits if pool else 0)
+        yield CounterMetricFamily("gemrun_prefix_cache_misses", "Requests that found no reusable prefix",
+                                  value=pool.misses if pool else 0)
+        yield CounterMetricFamily("gemrun_prefix_cache_reused_tokens", "Prompt tokens not prefilled again",
+                                  value=pool.reused_tokens if pool else 0)
+        yield GaugeMetricFamily("gemrun_prefix_cache_bytes", "KV cache bytes kept for prefix reuse",
+                                value=pool.nbytes if pool else 0)
         yield GaugeMetricFamily("gemrun_kv_cache_bytes", "KV cache bytes held by sequences in flight",
                                 value=engine.cache_bytes if engine else 0)
         tps = c.generated_tokens / c.busy_seconds if c and c.busy_seconds else 0.0
@@ -287,6 +297,7 @@ def create_app(loader: Callable[[], Runtime], settings: Settings | None = None) 
                     runtime.draft = settings.draft
                 elif settings.draft is not None:
                     runtime.use_drafter(settings.draft, settings.draft_tokens)
+                runtime.pool.max_bytes, runtime.pool.max_entries = int(settings.cache_ram * (1 << 30)), None
                 engine = Engine(runtime, settings.max_batch, settings.max_queue).start()
                 name = settings.served_name or model_name(runtime)
                 app.state.service = Service(runtime, engine, name, settings.max_tokens_default,

@@ -79,8 +79,9 @@ def _final(ev: Event, reason: str, started: float) -> dict:
     total = time.perf_counter() - started
     prefill = ev.stats.prefill_seconds if ev.stats else 0.0
     decode = ev.stats.decode_seconds if ev.stats else 0.0
+    cached = ev.stats.cached_tokens if ev.stats else 0  # as Ollama, only the tokens evaluated now count
     return {"done": True, "done_reason": reason or "stop", "total_duration": int(total * ns),
-            "load_duration": int(max(0.0, total - prefill - decode) * ns), "prompt_eval_count": ev.usage[0],
+            "load_duration": int(max(0.0, total - prefill - decode) * ns), "prompt_eval_count": ev.usage[0] - cached,
             "prompt_eval_duration": int(prefill * ns), "eval_count": ev.usage[1], "eval_duration": int(decode * ns)}
 
 

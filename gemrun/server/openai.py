@@ -53,12 +53,15 @@ class Usage:
     def __init__(self):
         self.prompt, self.completion, self.drafted, self.accepted, self.speculative = 0, 0, 0, 0, False
         self.reasoning = 0  # tokens of the thought channel
+        self.cached = 0  # prompt tokens whose KV was reused (prefix cache)
 
     def add(self, ev: Event) -> None:
         if ev.reasoning:
             self.reasoning += len(ev.tokens)
         if ev.usage:
             self.prompt, self.completion = ev.usage[0], self.completion + ev.usage[1]
+        if ev.stats is not None:
+            self.cached = max(self.cached, ev.stats.cached_tokens)
         if ev.stats is not None and ev.stats.drafted_tokens:
             self.speculative = True
             self.drafted += ev.stats.drafted_tokens
@@ -73,7 +76,8 @@ class Usage:
 
     def chat(self) -> dict:
         out = {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-               "total_tokens": self.prompt + self.completion}
+               "total_tokens": self.prompt + self.completion,
+               "prompt_tokens_details": {"cached_tokens": self.cached}}
         if (ext := self.extension()) is not None:
             out["gemrun"] = ext
         return out

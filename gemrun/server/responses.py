@@ -112,7 +112,8 @@ async def responses(body: ResponsesRequest, request: Request):
                "text": body.text or {"format": {"type": "text"}}, "metadata": {},
                "usage": None if usage is None else {
                    "input_tokens": usage.prompt, "output_tokens": usage.completion,
-                   "total_tokens": usage.prompt + usage.completion, "input_tokens_details": {"cached_tokens": 0},
+                   "total_tokens": usage.prompt + usage.completion,
+                   "input_tokens_details": {"cached_tokens": usage.cached},
                    "output_tokens_details": {"reasoning_tokens": usage.reasoning}}}
         if usage is not None and (ext := usage.extension()) is not None:
             out["usage"]["gemrun"] = ext

@@ -1,0 +1,162 @@
+"""Prefix reuse: a request takes the KV caches of an earlier sequence that shares its prefix and prefills only the
+rest. Every turn's greedy tokens and logits equal a cold run's: with sliding windows that wrapped (tiny models with
+a window of 8), with Gemma 4's thoughts stripped between turns (the next prompt diverges at the reply), with images
+(the key holds a hash of each soft token), after an earlier message is edited, and when the pool evicts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from tiny import hf_mm_model, hf_model, save_mm_dir, write_gguf
+
+import gemrun
+from gemrun.cache import PrefixPool
+from gemrun.generate import Sequence, decode_step, stop_ids_for
+from gemrun.sampling import SamplingParams
+
+WORDS = "the sea is blue and deep a ship sails on the waves under grey sky birds fly over it".split()
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prefix") / "tiny.gguf"
+    write_gguf(path, hf_model(seed=41, sliding_window=8))
+    return gemrun.load(path, device="cpu", dtype="float32", max_context=512)
+
+
+def run(m, prompt, pool, params=GREEDY):
+    """(token ids, logits of every step, prompt tokens reused) of one greedy sequence."""
+    seq = Sequence(m.model, prompt, params, stop_ids_for(m.model, params), m.max_context, m.tokenizer.vocab_size,
+                   pool=pool)
+    rows = []
+    while not seq.prefilled:
+        seq.prefill_step()
+    rows.append(seq.logits.clone())
+    seq.choose(seq.logits)
+    while not seq.finished:
+        row = decode_step(m.model, [seq])[0]
+        rows.append(row.clone())
+        seq.choose(row)
+    seq.release()
+    return [t.id for t in seq.tokens], rows, seq.stats.cached_tokens
+
+
+def same(warm, cold, tol=1e-4) -> None:
+    assert warm[0] == cold[0]
+    for a, b in zip(warm[1], cold[1]):
+        assert (a - b).abs().max() <= tol
+
+
+def sentence(rng) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+
+
+def test_twenty_conversations_equal_cold_runs(tiny3):
+    pool, reused = PrefixPool(1 << 30), []
+    rng = random.Random(0)
+    for _ in range(20):
+        messages = []
+        for _turn in range(3):
+            messages.append({"role": "user", "content": sentence(rng)})
+            prompt = tiny3.chat_prompt(messages)
+            warm, cold = run(tiny3, prompt, pool), run(tiny3, prompt, None)
+            same(warm, cold)
+            reused.append(warm[2])
+            messages.append({"role": "assistant", "content": tiny3.tokenizer.decode(warm[0], skip_special=True)})
+    assert sum(r > 0 for r in reused) >= 30  # turns 2 and 3 of each conversation (40) mostly reuse
+
+
+def test_interleaved_conversations_edits_and_eviction(tiny3):
+    rng = random.Random(1)
+    conversations = [[{"role": "user", "content": sentence(rng)}] for _ in range(4)]
+    for pool in (PrefixPool(1 << 30), PrefixPool(1 << 30, max_entries=2), PrefixPool(1)):  # 1 byte: none kept
+        convs = [list(c) for c in conversations]
+        for _turn in range(3):
+            for c in convs:  # interleaved: A, B, C, D, A, B, ...
+                prompt = tiny3.chat_prompt(c)
+                warm = run(tiny3, prompt, pool)
+                same(warm, run(tiny3, prompt, None))
+                c += [{"role": "assistant", "content": tiny3.tokenizer.decode(warm[0], skip_special=True)},
+                      {"role": "user", "content": sentence(rng)}]
+        edited = [{"role": "user", "content": "an edited first message"}] + convs[0][1:]
+        prompt = tiny3.chat_prompt(edited)
+        same(run(tiny3, prompt, pool), run(tiny3, prompt, None))
+        if pool.max_bytes == 1:
+            assert pool.hits == 0 and not pool.entries
+
+
+def test_gemma4_with_thoughts_stripped(tmp_path):
+    """Thinking on: the history's replies lose their thoughts, so the next prompt diverges at the previous
+    reply; the prompt-end checkpoint of the sliding layers is what makes the prefix reusable."""
+    from tiny_gemma4 import write_model_dir
+
+    m = gemrun.load(str(write_model_dir(tmp_path / "g4")), dtype="float32")
+    pool, rng, reused = PrefixPool(1 << 30), random.Random(2), []
+    for _ in range(3):
+        messages = []
+        for turn in range(3):
+            messages.append({"role": "user", "content": sentence(rng)})
+            prompt = m.chat_prompt(messages, think=True)
+            warm = run(m, prompt, pool)
+            same(warm, run(m, prompt, None))
+            reused.append(warm[2])
+            messages.append({"role": "assistant",
+                             "content": f"<|channel>thought\nturn {turn} thoughts<channel|>{sentence(rng)}"})
+    assert all(r > 0 for r in reused[1::3] + reused[2::3])
+
+
+def test_images_are_part_of_the_key(tmp_path):
+    import io
+
+    from PIL import Image
+
+    save_mm_dir(hf_mm_model(seed=3), tmp_path / "mm")
+    m = gemrun.load(tmp_path / "mm", device="cpu", dtype="float32")
+
+    def png(color) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), color).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def turn(image: bytes, follow: bool):
+        msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what"}]}]
+        if follow:
+            msgs += [{"role": "assistant", "content": "a thing"}, {"role": "user", "content": "and then"}]
+        return m.chat_prompt(msgs)
+
+    pool = PrefixPool(1 << 30)
+    red, blue = png((250, 10, 10)), png((10, 10, 250))
+    first = run(m, turn(red, False), pool)
+    warm = run(m, turn(red, True), pool)
+    same(warm, run(m, turn(red, True), None))
+    assert warm[2] > 0
+    other = run(m, turn(blue, True), pool)  # the same ids, another image: reused only up to the image
+    same(other, run(m, turn(blue, True), None))
+    placeholder = turn(blue, True).ids.index(502)
+    assert other[2] <= placeholder and first[0]
+
+
+def test_server_reports_cached_tokens(tiny3):
+    import httpx
+    from server_util import PATIENCE, LiveServer
+
+    with LiveServer(lambda: tiny3) as s:
+        name = httpx.get(s.url + "/v1/models").json()["data"][0]["id"]
+        msgs = [{"role": "user", "content": "the sea is blue"}]
+        body = {"model": name, "messages": msgs, "max_tokens": 6, "temperature": 0}
+        first = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=PATIENCE).json()
+        msgs += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "and the sky"}]
+        second = httpx.post(s.url + "/v1/chat/completions", json={**body, "messages": msgs}, timeout=PATIENCE).json()
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert 0 < cached < second["usage"]["prompt_tokens"]
+        tiny3.pool.clear()
+        cold = tiny3.chat(msgs, SamplingParams(temperature=0, max_tokens=6))
+        assert second["choices"][0]["message"]["content"] == cold
+        assert s.metric("gemrun_prefix_cache_hits_total") >= 1 and s.metric("gemrun_prefix_cache_bytes") > 0
+        olla = httpx.post(s.url + "/api/chat", json={"model": name, "messages": msgs, "stream": False,
+                                                     "options": {"num_predict": 4, "temperature": 0}},
+                          timeout=PATIENCE).json()
+        assert olla["prompt_eval_count"] < len(tiny3.chat_prompt(msgs).ids)  # only the new tokens, as Ollama
