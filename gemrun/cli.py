@@ -389,14 +389,18 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
           gen_tokens: Annotated[int, typer.Option(help="decode length")] = 128,
           repeat: Annotated[int, typer.Option(help="runs; medians are reported")] = 3,
           threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores)")] = None,
+          depth: Annotated[int, typer.Option(help="tokens already in the cache before each run (as llama-bench "
+                                             "-d): prefill and decode at that depth")] = 0,
           device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
           packed: PackedOpt = None, quantize: QuantOpt = None) -> None:
     """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
-    first token, and peak RSS, as JSON on stdout (medians over REPEAT runs)."""
+    first token, and peak RSS, as JSON on stdout (medians over REPEAT runs); with --depth, after DEPTH tokens
+    already in the KV cache (filled untimed before each run)."""
     import statistics
 
     from .api import load
-    from .generate import Stats, generate_ids
+    from .cache import PrefixPool
+    from .generate import Prompt, Stats, generate_ids
     from .sampling import SamplingParams
 
     torch = _torch()
@@ -405,25 +409,34 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     t0 = time.perf_counter()
     m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize)
     load_s = time.perf_counter() - t0
-    if prompt_tokens + gen_tokens >= m.max_context:
-        raise GemrunError(f"prompt {prompt_tokens} + {gen_tokens} tokens exceed the context of {m.max_context}")
+    if depth + prompt_tokens + gen_tokens >= m.max_context:
+        raise GemrunError(f"depth {depth} + prompt {prompt_tokens} + {gen_tokens} tokens exceed the context of "
+                          f"{m.max_context}")
     text = " ".join(f"The {i}th sentence of the benchmark talks about the weather in city number {i}."
-                    for i in range(prompt_tokens))
-    ids = m.tokenizer.encode(text, bos=True)[:prompt_tokens]
+                    for i in range(depth + prompt_tokens))
+    every = m.tokenizer.encode(text, bos=True)[:depth + prompt_tokens]
+    ids = every[depth:]
     params = SamplingParams(temperature=0, max_tokens=gen_tokens, ignore_eos=True)
     runs = []
     for _ in range(max(1, repeat) + 1):  # the first run warms up and is dropped
+        pool = None
+        if depth:  # the depth's KV, made untimed and handed over through a prefix pool, as a reused prefix is
+            pool = PrefixPool(1 << 62)
+            for _token in generate_ids(m.model, every[:depth], SamplingParams(temperature=0, max_tokens=1), set(),
+                                       m.max_context, m.tokenizer.vocab_size, Stats(), pool=pool):
+                pass
         stats = Stats()
         t = time.perf_counter()
         first = None
-        for _token in generate_ids(m.model, ids, params, set(), m.max_context, m.tokenizer.vocab_size, stats):
+        for _token in generate_ids(m.model, Prompt(every), params, set(), m.max_context, m.tokenizer.vocab_size,
+                                   stats, pool=pool):
             first = first or time.perf_counter() - t
-        runs.append((stats.prefill_tps, stats.decode_tps, first))
+        runs.append((len(ids) / stats.prefill_seconds, stats.decode_tps, first))  # the new tokens only
     runs = runs[1:]
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
            "packed": type(w.layers[0].mlp.up_proj).__name__ != "Linear", "threads": torch.get_num_threads(),
-           "load_s": round(load_s, 2), "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
+           "load_s": round(load_s, 2), "depth": depth, "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
            "prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
            "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
            "ttft_s": round(statistics.median(r[2] for r in runs), 3),

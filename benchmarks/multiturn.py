@@ -1,0 +1,135 @@
+"""Time to first token across a multi-turn chat: gemrun with prefix reuse, gemrun without it (--cache-ram 0), and
+llama.cpp's server (`cache_prompt`, native build) on the same GGUF and threads. Each turn adds a user message of
+about --new-tokens tokens to the conversation (and the previous reply); the TTFT of turn k is the time from the
+request to its first streamed token. The "new tokens only" column is what prefilling just the turn's new tokens
+takes at that depth (`gemrun bench --depth`), the goal for a warm turn.
+
+    python benchmarks/multiturn.py --model 12b-q4_0.gguf --turns 10 --new-tokens 150 --threads 2 \\
+        [--llama-server /work/llamacpp/build/bin/llama-server] [--think]   (Gemma 4: thinking on)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+WORDS = ("the harbour light turned green as the fishing boats came back under a low grey sky while gulls "
+         "circled the mast and the old keeper wrote the tide tables by hand for the morning crew").split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(url: str, proc: subprocess.Popen) -> None:
+    while proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server died while starting")
+
+
+def conversation_ttfts(url: str, name: str, turns: int, new_tokens: int, think: bool, seed: int = 0) -> list[dict]:
+    rng, messages, out = random.Random(seed), [], []
+    for _ in range(turns):
+        messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(new_tokens))})
+        body = {"model": name, "messages": messages, "max_tokens": 32, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if think:
+            body["chat_template_kwargs"] = {"enable_thinking": True}
+        t0, first, text, usage = time.perf_counter(), None, "", {}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=3600) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                for c in chunk.get("choices", []):
+                    delta = c.get("delta", {})
+                    piece = delta.get("content") or delta.get("reasoning_content") or ""
+                    if piece and first is None:
+                        first = time.perf_counter() - t0
+                    text += delta.get("content") or ""
+        messages.append({"role": "assistant", "content": text})
+        details = usage.get("prompt_tokens_details") or {}
+        out.append({"ttft_s": round(first or time.perf_counter() - t0, 3), "prompt_tokens": usage.get("prompt_tokens"),
+                    "cached_tokens": details.get("cached_tokens")})
+    return out
+
+
+def run_gemrun(args, cache_ram: float) -> list[dict]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gemrun.cli", "--threads", str(args.threads), "serve", "--model",
+                             args.model, "--port", str(port), "--cache-ram", str(cache_ram), "--log-level",
+                             "warning"], stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait(url, proc)
+        name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        return conversation_ttfts(url, name, args.turns, args.new_tokens, args.think)
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+
+def run_llama(args) -> list[dict]:
+    port = free_port()
+    proc = subprocess.Popen([args.llama_server, "-m", args.model, "-t", str(args.threads), "--port", str(port),
+                             "-c", "16384", "--jinja"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait(url, proc)
+        return conversation_ttfts(url, "model", args.turns, args.new_tokens, args.think)
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+
+def new_tokens_only(args, depth: int, n: int) -> float:
+    """Seconds to prefill n tokens with `depth` already cached (gemrun bench --depth)."""
+    out = subprocess.run([sys.executable, "-m", "gemrun.cli", "--threads", str(args.threads), "bench", "--model",
+                          args.model, "--depth", str(depth), "--prompt-tokens", str(n), "--gen-tokens", "1",
+                          "--repeat", "1", "--dtype", "bfloat16"], capture_output=True, text=True, check=True)
+    return n / json.loads(out.stdout)["prefill_tok_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=150)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--llama-server")
+    ap.add_argument("--think", action="store_true")
+    args = ap.parse_args()
+    warm = run_gemrun(args, 4.0)
+    cold = run_gemrun(args, 0.0)
+    llama = run_llama(args) if args.llama_server else None
+    rows = []
+    for k, (w, c) in enumerate(zip(warm, cold), 1):
+        row = {"turn": k, "warm_ttft_s": w["ttft_s"], "cold_ttft_s": c["ttft_s"], "prompt_tokens": w["prompt_tokens"],
+               "cached_tokens": w["cached_tokens"]}
+        if k > 1 and w["prompt_tokens"] and w["cached_tokens"]:
+            only = new_tokens_only(args, w["cached_tokens"], w["prompt_tokens"] - w["cached_tokens"])
+            row |= {"new_tokens_only_s": round(only, 3), "warm_over_new_only": round(w["ttft_s"] / only, 2)}
+        if llama:
+            row["llama_server_ttft_s"] = llama[k - 1]["ttft_s"]
+        rows.append(row)
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
