@@ -28,6 +28,11 @@ PROMPTS = ["Name a fruit and describe it.", "Count from one to ten in words.", "
            "Why is the sky blue?", "Describe a cat."]
 
 
+def _rss() -> int:
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmRSS"))
+    return int(line.split()[1]) * 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -35,9 +40,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--cache-ram", type=float, default=0.05, help="GiB kept for prefix reuse")
     args = ap.parse_args()
     model = gemrun.load(args.model, dtype="bfloat16")
-    with LiveServer(lambda: model, max_batch=args.max_batch, max_queue=4 * args.clients * args.requests) as s:
+    with LiveServer(lambda: model, max_batch=args.max_batch, max_queue=4 * args.clients * args.requests,
+                    cache_ram=args.cache_ram) as s:
         name = httpx.get(s.url + "/v1/models").json()["data"][0]["id"]
         specs = [(PROMPTS[(c * args.requests + r) % len(PROMPTS)], c * 1000 + r)
                  for c in range(args.clients) for r in range(args.requests)]
@@ -69,9 +76,13 @@ def main() -> None:
                   "speedup": round((tokens / t_batch) / (sum(x[1] for x in solo) / t_solo), 2),
                   "p50_s": round(statistics.median(lat), 2), "p99_s": round(lat[int(0.99 * (len(lat) - 1))], 2),
                   "kv_cache_bytes_after": s.metric("gemrun_kv_cache_bytes"),
-                  "running_after": s.metric("gemrun_requests_running")}
+                  "running_after": s.metric("gemrun_requests_running"),
+                  "prefix_cache_bytes_after": s.metric("gemrun_prefix_cache_bytes"),
+                  "prefix_cache_bound": int(args.cache_ram * (1 << 30)),
+                  "prefix_cache_hits": s.metric("gemrun_prefix_cache_hits_total"),
+                  "rss_gib_after": round(_rss() / 2**30, 3)}
         print(json.dumps(result, indent=1))
-        if mismatched or result["lost"]:
+        if mismatched or result["lost"] or result["prefix_cache_bytes_after"] > result["prefix_cache_bound"]:
             sys.exit(1)
 
 
