@@ -13,7 +13,8 @@ from safetensors import SafetensorError, safe_open
 from ..errors import WeightsError
 from ..files import model_file
 
-ALLOWED_DTYPES = {"F32", "F16", "BF16", "U8", "F8_E4M3"}  # U8 and F8_E4M3: quantized directories
+ALLOWED_DTYPES = {"F32", "F16", "BF16", "U8", "F8_E4M3", "I32", "I64"}  # U8, F8_E4M3: quantized directories;
+# I32 / I64: integer buffers (a drafter's token ordering)
 INDEX = "model.safetensors.index.json"
 
 
