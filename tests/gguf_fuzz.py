@@ -1,9 +1,12 @@
 """Mutation fuzz of the GGUF loader, run in a child process with a memory cap and a per-mutant alarm.
 
-    python tests/gguf_fuzz.py FILE COUNT SEED  ->  one JSON line of counts
+    python tests/gguf_fuzz.py FILE COUNT SEED [all|header]  ->  one JSON line of counts
+    python tests/gguf_fuzz.py FILE COUNT SEED gemma4-text|gemma4-mmproj|gemma4-draft [TEXT_GGUF]
 
 Mutations hit the header, metadata and tensor table (counts, lengths, offsets, types, random bytes,
 truncation). Every mutant must either load or fail with WeightsError/ConfigError: anything else is a crash.
+The gemma4-* modes run each mutant through gemrun's whole loader (a Gemma 4 text model with its tokenizer, an
+mmproj for the model TEXT_GGUF, a drafter for it), where any GemrunError is a clean refusal.
 """
 
 from __future__ import annotations
@@ -48,8 +51,31 @@ def mutate(data: bytes, header_end: int, rng: random.Random) -> bytearray:
     return m
 
 
-def run(path: str, count: int, seed: int, load_all: bool) -> dict:
+def gemma4_loader(mode: str, text: str | None):
+    """A function loading one mutant file the way gemrun loads that kind of Gemma 4 GGUF."""
+    import torch
+
+    from gemrun.weights import gemma4_gguf
+    from gemrun.weights.load import load_drafter, load_gemma4_mmproj, load_gguf
+
+    cpu, f32 = torch.device("cpu"), torch.float32
+    base = gemma4_gguf.text_layout(GGUFFile(text))[0] if text else None
+
+    def load(path):
+        if mode == "gemma4-text":
+            loaded = load_gguf(path, f32, cpu)
+            gemma4_gguf.tokenizer(loaded.gguf.metadata)
+        elif mode == "gemma4-mmproj":
+            load_gemma4_mmproj(path, base, f32, cpu)
+        else:
+            load_drafter(path, f32, cpu, base)
+    return load
+
+
+def run(path: str, count: int, seed: int, load_all: bool, mode: str = "", text: str | None = None) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+    if mode.startswith("gemma4"):
+        return run_loader(path, count, seed, gemma4_loader(mode, text))
     data = open(path, "rb").read()
     g = GGUFFile(data=bytearray(data))
     header_end = min(t.offset for t in g.tensors.values())
@@ -90,6 +116,50 @@ def run(path: str, count: int, seed: int, load_all: bool) -> dict:
     return stats
 
 
+def run_loader(path: str, count: int, seed: int, load) -> dict:
+    """Each mutant written to a file and given to `load`; GemrunError is a clean refusal."""
+    import os
+    import tempfile
+
+    from gemrun.errors import GemrunError
+
+    data = open(path, "rb").read()
+    g = GGUFFile(data=bytearray(data))
+    header_end = min(t.offset for t in g.tensors.values())
+
+    def on_alarm(*_):
+        raise Hang()
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    rng = random.Random(seed)
+    stats = {"mutants": count, "rejected": 0, "accepted": 0, "crashes": 0, "hangs": 0, "oom": 0, "examples": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["GEMRUN_CACHE"] = tmp  # mutated vocabularies are not cached with the real ones
+        file = os.path.join(tmp, "m.gguf")
+        for _ in range(count):
+            with open(file, "wb") as f:
+                f.write(mutate(data, header_end, rng))
+            signal.alarm(20)
+            try:
+                load(file)
+                stats["accepted"] += 1
+            except GemrunError:
+                stats["rejected"] += 1
+            except Hang:
+                stats["hangs"] += 1
+            except MemoryError:
+                stats["oom"] += 1
+            except Exception as e:  # noqa: BLE001 - anything else is a finding
+                stats["crashes"] += 1
+                if len(stats["examples"]) < 5:
+                    stats["examples"].append(f"{type(e).__name__}: {e}"[:200])
+            finally:
+                signal.alarm(0)
+    return stats
+
+
 if __name__ == "__main__":
     path, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    print(json.dumps(run(path, count, seed, load_all=len(sys.argv) > 4 and sys.argv[4] == "all")))
+    mode = sys.argv[4] if len(sys.argv) > 4 else ""
+    print(json.dumps(run(path, count, seed, load_all=mode == "all", mode=mode,
+                         text=sys.argv[5] if len(sys.argv) > 5 else None)))

@@ -361,3 +361,67 @@ def test_convert_cli_and_refusals(trio, tmp_path):
         (tmp_path / "textonly" / "config.json").write_text(json.dumps(cfg))
         convert(tmp_path / "textonly", tmp_path / "z.gguf", "f32", mmproj=tmp_path / "zm.gguf")
     assert not (tmp_path / "z.gguf").exists() and not (tmp_path / "zm.gguf").exists()  # nothing left behind
+
+
+def _fuzz(path, count, seed, mode, text=None, timeout=900):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("gguf_fuzz.py")
+    root = str(script.parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    args = [sys.executable, str(script), str(path), str(count), str(seed), mode] + ([str(text)] if text else [])
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("count", [pytest.param(300, id="300"), pytest.param(2000, id="2000", marks=pytest.mark.slow)])
+def test_mutated_headers_fail_cleanly(trio, count):
+    """Mutated headers of the tiny text GGUF, mmproj and drafter, each through gemrun's whole loader in a child
+    process with a 6 GiB address-space cap and a per-mutant alarm: every mutant a clean error or a valid load."""
+    _, d = trio
+    for file, mode in (("t.gguf", "gemma4-text"), ("mm.gguf", "gemma4-mmproj"), ("d.gguf", "gemma4-draft")):
+        stats = _fuzz(d / file, count, 11, mode, d / "t.gguf")
+        print(mode, {k: v for k, v in stats.items() if k != "examples"})
+        assert stats["crashes"] == stats["hangs"] == stats["oom"] == 0, stats
+        assert stats["rejected"] > count // 2
+
+
+def test_random_set_runs_with_media_and_drafter(tmp_path):
+    """make-random's Gemma 4 set (here a small config; `--preset gemma-4-12b` writes the full shape the same way):
+    Q4_0 text model, f16 mmproj, Q4_0 drafter, in llama.cpp's layout; it loads packed and answers a prompt with
+    an image and an audio clip, drafting."""
+    import io
+    import wave
+
+    from PIL import Image
+
+    from gemrun.config import Gemma4TextConfig
+    from gemrun.weights.random import write_random_gemma4_gguf
+
+    cfg = Gemma4TextConfig(name="small", hidden_size=128, intermediate_size=256, num_layers=6, num_heads=4,
+                           num_kv_heads=2, head_dim=32, global_head_dim=64, num_global_kv_heads=1,
+                           attention_k_eq_v=True, sliding_window=16, final_logit_softcapping=30.0)
+    drafter = Gemma4TextConfig(name="small-assistant", hidden_size=64, intermediate_size=128, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=32, global_head_dim=64, num_global_kv_heads=1,
+                               attention_k_eq_v=True, sliding_window=16)
+    paths = write_random_gemma4_gguf(cfg, tmp_path / "t.gguf", "q4_0", mmproj=tmp_path / "mm.gguf",
+                                     draft=tmp_path / "d.gguf", assistant=(drafter, 128))
+    kinds = [GGUFFile(p).metadata["general.architecture"] for p in paths]
+    assert kinds == ["gemma4", "clip", "gemma4-assistant"]
+    assert GGUFFile(paths[0]).tensors["blk.0.attn_q.weight"].qtype == Q.Q4_0
+    m = load(paths[0], dtype="auto", mmproj=paths[1], draft=paths[2])
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(8000) * 0.1) * 8000).astype(np.int16).tobytes())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    msg = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"},
+                                         {"type": "audio", "audio": buf.getvalue()}]}]
+    prompt = m.chat_prompt(msg, image_tokens=70)
+    assert prompt.embeds is not None and 258880 in prompt.ids and 258881 in prompt.ids
+    list(m.events(prompt, gemrun.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
+    assert m.last_stats.generated_tokens == 6 and m.last_stats.drafted_tokens > 0

@@ -48,10 +48,11 @@ class Meta:
             raise ConfigError(f"GGUF metadata is missing {key}")
         if isinstance(value, np.ndarray):
             raise ConfigError(f"GGUF {key} must be a single value, not an array")
-        if isinstance(value, float) and np.isfinite(value) and float(np.float32(value)) == value:
+        value = check_field(field, value, f"GGUF {key}")
+        if isinstance(value, float) and float(np.float32(value)) == value:
             # a float32 key: its shortest decimal (1e-6 comes back as 1e-6, not 9.99999997e-07)
             value = float(np.format_float_positional(np.float32(value), unique=True))
-        return check_field(field, value, f"GGUF {key}")
+        return value
 
     def per_layer(self, field: str, name: str, n: int, default: Any = None) -> list:
         """A key that is one value or an array of one value per layer."""

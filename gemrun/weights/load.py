@@ -200,6 +200,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
 
 def load_gemma4_mmproj(path: Path, text: Gemma4TextConfig, dtype: torch.dtype, device: torch.device) -> Gemma4Media:
     """The image and audio embedders of a Gemma 4 Unified mmproj GGUF (clip: gemma4uv + gemma4ua)."""
+    path = Path(path)
     if not path.is_file():
         raise WeightsError(f"mmproj file {path} does not exist")
     layout = gemma4_gguf.mmproj_layout(GGUFFile(path), text)

@@ -272,19 +272,21 @@ def _gemma4_values(rng: np.random.Generator, gen: torch.Generator) -> Callable:
     return data
 
 
-def write_random_gemma4_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_quant: str = "q8_0",
-                             seed: int = 0, mmproj: Path | None = None, draft: Path | None = None,
-                             progress: Progress | None = None) -> list[Path]:
+def write_random_gemma4_gguf(preset_name: str | Gemma4TextConfig, out: Path, quant: str = "q4_0",
+                             embed_quant: str = "q8_0", seed: int = 0, mmproj: Path | None = None,
+                             draft: Path | None = None, progress: Progress | None = None,
+                             assistant: tuple[Gemma4TextConfig, int] | None = None) -> list[Path]:
     """A full-shape Gemma 4 GGUF set of random weights in llama.cpp's layout: the text model, and with `mmproj` /
-    `draft` paths the image + audio projectors (f16) and the MTP drafter (in `quant`); the tokenizer is the
-    stand-in (the embedded 270M vocabulary with Gemma 4's control tokens at their ids, as `gemma4` BPE)."""
+    `draft` paths the image + audio projectors (f16) and the MTP drafter (in `quant`; `assistant` = its config and
+    target width, else the preset's); the tokenizer is the stand-in (the embedded 270M vocabulary with Gemma 4's
+    control tokens at their ids, as `gemma4` BPE). A config instead of a preset name makes small test sets."""
     from ..model.gemma4 import Drafter
     from ..tokenizer import from_gguf_metadata
     from .gemma4_write import tokenizer_meta_of, write_drafter_file, write_media, write_text
 
     if quant not in GGUF_TYPES or embed_quant not in GGUF_TYPES:
         raise ConfigError(f"quant types must be among {sorted(GGUF_TYPES)}")
-    cfg = preset(preset_name)
+    cfg = preset(preset_name) if isinstance(preset_name, str) else preset_name
     tok_meta = tokenizer_meta_of(from_gguf_metadata(gemma4_stand_in_metadata()))
     cfg = cfg.replace(vocab_size=len(tok_meta["tokenizer.ggml.tokens"]), suppress_token_ids=(258_883, 258_882))
     data = _gemma4_values(np.random.default_rng(seed), torch.Generator().manual_seed(seed))
@@ -294,9 +296,9 @@ def write_random_gemma4_gguf(preset_name: str, out: Path, quant: str = "q4_0", e
         shapes = dict(_shapes(lambda: Gemma4Media(media, cfg.hidden_size)))
         written.append(write_media(mmproj, media, cfg.hidden_size, shapes, data, "f16"))
     if draft is not None:
-        if preset_name not in ASSISTANTS:
+        if assistant is None and preset_name not in ASSISTANTS:
             raise ConfigError(f"no drafter is known for {preset_name}")
-        dcfg, backbone = ASSISTANTS[preset_name]
+        dcfg, backbone = assistant or ASSISTANTS[preset_name]
         dcfg = dcfg.replace(vocab_size=cfg.vocab_size, suppress_token_ids=cfg.suppress_token_ids)
         shapes = dict(_shapes(lambda: Drafter(dcfg, backbone)))
         written.append(write_drafter_file(draft, dcfg, backbone, None, shapes, data, tok_meta, quant, embed_quant))
