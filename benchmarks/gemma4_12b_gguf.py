@@ -127,18 +127,12 @@ def llama_bench(args) -> dict:
 
 def make_small(out: Path) -> tuple[Path, Path, Path]:
     """A small random set in the same layout (for a quick check of this script)."""
-    from gemrun.config import Gemma4TextConfig
-    from gemrun.weights.random import write_random_gemma4_gguf
+    from gemrun.weights.random import small_gemma4, write_random_gemma4_gguf
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = Gemma4TextConfig(name="small", hidden_size=256, intermediate_size=1024, num_layers=6, num_heads=4,
-                           num_kv_heads=2, head_dim=64, global_head_dim=128, num_global_kv_heads=1,
-                           attention_k_eq_v=True, sliding_window=128, final_logit_softcapping=30.0)
-    drafter = Gemma4TextConfig(name="small-assistant", hidden_size=128, intermediate_size=512, num_layers=2,
-                               num_heads=4, num_kv_heads=2, head_dim=64, global_head_dim=128, num_global_kv_heads=1,
-                               attention_k_eq_v=True, sliding_window=128)
+    cfg, assistant = small_gemma4()
     paths = write_random_gemma4_gguf(cfg, out / "small-q4_0.gguf", "q4_0", mmproj=out / "mmproj-small.gguf",
-                                     draft=out / "small-assistant.gguf", assistant=(drafter, 256))
+                                     draft=out / "small-assistant.gguf", assistant=assistant)
     return tuple(paths)
 
 

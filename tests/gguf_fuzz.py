@@ -74,12 +74,49 @@ def gemma4_loader(mode: str, text: str | None):
 
 def run(path: str, count: int, seed: int, load_all: bool, mode: str = "", text: str | None = None) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
-    if mode.startswith("gemma4"):
-        return run_loader(path, count, seed, gemma4_loader(mode, text))
     data = open(path, "rb").read()
+    if mode.startswith("gemma4"):
+        return run_loader(data, count, seed, gemma4_loader(mode, text))
     g = GGUFFile(data=bytearray(data))
-    header_end = min(t.offset for t in g.tensors.values())
     small = sorted(g.tensors, key=lambda n: g.tensors[n].nbytes)[:3]
+
+    def check(m: bytearray) -> str | None:
+        f = GGUFFile(data=m)
+        if "tokenizer.ggml.tokens" in f.metadata:
+            check_tokenizer_metadata(f.metadata)
+        for name in (f.tensors if load_all else [n for n in small if n in f.tensors]):
+            f.load(name)
+        ends = sorted((t.offset, t.offset + t.nbytes) for t in f.tensors.values())
+        if any(e > len(m) for _, e in ends) or any(b < a_end for (_, a_end), (b, _) in zip(ends, ends[1:])):
+            return "invariant broken"  # accepted a file that breaks the invariants
+        return None
+
+    return fuzz(data, count, seed, check, (WeightsError, ConfigError), 10)
+
+
+def run_loader(data: bytes, count: int, seed: int, load) -> dict:
+    """Each mutant written to a file and given to `load`; GemrunError is a clean refusal."""
+    import os
+    import tempfile
+
+    from gemrun.errors import GemrunError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["GEMRUN_CACHE"] = tmp  # mutated vocabularies are not cached with the real ones
+        file = os.path.join(tmp, "m.gguf")
+
+        def check(m: bytearray) -> None:
+            with open(file, "wb") as f:
+                f.write(m)
+            load(file)
+
+        return fuzz(data, count, seed, check, GemrunError, 20)
+
+
+def fuzz(data: bytes, count: int, seed: int, check, clean, seconds: int) -> dict:
+    """`count` mutants of `data` through `check` (a problem string, or None when the mutant is fine), each under
+    an alarm of `seconds`: exceptions of type `clean` are rejections, anything else a finding."""
+    header_end = min(t.offset for t in GGUFFile(data=bytearray(data)).tensors.values())
 
     def on_alarm(*_):
         raise Hang()
@@ -89,19 +126,14 @@ def run(path: str, count: int, seed: int, load_all: bool, mode: str = "", text: 
     stats = {"mutants": count, "rejected": 0, "accepted": 0, "crashes": 0, "hangs": 0, "oom": 0, "examples": []}
     for _ in range(count):
         m = mutate(data, header_end, rng)
-        signal.alarm(10)
+        signal.alarm(seconds)
         try:
-            f = GGUFFile(data=m)
-            if "tokenizer.ggml.tokens" in f.metadata:
-                check_tokenizer_metadata(f.metadata)
-            for name in (f.tensors if load_all else [n for n in small if n in f.tensors]):
-                f.load(name)
-            ends = sorted((t.offset, t.offset + t.nbytes) for t in f.tensors.values())
-            if any(e > len(m) for _, e in ends) or any(b < a_end for (_, a_end), (b, _) in zip(ends, ends[1:])):
-                stats["crashes"] += 1  # accepted a file that breaks the invariants
-                stats["examples"].append("invariant broken")
+            problem = check(m)
+            if problem:
+                stats["crashes"] += 1
+                stats["examples"].append(problem)
             stats["accepted"] += 1
-        except (WeightsError, ConfigError):
+        except clean:
             stats["rejected"] += 1
         except Hang:
             stats["hangs"] += 1
@@ -113,48 +145,6 @@ def run(path: str, count: int, seed: int, load_all: bool, mode: str = "", text: 
                 stats["examples"].append(f"{type(e).__name__}: {e}"[:200])
         finally:
             signal.alarm(0)
-    return stats
-
-
-def run_loader(path: str, count: int, seed: int, load) -> dict:
-    """Each mutant written to a file and given to `load`; GemrunError is a clean refusal."""
-    import os
-    import tempfile
-
-    from gemrun.errors import GemrunError
-
-    data = open(path, "rb").read()
-    g = GGUFFile(data=bytearray(data))
-    header_end = min(t.offset for t in g.tensors.values())
-
-    def on_alarm(*_):
-        raise Hang()
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    rng = random.Random(seed)
-    stats = {"mutants": count, "rejected": 0, "accepted": 0, "crashes": 0, "hangs": 0, "oom": 0, "examples": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["GEMRUN_CACHE"] = tmp  # mutated vocabularies are not cached with the real ones
-        file = os.path.join(tmp, "m.gguf")
-        for _ in range(count):
-            with open(file, "wb") as f:
-                f.write(mutate(data, header_end, rng))
-            signal.alarm(20)
-            try:
-                load(file)
-                stats["accepted"] += 1
-            except GemrunError:
-                stats["rejected"] += 1
-            except Hang:
-                stats["hangs"] += 1
-            except MemoryError:
-                stats["oom"] += 1
-            except Exception as e:  # noqa: BLE001 - anything else is a finding
-                stats["crashes"] += 1
-                if len(stats["examples"]) < 5:
-                    stats["examples"].append(f"{type(e).__name__}: {e}"[:200])
-            finally:
-                signal.alarm(0)
     return stats
 
 

@@ -16,6 +16,7 @@ from tiny_gemma4 import (
     multimodal_inputs,
     reference,
     reference_assistant,
+    soft_tokens,
     tiny4_vocab,
     write_tiny_dir,
 )
@@ -31,18 +32,10 @@ IDS = list(range(3, 40))
 EXACT = 1e-5  # the bound: f32 GGUF against the HF directory
 
 
-def _soft(media, kw):
-    pix, pos = kw["pixel_values"][0], kw["image_position_ids"][0]
-    vpix, vpos = kw["pixel_values_videos"], kw["video_position_ids"]
-    keep, vkeep = (pos != -1).all(-1), (vpos != -1).all(-1)
-    return {502: media.image(pix[keep], pos[keep]), 506: media.image(vpix[vkeep], vpos[vkeep]),
-            503: media.audio(kw["input_features"][0][kw["input_features_mask"][0]])}
-
-
 @torch.no_grad()
 def media_logits(m, kw):
     ids = kw["input_ids"][0]
-    x = prompt_embeddings(m.model, ids, _soft(m.media, kw))
+    x = prompt_embeddings(m.model, ids, soft_tokens(m.media, kw))
     return m.model(None, m.model.make_caches(), embeds=x, blocks=media_blocks(ids, (502, 506)))[0]
 
 
@@ -399,17 +392,11 @@ def test_random_set_runs_with_media_and_drafter(tmp_path):
 
     from PIL import Image
 
-    from gemrun.config import Gemma4TextConfig
-    from gemrun.weights.random import write_random_gemma4_gguf
+    from gemrun.weights.random import small_gemma4, write_random_gemma4_gguf
 
-    cfg = Gemma4TextConfig(name="small", hidden_size=128, intermediate_size=256, num_layers=6, num_heads=4,
-                           num_kv_heads=2, head_dim=32, global_head_dim=64, num_global_kv_heads=1,
-                           attention_k_eq_v=True, sliding_window=16, final_logit_softcapping=30.0)
-    drafter = Gemma4TextConfig(name="small-assistant", hidden_size=64, intermediate_size=128, num_layers=2,
-                               num_heads=4, num_kv_heads=2, head_dim=32, global_head_dim=64, num_global_kv_heads=1,
-                               attention_k_eq_v=True, sliding_window=16)
+    cfg, assistant = small_gemma4(128)
     paths = write_random_gemma4_gguf(cfg, tmp_path / "t.gguf", "q4_0", mmproj=tmp_path / "mm.gguf",
-                                     draft=tmp_path / "d.gguf", assistant=(drafter, 128))
+                                     draft=tmp_path / "d.gguf", assistant=assistant)
     kinds = [GGUFFile(p).metadata["general.architecture"] for p in paths]
     assert kinds == ["gemma4", "clip", "gemma4-assistant"]
     assert GGUFFile(paths[0]).tensors["blk.0.attn_q.weight"].qtype == Q.Q4_0

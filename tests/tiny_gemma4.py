@@ -71,6 +71,15 @@ def multimodal_inputs(seed: int = 1, n_image: int = 12, n_audio: int = 5):
                 input_features_mask=audio_mask, mm_token_type_ids=types)
 
 
+def soft_tokens(media, kw):
+    """gemrun soft tokens for `multimodal_inputs` kwargs: padding rows dropped, as get_*_features do."""
+    pix, pos = kw["pixel_values"][0], kw["image_position_ids"][0]
+    vpix, vpos = kw["pixel_values_videos"], kw["video_position_ids"]
+    keep, vkeep = (pos != -1).all(-1), (vpos != -1).all(-1)
+    return {502: media.image(pix[keep], pos[keep]), 506: media.image(vpix[vkeep], vpos[vkeep]),
+            503: media.audio(kw["input_features"][0][kw["input_features_mask"][0]])}
+
+
 def patch_reference_drafting() -> None:
     """The two stock transformers 5.23 bugs that stop the assistant (facts section 6): an all-sharing drafter
     config is rejected, and a target with no sharing layers stores no K/V for it."""

@@ -155,6 +155,15 @@ class MediaLayout:
     config: MediaConfig
     names: dict[str, str]  # `Gemma4Media` name -> GGUF name
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes as the module holds them (the position table is stored (axis, position, d))."""
+        out = {}
+        for ours, name in self.names.items():
+            shape = tuple(self.g.tensors[name].shape)
+            out[ours] = (shape[1], shape[0], *shape[2:]) if name == "v.position_embd.weight" else shape
+        return out
+
     def read(self, ours: str) -> torch.Tensor:
         """One tensor as float32 in the HF convention (HWC patch order, position table (position, axis, d))."""
         name = self.names[ours]

@@ -206,16 +206,10 @@ def load_gemma4_mmproj(path: Path, text: Gemma4TextConfig, dtype: torch.dtype, d
     layout = gemma4_gguf.mmproj_layout(GGUFFile(path), text)
     with torch.device("meta"):
         media = Gemma4Media(layout.config, text.hidden_size)
-    provided = {ours: _hf_shape(ours, layout.g.tensors[name].shape) for ours, name in layout.names.items()}
     tensors = ((ours, lambda ours=ours: layout.read(ours)) for ours in layout.names)
-    media = _fill(media, provided, tensors, dtype, device)
+    media = _fill(media, layout.shapes, tensors, dtype, device)
     layout.g.close()
     return media
-
-
-def _hf_shape(ours: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of a Gemma4Media tensor as the mmproj stores it -> as the module holds it."""
-    return (shape[1], shape[0], *shape[2:]) if ours.endswith("pos_embedding") else shape
 
 
 def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,

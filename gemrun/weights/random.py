@@ -260,6 +260,19 @@ ASSISTANTS = {"gemma-4-12b": (Gemma4TextConfig(name="gemma-4-12b-assistant", hid
                               3840)}
 
 
+def small_gemma4(hidden: int = 256) -> tuple[Gemma4TextConfig, tuple[Gemma4TextConfig, int]]:
+    """A small Gemma 4 (6 layers, `hidden` wide) and a 2-layer drafter for it, the 12B's geometry scaled down: a
+    random set of these runs in seconds (tests, a quick check of the benchmark scripts)."""
+    head = hidden // 4
+    common = dict(num_heads=4, num_kv_heads=2, head_dim=head, global_head_dim=2 * head, num_global_kv_heads=1,
+                  attention_k_eq_v=True, sliding_window=128)
+    text = Gemma4TextConfig(name="small", hidden_size=hidden, intermediate_size=4 * hidden, num_layers=6,
+                            final_logit_softcapping=30.0, **common)
+    drafter = Gemma4TextConfig(name="small-assistant", hidden_size=hidden // 2, intermediate_size=2 * hidden,
+                               num_layers=2, **common)
+    return text, (drafter, hidden)
+
+
 def _gemma4_values(rng: np.random.Generator, gen: torch.Generator) -> Callable:
     """data(name, shape, type) for the Gemma 4 writers: random blocks for Q4_0 / Q8_0, else floats (Gemma 4
     norms and LayerNorm scales 1, layer scalars 1, biases 0, the rest N(0, 0.02))."""

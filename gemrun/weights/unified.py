@@ -102,9 +102,7 @@ def gguf_model(path: Path, mmproj: Path | None) -> Model4:
         m = layout.mmproj_layout(GGUFFile(mmproj), cfg)
         ids = layout.media_token_ids(layout.tokenizer(g.metadata))
         media = dataclasses.replace(m.config, **ids)
-        for ours, name in m.names.items():
-            shape = tuple(m.g.tensors[name].shape)
-            shapes["media." + ours] = (shape[1], shape[0], *shape[2:]) if ours.endswith("pos_embedding") else shape
+        shapes |= {"media." + ours: shape for ours, shape in m.shapes.items()}
 
     def read(ours: str) -> torch.Tensor:
         if ours.startswith("media."):
