@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 from collections.abc import Callable, Iterator
@@ -98,9 +99,21 @@ def _fill(root: nn.Module, provided: dict[str, tuple[int, ...]], tensors: Iterat
             state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         if progress:
             progress(i + 1, len(provided))
+        if i % 8 == 7:
+            _trim()
     root.load_state_dict(state, strict=pack is None, assign=True)
     _check_loaded(root)
+    _trim()
     return root.to(device).eval().requires_grad_(False)
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS: converting tensor after tensor leaves glibc holding the freed
+    temporaries (a 12B's Q4_0 packing: 2 GB of resident memory beside 7.4 GB of weights)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def quantizer(kind: str) -> Packer:
@@ -401,6 +414,9 @@ def attach_tokenizer(loaded: Loaded, pan_and_scan: bool = False) -> Loaded:
             loaded.media.config = dataclasses.replace(loaded.media.config, **ids)
     elif loaded.gguf is not None:
         loaded.tokenizer = tok.from_gguf_metadata(loaded.gguf.metadata, image_token=loaded.vision is not None)
+    if loaded.gguf is not None:  # the tokenizer holds them now: ~800k Python strings for a Gemma 4 vocabulary
+        for key in ("tokens", "scores", "token_type", "merges"):
+            loaded.gguf.metadata.pop(f"tokenizer.ggml.{key}", None)
         if loaded.vision is not None:  # an mmproj file names no token ids: they are the tokenizer's
             ids = {f: loaded.tokenizer.token_to_id(t) for f, t in (("boi_token_id", "<start_of_image>"),
                                                                    ("eoi_token_id", "<end_of_image>"),
