@@ -296,8 +296,11 @@ def test_strict_loading(trio, tmp_path):
     from gguf_edit import rewrite
 
     _, d = trio
+    meta = GGUFFile(d / "t.gguf").metadata
+    fewer = {k: meta[k][:-1] for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")}
     cases = {
         "unknown": (dict(add={"blk.0.ffn_gate_inp.weight": np.zeros((4, 64), np.float32)}), "not part of"),
+        "vocabulary": (dict(meta=fewer), "511 tokens but token_embd.weight 512 rows"),
         "missing": (dict(drop={"blk.3.ffn_up.weight"}), "missing"),
         "shape": (dict(replace={"blk.1.attn_q_norm.weight": np.ones(8, np.float32)}), "mis-shaped"),
         "kv array": (dict(meta={"gemma4.attention.head_count_kv": [2, 4, 1, 2, 2, 1]}), "differ between layers"),

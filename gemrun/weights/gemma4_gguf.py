@@ -86,8 +86,11 @@ def text_layout(g: GGUFFile) -> tuple[Gemma4TextConfig, dict[str, str]]:
         raise WeightsError("some global layers have attn_v and others not: keys double as values on every global "
                            "layer or on none")
     partial = _partial(g, m.get("global_head_dim", "attention.key_length"))
-    cfg = gemma4_config(meta, "gemma4", partial, k_eq_v=has_v == {False},
-                        vocab_size=_rows(g, "token_embd.weight"))
+    rows = _rows(g, "token_embd.weight")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) != rows:  # llama.cpp requires it too; a larger vocabulary would
+        raise WeightsError(f"GGUF has {len(tokens)} tokens but token_embd.weight {rows} rows")  # index past it
+    cfg = gemma4_config(meta, "gemma4", partial, k_eq_v=has_v == {False}, vocab_size=rows)
     return cfg, names
 
 
