@@ -19,16 +19,22 @@ _ELEMENT = {np.dtype(np.uint8): GGUFValueType.UINT8, np.dtype(np.int8): GGUFValu
 
 
 def rewrite(src: Path, dst: Path, meta: dict | None = None, add: dict | None = None, drop: set | None = None,
-            replace: dict | None = None) -> Path:
-    """`src` copied to `dst` with metadata keys set (`meta`: key -> value, typed like the original or inferred)
-    and F32 tensors added, replaced or dropped."""
+            replace: dict | None = None, rename: dict | None = None, arch: str | None = None) -> Path:
+    """`src` copied to `dst` with metadata keys set (`meta`: key -> value, typed like the original or inferred),
+    F32 tensors added, replaced or dropped, tensors renamed, and with `arch` the architecture changed (its keys
+    renamed with it)."""
     g = GGUFFile(src)
-    meta, add, drop, replace = meta or {}, add or {}, drop or set(), replace or {}
-    arch = meta.get("general.architecture", g.metadata["general.architecture"])
+    meta, add, drop, replace, rename = meta or {}, add or {}, drop or set(), replace or {}, rename or {}
+    old = g.metadata["general.architecture"]
+    arch = arch or meta.get("general.architecture", old)
     w = GGUFWriter(str(dst), arch)
     for key, value in {**g.metadata, **meta}.items():
-        if key in ("general.architecture", "general.alignment"):
+        if key in ("general.architecture", "general.alignment") or value is None:
             continue
+        if key.startswith(old + ".") and arch != old:
+            if key in g.types:
+                g.types[arch + key[len(old):]] = g.types[key]
+            key = arch + key[len(old):]
         vtype = GGUFValueType(g.types[key]) if key in g.types else GGUFValueType.get_type(value)
         sub = None
         if isinstance(value, np.ndarray):
@@ -43,9 +49,10 @@ def rewrite(src: Path, dst: Path, meta: dict | None = None, add: dict | None = N
         if name in drop:
             continue
         if name in replace:
-            w.add_tensor(name, replace[name])
+            w.add_tensor(rename.get(name, name), replace[name])
         else:
-            w.add_tensor(name, np.array(g.raw(name)).reshape(_byte_shape(info)), raw_dtype=info.qtype)
+            w.add_tensor(rename.get(name, name), np.array(g.raw(name)).reshape(_byte_shape(info)),
+                         raw_dtype=info.qtype)
     for name, t in add.items():
         w.add_tensor(name, t)
     w.write_header_to_file()

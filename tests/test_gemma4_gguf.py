@@ -273,6 +273,26 @@ def test_tokenizer_and_suppression(trio, tmp_path):
     assert tuple(tokens.index(t) for t in ("<audio|>", "<image|>")) == (505, 501)
 
 
+def test_drafter_variant_names(trio, tmp_path):
+    """The other published drafter layout: `gemma4-mtp` with `mtp_pre_proj` / `mtp_post_proj` and the target width
+    as `n_embd_backbone`; it drafts exactly as the llama.cpp-named file."""
+    from gguf_edit import rewrite
+
+    from gemrun.weights.load import load_drafter
+
+    _, d = trio
+    mtp = rewrite(d / "d.gguf", tmp_path / "mtp.gguf", arch="gemma4-mtp",
+                  meta={"gemma4-assistant.embedding_length_out": None, "gemma4-assistant.n_embd_backbone": 64},
+                  rename={"nextn.pre_projection.weight": "mtp_pre_proj.weight",
+                          "nextn.post_projection.weight": "mtp_post_proj.weight"})
+    names = GGUFFile(mtp)
+    assert names.metadata["general.architecture"] == "gemma4-mtp" and "mtp_pre_proj.weight" in names.tensors
+    a = load_drafter(d / "d.gguf", torch.float32, torch.device("cpu"))
+    b = load_drafter(mtp, torch.float32, torch.device("cpu"))
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
 def test_gguf_back_to_hf(trio, tmp_path):
     """GGUF trio -> HF directory (+ assistant) -> the same logits, media and drafts."""
     _, d = trio
