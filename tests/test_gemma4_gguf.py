@@ -376,6 +376,8 @@ def test_convert_cli_and_refusals(trio, tmp_path):
         convert(d / "t.gguf", tmp_path / "x.gguf", "f32")
     with pytest.raises(ConfigError, match="HF output"):
         convert(d / "t.gguf", tmp_path / "y", "int4-block")
+    with pytest.raises(ConfigError, match="--draft SRC OUT"):
+        convert(d / "assistant", tmp_path / "a.gguf", "f32")
     with pytest.raises(ConfigError, match="no image or audio"):
         write_tiny_dir(tmp_path / "textonly", reference(seed=2))
         cfg = json.loads((tmp_path / "textonly" / "config.json").read_text())

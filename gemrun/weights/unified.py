@@ -77,6 +77,8 @@ def handles(src: Path) -> bool:
 
 def hf_model(root: Path) -> Model4:
     raw = _hf_config(root)
+    if str(raw.get("model_type", "")).endswith("_assistant"):
+        raise ConfigError(f"{root} is an MTP assistant: convert it with --draft SRC OUT beside its model")
     cfg = gemma4_from_hf_config(raw).replace(suppress_token_ids=suppress_tokens(root))
     try:
         media = media_from_hf_config(raw)
