@@ -11,6 +11,7 @@ f32, as llama.cpp's MmprojModel forces) and the position table F32.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .gguf_write import GGUF_FILE_TYPES, GGUF_QUANTS, add_tokenizer_metadata, gg
 from .mmproj import MMPROJ_QUANTS
 from .names import GEMMA4_MMPROJ_OF, ROPE_FREQS, drafter_gguf_name, gemma4_gguf_name
 
+log = logging.getLogger("gemrun.convert")
 # data(ours, shape, type) -> float32 values in the HF convention, or uint8 raw blocks of that type
 Data = Callable[[str, tuple[int, ...], Q], np.ndarray]
 Progress = Callable[[int, int], None]
@@ -114,6 +116,9 @@ def write_drafter_file(out: Path, cfg: Gemma4TextConfig, backbone: int, centroid
     """The drafter (`gemma4-assistant`): `shapes` by `Drafter` name; a centroid head goes to
     `masked_embd_centroids.weight` (F32) and `masked_embd_ordering` (I32), with `centroid_top_k`."""
     _check_quants(quant, embed_quant)
+    if centroids:
+        log.warning("the drafter's centroid head is written as masked_embd_*: gemrun uses it; llama.cpp's converter "
+                    "leaves it out and its loader may refuse the file")
     plan = _rope(cfg)
     for ours, shape in shapes.items():
         if ours == "masked_embedding.token_ordering":

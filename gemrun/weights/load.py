@@ -229,15 +229,10 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
             quantize: str | None = None, packed: bool = True) -> Loaded:
     """An HF directory; a quantized one (`gemrun convert`, `gemrun_quant.json`) keeps int4 groups packed on the
     CPU unless `packed` is False (then, like fp8, dequantized on load)."""
-    cfg_path = model_file(root, "config.json")
-    if cfg_path is None:
+    raw = json_file(root, "config.json")
+    if raw is None:
         raise WeightsError(f"{root} has no config.json")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise WeightsError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise WeightsError(f"{cfg_path} is not a JSON object")
+    cfg_path = root / "config.json"
     config = from_hf_config(raw)  # auto_map / trust_remote_code are never looked at
     config = config.replace(suppress_token_ids=suppress_tokens(root))
     gemma4 = isinstance(config, Gemma4TextConfig)
@@ -295,14 +290,23 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
                   media=parts["media"] if media else None)
 
 
+def json_file(root: Path, name: str) -> dict | None:
+    """A model directory's JSON file as an object (None when there is none)."""
+    path = model_file(root, name)
+    if path is None:
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path} is not a JSON object")
+    return raw
+
+
 def suppress_tokens(root: Path) -> tuple[int, ...]:
     """`suppress_tokens` of a directory's generation_config.json (ids never to be sampled)."""
-    path = model_file(root, "generation_config.json")
-    try:
-        raw = json.loads(path.read_text()) if path else {}
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read {path}: {e}") from None
-    ids = raw.get("suppress_tokens") if isinstance(raw, dict) else None
+    ids = (json_file(root, "generation_config.json") or {}).get("suppress_tokens")
     if ids is None:
         return ()
     if not isinstance(ids, list) or len(ids) > 1024:
@@ -332,12 +336,8 @@ def load_drafter(path: str | Path, dtype: torch.dtype, device: torch.device,
 
 
 def _drafter_hf(root: Path, dtype: torch.dtype, device: torch.device) -> Drafter:
-    try:
-        path = model_file(root, "config.json")
-        raw = json.loads(path.read_text()) if path else None
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read {root / 'config.json'}: {e}") from None
-    if not isinstance(raw, dict) or not str(raw.get("model_type", "")).endswith("_assistant"):
+    raw = json_file(root, "config.json") if root.is_dir() else None
+    if raw is None or not str(raw.get("model_type", "")).endswith("_assistant"):
         raise WeightsError(f"{root} is not a Gemma 4 assistant (drafter) checkpoint")
     text = dict(raw.get("text_config") or {}, num_kv_shared_layers=0)  # every layer reads the target's K/V
     config = gemma4_from_hf_config(text)
