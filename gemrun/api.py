@@ -107,12 +107,17 @@ class Model(Runtime):
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
          max_context: int | None = None, progress: Progress | None = None, mmproj: str | Path | None = None,
-         pan_and_scan: bool = False, packed: bool | None = None, quantize: str | None = None) -> Model:
+         pan_and_scan: bool = False, packed: bool | None = None, quantize: str | None = None,
+         draft: str | Path | None = None, draft_tokens: int = 4) -> Model:
     """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M. A GGUF's
     vision encoder comes from a separate llama.cpp-style `mmproj` GGUF. Pan & Scan is off by default, as in
     the reference preprocessor. `packed` keeps a GGUF's quantized matrices low-bit for the CPU kernels.
     `quantize` ("q4" | "q8") quantizes a float HF checkpoint at load, tensor by tensor. On the CPU, dtype "auto"
     means float32 activations over packed weights where gemrun's native kernels run (near-exact and fast),
-    "float32" alone the dense dequantized weights (exact), "bfloat16" packed weights with bf16 activations."""
-    loaded = open_checkpoint(path, device, dtype, progress, mmproj, pan_and_scan, packed, quantize)
-    return Model(loaded, loaded.tokenizer, max_context)
+    "float32" alone the dense dequantized weights (exact), "bfloat16" packed weights with bf16 activations.
+    `draft` is a Gemma 4 MTP drafter (HF directory or GGUF): speculative decoding with `draft_tokens` per round."""
+    loaded = open_checkpoint(path, device, dtype, progress, mmproj, pan_and_scan, packed, quantize, draft)
+    model = Model(loaded, loaded.tokenizer, max_context)
+    if model.draft is not None:
+        model.draft.k = model.draft.check_tokens(draft_tokens)
+    return model

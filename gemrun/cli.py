@@ -79,8 +79,10 @@ def _load(model: str | None, device: str, dtype: str, max_context: int | None = 
     return m
 
 
-DraftOpt = Annotated[str | None, typer.Option("--draft", help="Gemma 4 MTP drafter (assistant) directory: "
+DraftOpt = Annotated[str | None, typer.Option("--draft", help="Gemma 4 MTP drafter (assistant directory or GGUF): "
                                               "speculative decoding")]
+MmprojOpt = Annotated[str | None, typer.Option("--mmproj", help="media encoder GGUF (llama.cpp mmproj) for a GGUF "
+                                               "model")]
 DraftTokens = Annotated[int, typer.Option("--draft-tokens", help="tokens drafted per round")]
 
 
@@ -149,11 +151,11 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
              frequency_penalty: Freq = 0.0, seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto",
              dtype: DtypeOpt = "auto", max_context: MaxCtx = None,
              quantize: QuantOpt = None, packed: PackedOpt = None, draft: DraftOpt = None,
-             draft_tokens: DraftTokens = 4) -> None:
+             draft_tokens: DraftTokens = 4, mmproj: MmprojOpt = None) -> None:
     """Continue PROMPT as raw text and stream the continuation only."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
-    m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed)
+    m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed, mmproj=mmproj)
     _drafter(m, draft, draft_tokens)
     _clamp(params, m)
     _emit(m.generate(prompt, params, stream=True))
@@ -173,8 +175,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
          max_context: MaxCtx = None,
          image: Annotated[list[str] | None, typer.Option("--image", "-i", help="image file for the first "
                                                          "message (repeatable)")] = None,
-         mmproj: Annotated[str | None, typer.Option(help="vision encoder GGUF (llama.cpp mmproj) for a GGUF "
-                                                   "model")] = None,
+         mmproj: MmprojOpt = None,
          pan_and_scan: Annotated[bool, typer.Option("--pan-and-scan", help="add crops of large or elongated "
                                                     "images")] = False, quantize: QuantOpt = None,
          packed: PackedOpt = None,
@@ -245,7 +246,7 @@ def serve(model: ModelOpt = None,
           device: DeviceOpt = "auto",
           dtype: Annotated[str, typer.Option(help="auto (bfloat16: packed weights, batch-invariant kernels) | "
                                              "float32 | bfloat16")] = "auto",
-          mmproj: Annotated[str | None, typer.Option(help="llama.cpp vision projector GGUF")] = None,
+          mmproj: MmprojOpt = None,
           quantize: QuantOpt = None,
           log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
           draft: DraftOpt = None, draft_tokens: DraftTokens = 4) -> None:
@@ -392,7 +393,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
           depth: Annotated[int, typer.Option(help="tokens already in the cache before each run (as llama-bench "
                                              "-d): prefill and decode at that depth")] = 0,
           device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-          packed: PackedOpt = None, quantize: QuantOpt = None) -> None:
+          packed: PackedOpt = None, quantize: QuantOpt = None, mmproj: MmprojOpt = None, draft: DraftOpt = None,
+          draft_tokens: DraftTokens = 4) -> None:
     """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
     first token, and peak RSS, as JSON on stdout (medians over REPEAT runs); with --depth, after DEPTH tokens
     already in the KV cache (filled untimed before each run)."""
@@ -407,8 +409,11 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     if threads is not None:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize)
+    m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize, mmproj=mmproj, draft=draft,
+             draft_tokens=draft_tokens)
     load_s = time.perf_counter() - t0
+    if depth and m.draft is not None:
+        raise GemrunError("--depth and --draft together are not supported (drafted runs take no cached prefix)")
     if depth + prompt_tokens + gen_tokens >= m.max_context:
         raise GemrunError(f"depth {depth} + prompt {prompt_tokens} + {gen_tokens} tokens exceed the context of "
                           f"{m.max_context}")
@@ -429,9 +434,9 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
         t = time.perf_counter()
         first = None
         for _token in generate_ids(m.model, Prompt(every), params, set(), m.max_context, m.tokenizer.vocab_size,
-                                   stats, pool=pool):
+                                   stats, draft=m.draft, pool=pool):
             first = first or time.perf_counter() - t
-        runs.append((len(ids) / stats.prefill_seconds, stats.decode_tps, first))  # the new tokens only
+        runs.append((len(ids) / stats.prefill_seconds, stats.decode_tps, first, stats.acceptance_rate))
     runs = runs[1:]
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
@@ -442,6 +447,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
            "ttft_s": round(statistics.median(r[2] for r in runs), 3),
            "weights_bytes": sum(t.nbytes for t in [*w.parameters(), *w.buffers()]),
            "peak_rss_gib": round(_hwm_bytes() / 2**30, 3)}
+    if m.draft is not None:
+        out["draft_acceptance"] = round(statistics.median(r[3] for r in runs), 3)
     print(json.dumps(out))
 
 
@@ -462,7 +469,10 @@ def convert(src: Annotated[Path, typer.Argument(help="GGUF file or HF directory"
                                                         "from an HF SRC with a .gguf OUT, read with a GGUF SRC "
                                                         "and an HF OUT")] = None,
             mmproj_quant: Annotated[str, typer.Option(help="mmproj matrices: f16 | f32 | bf16 | q8_0 (patch and "
-                                                      "position embeddings stay f32)")] = "f16") -> None:
+                                                      "position embeddings stay f32)")] = "f16",
+            draft: Annotated[tuple[Path, Path] | None, typer.Option(help="Gemma 4: convert the MTP assistant SRC "
+                                                                    "(HF directory or GGUF) to OUT beside the "
+                                                                    "model")] = None) -> None:
     """Convert between HF safetensors and GGUF (llama.cpp layout, vision tower as an mmproj file), or write
     quantized HF safetensors; streaming, tensor by tensor."""
     from .convert import DEFAULT_KEEP
@@ -479,9 +489,10 @@ def convert(src: Annotated[Path, typer.Argument(help="GGUF file or HF directory"
         task = bar.add_task("convert", total=None)
         path = run(src, out, quant, group=group_size, fp8_per_channel=fp8_scales == "channel",
                    keep=tuple(keep) if keep else DEFAULT_KEEP, embed_quant=embed_quant, mmproj=mmproj,
-                   mmproj_quant=mmproj_quant,
+                   mmproj_quant=mmproj_quant, draft=draft,
                    progress=lambda done, total: bar.update(task, completed=done, total=total))
-    print(json.dumps({"out": str(path), "quant": quant} | ({"mmproj": str(mmproj)} if mmproj else {})))
+    print(json.dumps({"out": str(path), "quant": quant} | ({"mmproj": str(mmproj)} if mmproj else {})
+                     | ({"draft": str(draft[1])} if draft else {})))
 
 
 @app.command("make-random")
@@ -492,9 +503,13 @@ def make_random(out: Annotated[Path, typer.Argument(help="output GGUF file, or d
                                                    "f32")] = "q4_0",
                 embed_quant: Annotated[str, typer.Option(help="gguf embedding type")] = "q8_0",
                 vision: Annotated[bool, typer.Option("--vision", help="hf: add the SigLIP vision tower")] = False,
+                mmproj: Annotated[Path | None, typer.Option(help="gguf, Gemma 4: the mmproj file (default: "
+                                                            "mmproj-OUT beside OUT)")] = None,
+                draft: Annotated[Path | None, typer.Option(help="gguf, Gemma 4: the drafter file (default: "
+                                                           "OUT-assistant.gguf beside OUT)")] = None,
                 seed: int = 0) -> None:
     """Write a full-shape checkpoint of random weights (for speed and memory benchmarks) with the real
-    tokenizer of the embedded model."""
+    tokenizer of the embedded model. A Gemma 4 preset in GGUF writes the set: text model, mmproj, drafter."""
     from .weights.random import write_random_gguf, write_random_hf
 
     with Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
@@ -507,7 +522,10 @@ def make_random(out: Annotated[Path, typer.Argument(help="output GGUF file, or d
         if format == "gguf":
             if vision:
                 raise GemrunError("--vision is for --format hf (a GGUF's vision tower is a separate mmproj file)")
-            write_random_gguf(preset, out, quant, embed_quant, seed, progress)
+            files = write_random_gguf(preset, out, quant, embed_quant, seed, progress, mmproj, draft)
+            print(json.dumps({"written": str(out), "preset": preset, "format": format}
+                             | {k: str(v) for k, v in files.items()}))
+            return
         elif format == "hf":
             write_random_hf(preset, out, vision, "bf16" if quant == "q4_0" else quant, seed, progress=progress)
         else:

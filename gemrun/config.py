@@ -1,4 +1,5 @@
-"""Model configuration: frozen dataclasses, named presets, and readers for HF config.json and GGUF metadata.
+"""Model configuration: frozen dataclasses, named presets, and the reader of HF config.json (GGUF metadata is
+read and written in `weights/gguf_config.py`).
 
 The decoder is described per layer (`LayerSpec`) so that families whose layers differ in head size, KV heads or
 KV sharing (Gemma 4) fit the same cache and attention code as Gemma 3.
@@ -98,6 +99,7 @@ class TextConfig:
     eos_token_id: int = 1
     bos_token_id: int = 2
     stop_token_ids: tuple[int, ...] = (1, 106)  # <eos>, <end_of_turn>
+    suppress_token_ids: tuple[int, ...] = ()  # never sampled (generation_config suppress_tokens)
     name: str = "gemma3"
 
     def __post_init__(self) -> None:
@@ -105,10 +107,12 @@ class TextConfig:
             value = getattr(self, f.name)
             if (f.name in INT_RANGES or f.name in FLOAT_RANGES) and not (value is None and f.name in OPTIONAL):
                 check_field(f.name, value)
-        if not isinstance(self.stop_token_ids, tuple):
-            raise ConfigError("config field stop_token_ids must be a tuple of token ids")
-        for t in self.stop_token_ids:
-            check_field("eos_token_id", t, "config field stop_token_ids")
+        for field_name in ("stop_token_ids", "suppress_token_ids"):
+            ids = getattr(self, field_name)
+            if not isinstance(ids, tuple) or len(ids) > 1024:
+                raise ConfigError(f"config field {field_name} must be a tuple of at most 1024 token ids")
+            for t in ids:
+                check_field("eos_token_id", t, f"config field {field_name}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.layer_types is not None:
@@ -359,52 +363,6 @@ def from_hf_config(raw: dict[str, Any]) -> TextConfig:
         return TextConfig(**kw)
     except TypeError as e:
         raise ConfigError(f"bad config.json value: {e}") from None
-
-
-def from_gguf_metadata(meta: dict[str, Any]) -> TextConfig:
-    """Read a Gemma 3 config from GGUF metadata (llama.cpp keys). The file carries no local RoPE base or layer
-    pattern; the Gemma 3 defaults (10 000, 5 sliding : 1 global) apply, as in transformers and llama.cpp."""
-    arch = meta.get("general.architecture")
-    if arch != "gemma3":
-        raise ConfigError(f"GGUF architecture {arch!r} is not supported (expected 'gemma3')")
-
-    def get(name: str, key: str, default: Any = None) -> Any:
-        """Metadata `key` checked as our field `name` (type and range), the error naming the key."""
-        value = meta.get(key, default)
-        if value is None:
-            raise ConfigError(f"GGUF metadata is missing {key}")
-        return check_field(name, value, f"GGUF {key}")
-
-    heads = get("num_heads", "gemma3.attention.head_count")
-    head_dim = get("head_dim", "gemma3.attention.key_length", 256)
-    kw: dict[str, Any] = dict(
-        hidden_size=get("hidden_size", "gemma3.embedding_length"),
-        intermediate_size=get("intermediate_size", "gemma3.feed_forward_length"),
-        num_layers=get("num_layers", "gemma3.block_count"), num_heads=heads,
-        num_kv_heads=get("num_kv_heads", "gemma3.attention.head_count_kv"), head_dim=head_dim,
-        query_pre_attn_scalar=float(head_dim), sliding_window=get("sliding_window", "gemma3.attention.sliding_window"),
-        max_position_embeddings=get("max_position_embeddings", "gemma3.context_length"),
-        rms_norm_eps=get("rms_norm_eps", "gemma3.attention.layer_norm_rms_epsilon", 1e-6),
-    )
-    if get("head_dim", "gemma3.attention.value_length", head_dim) != head_dim:
-        raise ConfigError("GGUF key_length and value_length differ; Gemma 3 uses one head_dim")
-    scale_type = meta.get("gemma3.rope.scaling.type", "none")
-    if scale_type not in ("none", "linear"):
-        raise ConfigError(f"GGUF gemma3.rope.scaling.type = {str(scale_type)[:40]!r}: only linear is supported")
-    factor = get("factor", "gemma3.rope.scaling.factor", 1.0) if scale_type == "linear" else 1.0
-    kw["rope_global"] = Rope(get("theta", "gemma3.rope.freq_base", 1_000_000.0), factor)
-    if "gemma3.final_logit_softcapping" in meta:
-        kw["final_logit_softcapping"] = get("final_logit_softcapping", "gemma3.final_logit_softcapping")
-    for ours, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                      ("pad_token_id", "padding_token_id")):
-        if f"tokenizer.ggml.{key}" in meta:
-            kw[ours] = get(ours, f"tokenizer.ggml.{key}")
-    kw["stop_token_ids"] = tuple(dict.fromkeys((kw.get("eos_token_id", 1), 1, 106)))
-    # 27B uses hidden/heads, every other size head_dim (the hub config.json files, configuration_gemma3.py:
-    # Gemma3TextConfig); GGUF has no key for it.
-    if kw["hidden_size"] == 5376 and heads == 32:
-        kw["query_pre_attn_scalar"] = 168.0
-    return TextConfig(**kw)
 
 
 def gemma4_from_hf_config(raw: dict[str, Any]) -> Gemma4TextConfig:

@@ -30,26 +30,24 @@ import torch
 from gguf import GGUFWriter
 from gguf.quants import dequantize
 
-from .config import TextConfig, from_gguf_metadata, from_hf_config
+from .config import TextConfig, from_hf_config
 from .errors import ConfigError, WeightsError
 from .model.vision import VisionConfig, vision_from_hf_config
 from .quant.hf import HF_QUANTS, QUANT_FILE, quantize_fp8, quantize_int4
+from .weights.gguf_config import gemma3_config, gemma3_refusal, write_gemma3
 from .weights.gguf_write import (
     GGUF_FILE_TYPES,
-    GGUF_NAME_OF,
     GGUF_QUANTS,
     IMAGE_TOKENS,
-    add_gemma3_metadata,
     add_tokenizer_metadata,
-    declare_tensor,
     gguf_name,
     gguf_type_for,
     gguf_vocab,
     tokenizer_meta_from_dir,
-    write_encoded,
+    write_file,
 )
 from .weights.mmproj import MMPROJ_QUANTS
-from .weights.names import gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
+from .weights.names import GGUF_NAME_OF, gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
 from .weights.safetensors import ShardWriter
 
 log = logging.getLogger("gemrun.convert")
@@ -96,7 +94,7 @@ def _gguf_source(path: Path, mmproj: Path | None = None) -> Source:
         if ours is None:
             raise WeightsError(f"GGUF tensor {name!r} is not part of a Gemma 3 text model")
         names[ours] = name
-    cfg = from_gguf_metadata(g.metadata).replace(vocab_size=g.tensors[GGUF_NAME_OF["embed_tokens.weight"]].shape[0])
+    cfg = gemma3_config(g.metadata).replace(vocab_size=g.tensors[GGUF_NAME_OF["embed_tokens.weight"]].shape[0])
 
     def read(ours: str) -> torch.Tensor:
         info = g.tensors[names[ours]]
@@ -156,34 +154,37 @@ def write_gguf(src: Source, out: Path, quant: str, embed_quant: str | None = Non
         raise ConfigError(f"mmproj types are {', '.join(MMPROJ_QUANTS)}; got {mmproj_quant!r}")
     if mmproj is None and src.vision is not None:
         log.warning("the vision tower is not written: give --mmproj FILE to write it as an mmproj GGUF")
+    reason = gemma3_refusal(src.config)  # before any file is made
+    if reason:
+        raise ConfigError(f"cannot write this model as a GGUF: {reason}")
     meta = gguf_vocab(src.tokenizer_meta or tokenizer_meta_from_dir(src.tokenizer_dir))
     n_vocab = len(meta["tokenizer.ggml.tokens"])
-    w = GGUFWriter(str(out), "gemma3")
-    add_gemma3_metadata(w, src.config)
-    add_tokenizer_metadata(w, meta)
-    w.add_file_type(GGUF_FILE_TYPES[quant])
     plan = []
     for ours, shape in src.shapes.items():
         if ours == "embed_tokens.weight" and shape[0] > n_vocab:
             shape = (n_vocab, *shape[1:])  # HF pads Gemma 3's to 262208 rows; llama.cpp sizes it by the vocabulary
-        q = gguf_type_for(ours, shape, quant, embed_quant)
-        plan.append((ours, shape, q))
-        declare_tensor(w, gguf_name(ours), shape, q)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for i, (ours, shape, q) in enumerate(plan):
+        plan.append((ours, shape, gguf_type_for(ours, shape, quant, embed_quant)))
+
+    def add_metadata(w: GGUFWriter) -> None:
+        write_gemma3(w, src.config)
+        add_tokenizer_metadata(w, meta)
+        w.add_file_type(GGUF_FILE_TYPES[quant])
+
+    def data(i: int) -> np.ndarray:
+        ours, shape, _ = plan[i]
         t = src.read(ours).numpy()[:shape[0]]
-        if is_gemma_norm(ours):
-            t = t + 1.0  # llama.cpp stores Gemma's (1 + w)
-        write_encoded(w, t, q)
-        if progress:
-            progress(i + 1, len(plan))
-    w.close()
+        return t + 1.0 if is_gemma_norm(ours) else t  # llama.cpp stores Gemma's (1 + w)
+
+    write_file(out, "gemma3", add_metadata, [(gguf_name(o), s, q) for o, s, q in plan], data, progress)
     if mmproj is not None:
         from .weights.mmproj import write_mmproj
 
-        write_mmproj(mmproj, src.vision, src.vision_shapes, src.read, mmproj_quant)
+        try:
+            write_mmproj(mmproj, src.vision, src.vision_shapes, src.read, mmproj_quant)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            mmproj.unlink(missing_ok=True)
+            raise
     return out
 
 
@@ -273,10 +274,18 @@ def _write_tokenizer(src: Source, out: Path) -> None:
 
 def convert(src: Path, out: Path, quant: str, group: int = 32, fp8_per_channel: bool = True,
             keep: tuple[str, ...] = DEFAULT_KEEP, embed_quant: str | None = None, mmproj: Path | None = None,
-            mmproj_quant: str = "f16", progress: Progress | None = None) -> Path:
+            mmproj_quant: str = "f16", progress: Progress | None = None,
+            draft: tuple[Path, Path] | None = None) -> Path:
     """SRC (GGUF file or HF directory) -> OUT: a `.gguf` path writes GGUF, anything else an HF directory.
     `mmproj` is the vision file: written from an HF source's vision tower next to a GGUF OUT (in `mmproj_quant`),
-    read next to a GGUF source to give an HF OUT its vision tower."""
+    read next to a GGUF source to give an HF OUT its vision tower. Gemma 4 Unified checkpoints go to their own
+    converter (`weights/unified.py`: image and audio projectors in the mmproj, `draft` = (assistant SRC, OUT))."""
+    from .weights import unified
+
+    if unified.handles(src):
+        return unified.convert(src, out, quant, embed_quant, mmproj, mmproj_quant, draft, progress)
+    if draft is not None:
+        raise ConfigError("--draft converts a Gemma 4 MTP assistant next to its Gemma 4 model")
     if src.is_file() and mmproj is not None and out.suffix == ".gguf":
         raise ConfigError("GGUF -> GGUF: the mmproj file is used as it is (--mmproj goes with HF SRC or OUT)")
     source = open_source(src, mmproj if src.is_file() else None)

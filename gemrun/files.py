@@ -28,15 +28,23 @@ def model_file(root: Path, name: str, error: type[GemrunError] = WeightsError, w
     return real
 
 
-def config_json(root: Path) -> dict:
-    """An HF directory's `config.json` as a dict (`auto_map` / `trust_remote_code` in it are never looked at)."""
-    path = model_file(root, "config.json")
+def json_file(root: Path, name: str) -> dict | None:
+    """A model directory's JSON file as an object (None when there is none)."""
+    path = model_file(root, name)
     if path is None:
-        raise WeightsError(f"{root} has no config.json")
+        return None
     try:
         raw = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise WeightsError(f"{path} is not a JSON object")
+    return raw
+
+
+def config_json(root: Path) -> dict:
+    """An HF directory's `config.json` (`auto_map` / `trust_remote_code` in it are never looked at)."""
+    raw = json_file(root, "config.json")
+    if raw is None:
+        raise WeightsError(f"{root} has no config.json")
     return raw

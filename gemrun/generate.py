@@ -208,6 +208,7 @@ class Sequence:
 
     def _filter(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits[self.vocab_limit:] = float("-inf")  # rows past the tokenizer (262208-row 12B head) never sampled
+        logits[list(self.model.config.suppress_token_ids)] = float("-inf")  # generation_config suppress_tokens
         raw = logits.clone() if self.logprobs is not None else None
         if self.params.logit_bias:
             ids = torch.tensor(list(self.params.logit_bias), device=logits.device)

@@ -48,11 +48,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def open_checkpoint(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
                     progress: Progress | None = None, mmproj: str | Path | None = None, pan_and_scan: bool = False,
-                    packed: bool | None = None, quantize: str | None = None) -> Loaded:
+                    packed: bool | None = None, quantize: str | None = None,
+                    draft: str | Path | None = None) -> Loaded:
     """Load a GGUF file or an HF directory (with no path, the embedded Gemma 3 270M) onto a device. On the CPU,
     dtype "auto" means float32 activations over packed low-bit weights where gemrun's native kernels run (near-exact
     and fast), "float32" alone the dense dequantized weights (exact), "bfloat16" packed weights with bf16
-    activations. `quantize` ("q4" | "q8") quantizes a float HF checkpoint at load."""
+    activations. `quantize` ("q4" | "q8") quantizes a float HF checkpoint at load. `mmproj` is the media encoder
+    GGUF of a GGUF model, `draft` an MTP drafter (HF directory or GGUF) for speculative decoding."""
     from .weights.embedded import default_model_path
 
     dev = resolve_device(device)
@@ -66,6 +68,10 @@ def open_checkpoint(path: str | Path | None = None, device: str = "auto", dtype:
     elif dtype == "auto":
         dt = torch.bfloat16  # the packed kernels take bfloat16 activations
     loaded = load_checkpoint(path or default_model_path(), dt, dev, progress, mmproj, packed, quantize)
+    if draft is not None:
+        from .weights.load import load_drafter
+
+        loaded.drafter = load_drafter(draft, loaded.model.dtype, dev, loaded.config, loaded.packed or packed)
     return attach_tokenizer(loaded, pan_and_scan)
 
 
@@ -89,6 +95,10 @@ class Runtime:
         # finished sequences' KV caches for prompts that share a prefix (a conversation's next turn): the Python
         # API and the REPL keep their last conversation; a server keeps many (`serve --cache-ram`)
         self.pool = PrefixPool(int(cache_ram * (1 << 30)), cache_entries)
+        if loaded.drafter is not None:
+            from .speculative import Speculator
+
+            self.draft = Speculator(loaded.drafter)
 
     @property
     def device(self) -> torch.device:
@@ -100,8 +110,10 @@ class Runtime:
                              self.max_context)
 
     def use_drafter(self, path: str | Path, tokens: int = 4) -> None:
-        """Speculative decoding with an MTP assistant checkpoint (Gemma 4) drafting `tokens` per round."""
+        """Speculative decoding with an MTP assistant checkpoint (Gemma 4; HF directory or GGUF) drafting `tokens`
+        per round."""
         from .speculative import Speculator
         from .weights.load import load_drafter
 
-        self.draft = Speculator(load_drafter(path, self.model.dtype, self.device, self.config), tokens)
+        drafter = load_drafter(path, self.model.dtype, self.device, self.config, self.loaded.packed)
+        self.draft = Speculator(drafter, tokens)

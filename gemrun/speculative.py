@@ -21,9 +21,13 @@ class Speculator:
     """A drafter (`model.gemma4.Drafter`) and the number of tokens it drafts per round."""
 
     def __init__(self, drafter, tokens: int = 4):
+        self.drafter, self.k = drafter, self.check_tokens(tokens)
+
+    @staticmethod
+    def check_tokens(tokens: int) -> int:
         if not 1 <= tokens <= 32:
             raise ValueError(f"draft tokens must be in 1..32, got {tokens}")
-        self.drafter, self.k = drafter, tokens
+        return tokens
 
     @staticmethod
     def target_kv(model, caches: list) -> dict[bool, tuple]:
@@ -42,6 +46,7 @@ class Speculator:
             logits, hidden = self.drafter.step(embed.to(hidden.dtype), hidden, position, kv)
             logits = logits[0, -1].float()
             logits[seq.vocab_limit:] = float("-inf")
+            logits[list(model.config.suppress_token_ids)] = float("-inf")  # the target never takes them
             if seq.params.greedy:
                 token, q = int(torch.argmax(logits)), None
             else:

@@ -81,13 +81,36 @@ def _affix_lengths(words) -> dict[str, int]:
     return out
 
 
-def build_backend(tokens: list[str], types: Iterable[int], unk: str = "<unk>") -> Backend:
-    """A sentencepiece-style BPE (byte fallback, spaces as '▁', no dummy prefix) from a token list and types."""
+def parse_merges(merges: list[str]) -> list[tuple[str, str]]:
+    """GGUF `tokenizer.ggml.merges` ("left right", split at the first space after the first character, as
+    llama.cpp's vocabulary loader does) -> pairs."""
+    pairs = []
+    for m in merges:
+        cut = m.find(" ", 1)
+        if cut < 0:
+            raise TokenizerError(f"GGUF tokenizer merge {m[:40]!r} has no space between its two parts")
+        pairs.append((m[:cut], m[cut + 1:]))
+    return pairs
+
+
+def build_backend(tokens: list[str], types: Iterable[int], unk: str = "<unk>",
+                  merges: list[tuple[str, str]] | None = None) -> Backend:
+    """A sentencepiece-style BPE (byte fallback, spaces as '▁', no dummy prefix) from a token list and types;
+    the merges are given (ranked by their order) or derived from the vocabulary (`derive_merges`)."""
     # Whitespace-only tokens are stored as real spaces; the BPE sees '▁'.
     tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
     types = list(types)
-    backend = Backend(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=derive_merges(tokens),
-                          fuse_unk=True, unk_token=unk, byte_fallback=True, dropout=None))
+    if merges is not None:
+        known = set(tokens)
+        bad = next((p for p in merges if p[0] not in known or p[1] not in known or p[0] + p[1] not in known), None)
+        if bad is not None:
+            raise TokenizerError(f"tokenizer merge {' '.join(bad)[:60]!r} joins pieces outside the vocabulary")
+    try:
+        model = BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=derive_merges(tokens) if merges is None
+                    else merges, fuse_unk=True, unk_token=unk, byte_fallback=True, dropout=None)
+    except Exception as e:  # the library raises its own exception type  # noqa: BLE001
+        raise TokenizerError(f"tokenizer vocabulary cannot be built: {e}") from None
+    backend = Backend(model)
     backend.normalizer = normalizers.Replace(" ", "\u2581")
     backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -190,17 +213,22 @@ class StreamDecoder:
         return after[len(before):]
 
 
-def from_gguf_metadata(meta: dict, image_token: bool = False) -> Tokenizer:
-    """Build the tokenizer a GGUF describes (tokens, types, special ids), caching the result on disk: deriving
-    the merges of a 262k vocabulary takes seconds, loading the cached tokenizer.json much less.
-    `image_token` appends `<image_soft_token>` (not in GGUF vocabularies) after the last id, as HF's has it.
-    The loader has checked the metadata's types (`weights.gguf.check_tokenizer_metadata`)."""
-    model = meta.get("tokenizer.ggml.model")
-    if model != "llama":
-        raise TokenizerError(f"GGUF tokenizer model {str(model)[:40]!r} is not supported (Gemma uses 'llama')")
+def from_gguf_metadata(meta: dict, image_token: bool = False, model: str = "llama") -> Tokenizer:
+    """Build the tokenizer a GGUF describes (tokens, types, special ids, merges when it stores them), caching
+    the result on disk: deriving the merges of a 262k vocabulary takes seconds, loading the cached
+    tokenizer.json much less. `model` is the `tokenizer.ggml.model` expected (Gemma 3: "llama", sentencepiece
+    pieces, merges derived). `image_token` appends `<image_soft_token>` (not in GGUF vocabularies) after the last
+    id, as HF's has it. The loader has checked the metadata's types (`weights.gguf.check_tokenizer_metadata`)."""
+    found = meta.get("tokenizer.ggml.model")
+    if found != model:
+        raise TokenizerError(f"GGUF tokenizer model {str(found)[:40]!r} is not supported here (expected {model!r})")
     tokens = meta["tokenizer.ggml.tokens"]
     types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
-    key = hashlib.sha256(json.dumps([tokens, types]).encode()).hexdigest()[:24]
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
+        raise TokenizerError("GGUF tokenizer.ggml.merges must be an array of strings")
+    stored = [tokens, types] + ([merges] if merges is not None else [])  # files without merges keep their keys
+    key = hashlib.sha256(json.dumps(stored).encode()).hexdigest()[:24]
     cached = cache_dir() / "tokenizers" / f"{key}.json"
     backend = None
     if cached.is_file():
@@ -211,7 +239,7 @@ def from_gguf_metadata(meta: dict, image_token: bool = False) -> Tokenizer:
     if backend is None:
         unk_id = meta.get("tokenizer.ggml.unknown_token_id", 3)
         unk = tokens[unk_id] if unk_id < len(tokens) else "<unk>"
-        backend = build_backend(tokens, types, unk)
+        backend = build_backend(tokens, types, unk, None if merges is None else parse_merges(merges))
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(f".{os.getpid()}.tmp")

@@ -442,3 +442,41 @@ def test_llama_cpp_loads_our_gguf(tmp_path):
     print("llama.cpp:", repr(r.stdout), "gemrun:", repr(text))
     assert r.stdout.strip().split()[:3] == text.strip().split()[:3]  # greedy, the same words first
     shutil.rmtree(tmp_path / "hf")
+
+
+# Gemma 3 configs against llama.cpp's gemma3 keys (its reader: sliding layers only with attention.sliding_window, the
+# pattern from attention.sliding_window_pattern, the local base from rope.freq_base_swa, the attention scale from
+# key_length): each either converts to a GGUF with the HF directory's logits, or is refused leaving no file.
+_LOCAL = {"rope_type": "default", "rope_theta": 20_000.0}
+_GLOBAL = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+G3_CONFIGS = {
+    "query_pre_attn_scalar": (dict(query_pre_attn_scalar=24), "query_pre_attn_scalar"),
+    "local_rope_base": (dict(rope_parameters={"sliding_attention": _LOCAL, "full_attention": _GLOBAL}), None),
+    "all_global": (dict(layer_types=["full_attention"] * 6), None),
+    "pattern_3": (dict(sliding_window_pattern=3), None),
+    "irregular_layers": (dict(layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                           "sliding_attention", "full_attention", "full_attention"]), None),
+    "final_softcap": (dict(final_logit_softcapping=30.0), None),
+    "local_rope_scaling": (dict(rope_parameters={"sliding_attention": {**_LOCAL, "rope_type": "linear", "factor": 2.0},
+                                                 "full_attention": _GLOBAL}), "sliding layers' RoPE"),
+    "attn_softcap": (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(G3_CONFIGS))
+def test_gguf_carries_the_config_or_refuses(tmp_path, case):
+    over, refusal = G3_CONFIGS[case]
+    ref = hf_model(seed=7, **{"query_pre_attn_scalar": 16, **over})
+    root = save_hf(ref, tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    if refusal:
+        with pytest.raises(ConfigError, match=refusal):
+            convert(root, out, "f32")
+        assert not out.exists()
+        return
+    _, base = logits(root, dtype="float32")
+    assert (base - ref(torch.tensor([IDS])).logits[0]).abs().max() <= 1e-4  # the HF directory is read right
+    convert(root, out, "f32")
+    _, got = logits(out, dtype="float32")
+    print(f"{case}: GGUF vs HF directory {(got - base).abs().max().item():.1e}")
+    assert torch.equal(got, base)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_gemma4 import multimodal_inputs, ours, reference
+from tiny_gemma4 import soft_tokens as _soft
 
 from gemrun.config import Gemma4TextConfig, preset
 from gemrun.model.multimodal import media_blocks, prompt_embeddings
@@ -15,15 +16,6 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def ref():
     return reference()
-
-
-def _soft(media, kw):
-    """gemrun soft tokens for the reference inputs: padding rows dropped, as get_*_features do."""
-    pix, pos = kw["pixel_values"][0], kw["image_position_ids"][0]
-    vpix, vpos = kw["pixel_values_videos"], kw["video_position_ids"]
-    keep, vkeep = (pos != -1).all(-1), (vpos != -1).all(-1)
-    return {502: media.image(pix[keep], pos[keep]), 506: media.image(vpix[vkeep], vpos[vkeep]),
-            503: media.audio(kw["input_features"][0][kw["input_features_mask"][0]])}
 
 
 @torch.no_grad()

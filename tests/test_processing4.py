@@ -91,6 +91,28 @@ def test_target_size_matches_reference_and_facts():
         target_size(64, 64, 100)
 
 
+@pytest.mark.parametrize("size, budget", [((64, 64), 70), ((480, 640), 140), ((90, 40), 280), ((1, 300), 70)])
+def test_image_geometry_comes_from_the_checkpoint(size, budget):
+    """A checkpoint whose vision_config has other patch_size / pooling_kernel_size (the tiny reference's 4 and 2:
+    8-px model patches of 192 values) is processed with them, equal to the reference processor set up the same way
+    (before: 48-px patches of 6912 values whatever the checkpoint, then a RuntimeError in its first LayerNorm)."""
+    from gemrun.model.gemma4 import Gemma4Media, MediaConfig
+    from gemrun.processing.gemma4 import Gemma4Inputs
+    from gemrun.processing.source import MediaRequest
+
+    media = Gemma4Media(MediaConfig(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=1120), 64)
+    inputs = Gemma4Inputs(media)
+    img = _noise_image(*size, seed=5)
+    ref = Gemma4UnifiedImageProcessor(patch_size=4, pooling_kernel_size=2)(img, max_soft_tokens=budget,
+                                                                            return_tensors="pt")
+    ours = inputs.prepare("image", img, MediaRequest(image_tokens=budget))
+    assert ours.num_soft_tokens == int(ref["num_soft_tokens_per_image"][0])
+    values, positions = ours.padded(budget)
+    assert torch.equal(values, ref["pixel_values"][0]) and values.shape[-1] == 8 * 8 * 3
+    assert torch.equal(positions, ref["image_position_ids"][0])
+    assert inputs.embed([ours])[258880].shape == (ours.num_soft_tokens, 64)
+
+
 def test_image_patches_are_48px_hwc_blocks_in_raster_order():
     # an image already at its target size (336 x 432 at 70 tokens) is not resized: patches are its exact blocks
     img = _noise_image(336, 432, seed=3)

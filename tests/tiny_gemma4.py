@@ -71,6 +71,15 @@ def multimodal_inputs(seed: int = 1, n_image: int = 12, n_audio: int = 5):
                 input_features_mask=audio_mask, mm_token_type_ids=types)
 
 
+def soft_tokens(media, kw):
+    """gemrun soft tokens for `multimodal_inputs` kwargs: padding rows dropped, as get_*_features do."""
+    pix, pos = kw["pixel_values"][0], kw["image_position_ids"][0]
+    vpix, vpos = kw["pixel_values_videos"], kw["video_position_ids"]
+    keep, vkeep = (pos != -1).all(-1), (vpos != -1).all(-1)
+    return {502: media.image(pix[keep], pos[keep]), 506: media.image(vpix[vkeep], vpos[vkeep]),
+            503: media.audio(kw["input_features"][0][kw["input_features_mask"][0]])}
+
+
 def patch_reference_drafting() -> None:
     """The two stock transformers 5.23 bugs that stop the assistant (facts section 6): an all-sharing drafter
     config is rejected, and a target with no sharing layers stores no K/V for it."""
@@ -162,3 +171,68 @@ def write_model_dir(path, seed: int = 0, with_drafter: bool = False):
         Gemma4UnifiedAssistantForCausalLM(Gemma4UnifiedAssistantConfig(text_config=dtext, backbone_hidden_size=64)
                                           ).eval().save_pretrained(path / "drafter")
     return path
+
+
+# --- a 512-token Gemma 4 vocabulary and loadable HF directories for the GGUF tests ------------------------------
+
+MEDIA_AT = {500: "<|image>", 501: "<image|>", 502: "<|image|>", 503: "<|audio|>", 504: "<|audio>", 505: "<audio|>",
+            506: "<|video|>"}  # the tiny reference's ids (IDS)
+VISIBLE_AT = {4: "<tool_response|>", 5: '<|"|>', 507: "<|channel>", 508: "<channel|>", 509: "<|tool_call>",
+              510: "<tool_call|>", 511: "<|tool_response>"}
+
+
+def tiny4_vocab() -> tuple[list[str], list[int]]:
+    """tests/tiny.py's 512 tokens with Gemma 4's media tokens at the tiny reference's ids and the tokens llama.cpp
+    writes user-defined (channel, tool call, <|"|>), all control tokens."""
+    from tiny import tiny_vocab
+
+    tokens, types = tiny_vocab()
+    for i, t in {**MEDIA_AT, **VISIBLE_AT}.items():
+        tokens[i], types[i] = t, 3
+    return tokens, types
+
+
+def write_tiny_dir(path, ref, suppress=(505, 501)):
+    """`ref` (a tiny reference from `reference`) saved as a loadable HF directory with the 512-token tokenizer
+    and a generation config that suppresses ids."""
+    from pathlib import Path
+
+    from gemrun.tokenizer import build_backend
+
+    path = Path(path)
+    ref.save_pretrained(path)
+    build_backend(*tiny4_vocab()).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "bos_token": "<bos>",
+                                                            "eos_token": "<eos>", "pad_token": "<pad>"}))
+    gen = json.loads((path / "generation_config.json").read_text()) if (path / "generation_config.json").is_file() \
+        else {}
+    (path / "generation_config.json").write_text(json.dumps(gen | {"suppress_tokens": list(suppress)}))
+    return path
+
+
+def reference_assistant(seed: int = 0, ordered: bool = False, backbone: int = 64):
+    """A tiny assistant (as `reference_pair`'s), optionally with the centroid head: 8 centroids over the
+    512-token vocabulary, the top 2 used, the token ordering a random permutation."""
+    from transformers import Gemma4UnifiedAssistantConfig, Gemma4UnifiedAssistantForCausalLM
+
+    patch_reference_drafting()
+    text = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                attention_k_eq_v=True, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                num_kv_shared_layers=2)
+    extra = dict(use_ordered_embeddings=True, num_centroids=8, centroid_intermediate_top_k=2) if ordered else {}
+    torch.manual_seed(seed + 100)
+    drafter = Gemma4UnifiedAssistantForCausalLM(Gemma4UnifiedAssistantConfig(text_config=text,
+                                                                              backbone_hidden_size=backbone,
+                                                                              **extra)).eval()
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        for name, b in drafter.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(0.9)
+        if ordered:
+            drafter.masked_embedding.token_ordering.copy_(torch.randperm(512, generator=torch.Generator()
+                                                                        .manual_seed(seed)))
+    return drafter

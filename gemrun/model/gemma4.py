@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Cache
@@ -119,13 +120,36 @@ class TargetKV(Cache):
         return self.kv
 
 
+class MaskedHead(nn.Module):
+    """The drafter's centroid-narrowed output head (Gemma4UnifiedAssistantMaskedEmbedder): the vocabulary is cut
+    into `centroids` clusters of equal size (`token_ordering` lists each cluster's token ids); only the `top_k`
+    clusters whose centroid scores highest get real logits, every other token the minimum of those minus 1."""
+
+    def __init__(self, hidden: int, vocab: int, centroids: int, top_k: int):
+        super().__init__()
+        self.top_k, self.per_cluster = top_k, vocab // centroids
+        self.centroids = nn.Linear(hidden, centroids, bias=False)
+        self.register_buffer("token_ordering", torch.zeros(vocab, dtype=torch.long))
+
+    def forward(self, h: torch.Tensor, embedding: nn.Module) -> torch.Tensor:
+        """h (B, T, E), the tied embedding -> logits (B, T, V)."""
+        top = torch.topk(self.centroids(h), self.top_k, dim=-1).indices  # (B, T, k)
+        ids = self.token_ordering.view(-1, self.per_cluster)[top].flatten(-2)  # (B, T, k * per_cluster)
+        rows = embedding(ids).to(h.dtype)  # (B, T, k * per_cluster, E): the candidates' embedding rows
+        picked = (h.unsqueeze(-2) @ rows.transpose(-1, -2)).squeeze(-2)
+        out = torch.full((*h.shape[:-1], self.token_ordering.numel()), float(picked.min()) - 1.0, dtype=h.dtype,
+                         device=h.device)
+        return out.scatter_(-1, ids, picked)
+
+
 class Drafter(Gemma4):
     """The MTP assistant: a small Gemma 4 decoder without K/V projections whose every layer attends to the
     target's K/V (last sliding layer / last global layer). One step reads [target embedding of the last token,
     previous hidden state] (2 x backbone width) and gives draft logits and the next hidden state; every step of
-    a round sits at the position of the last accepted token (Gemma4UnifiedAssistantForCausalLM)."""
+    a round sits at the position of the last accepted token (Gemma4UnifiedAssistantForCausalLM). `centroids`
+    (count, top k) adds the centroid-narrowed head."""
 
-    def __init__(self, cfg: Gemma4TextConfig, backbone_hidden: int):
+    def __init__(self, cfg: Gemma4TextConfig, backbone_hidden: int, centroids: tuple[int, int] | None = None):
         # Sliding layers see the last W + 1 target positions: the reference builds an inclusive bidirectional
         # window (|q - kv| <= W) and flips it onto the latest keys; global layers see every position.
         specs = tuple(dataclasses.replace(s, kv_source=-1, window=s.window + 2 if s.sliding else None)
@@ -133,6 +157,7 @@ class Drafter(Gemma4):
         super().__init__(cfg, specs)
         self.pre_projection = nn.Linear(2 * backbone_hidden, cfg.hidden_size, bias=False)
         self.post_projection = nn.Linear(cfg.hidden_size, backbone_hidden, bias=False)
+        self.masked_embedding = MaskedHead(cfg.hidden_size, cfg.vocab_size, *centroids) if centroids else None
 
     def step(self, token_embed: torch.Tensor, hidden: torch.Tensor, position: int,
              target_kv: dict[bool, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +166,8 @@ class Drafter(Gemma4):
         x = self.pre_projection(torch.cat([token_embed, hidden], dim=-1))
         caches = [TargetKV(*target_kv[s.sliding]) for s in self.specs]
         h = self.norm(self.layers_forward(x, caches, torch.tensor([position], device=x.device)))
-        return self.head(h), self.post_projection(h)
+        logits = self.head(h) if self.masked_embedding is None else self.masked_embedding(h, self.embed_tokens)
+        return logits, self.post_projection(h)
 
 
 # --- encoder-free media embedders ---------------------------------------------------------------------------------
@@ -224,9 +250,11 @@ class VisionEmbedder(nn.Module):
         self.multimodal_embedder = Projection(d, hidden, cfg.vision_eps)
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """patches (N, 6912), positions (N, 2) as (column, row) -> (N, E)."""
-        dtype = self.patch_dense.weight.dtype
-        x = self.patch_ln2(self.patch_dense(self.patch_ln1(patches.to(dtype))))
+        """patches (N, 6912), positions (N, 2) as (column, row) -> (N, E). The first LayerNorm and the 6912-wide
+        projection run in float32 whatever the weights' dtype (llama.cpp accumulates them in float32 too)."""
+        dtype, ln1, dense = self.patch_ln2.weight.dtype, self.patch_ln1, self.patch_dense
+        x = F.layer_norm(patches.float(), ln1.normalized_shape, ln1.weight.float(), ln1.bias.float(), ln1.eps)
+        x = self.patch_ln2(F.linear(x, dense.weight.float(), dense.bias.float()).to(dtype))
         if int(positions.max()) >= self.pos_embedding.shape[0] or int(positions.min()) < 0:
             raise ValueError(f"patch positions must lie in [0, {self.pos_embedding.shape[0]})")
         x = x + self.pos_embedding[positions[:, 0], 0] + self.pos_embedding[positions[:, 1], 1]
@@ -255,4 +283,4 @@ class Gemma4Media(nn.Module):
         return self.embed_audio(frames.to(self.embed_audio.embedding_projection.weight.dtype))
 
 
-__all__ = ["Drafter", "Gemma4", "Gemma4Media", "MediaConfig", "RMSNorm", "media_from_hf_config"]
+__all__ = ["Drafter", "Gemma4", "Gemma4Media", "MaskedHead", "MediaConfig", "RMSNorm", "media_from_hf_config"]

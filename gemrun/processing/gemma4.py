@@ -26,9 +26,8 @@ __all__ = [
 ]
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
-PATCH = 16  # the reference's "teacher" patch; 3x3 of them merge into one 48-px model patch
-POOL = 3
-SIDE = PATCH * POOL
+PATCH = 16  # the reference's "teacher" patch; 3x3 of them merge into one 48-px model patch (the 12B's
+POOL = 3  # vision_config.patch_size and pooling_kernel_size: a checkpoint's own values replace them)
 IMAGE_TOKEN_ID, AUDIO_TOKEN_ID, VIDEO_TOKEN_ID = 258880, 258881, 258884
 
 
@@ -101,41 +100,44 @@ class VideoLimits:
     max_pixels: int = 4096 * 4096  # per decoded frame
 
 
-def target_size(height: int, width: int, max_soft_tokens: int = 280) -> tuple[int, int]:
-    """(height, width) the image is resized to: the largest multiples of 48 keeping the aspect ratio within
-    `max_soft_tokens` 48-px patches, as the reference's `get_aspect_ratio_preserving_size`."""
+def target_size(height: int, width: int, max_soft_tokens: int = 280, patch: int = PATCH,
+                pool: int = POOL) -> tuple[int, int]:
+    """(height, width) the image is resized to: the largest multiples of the model patch (patch x pool pixels,
+    48) keeping the aspect ratio within `max_soft_tokens` model patches, as the reference's
+    `get_aspect_ratio_preserving_size`."""
     if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
         raise InputError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
-    max_patches = max_soft_tokens * POOL**2
-    target_px = max_patches * PATCH**2
+    side = patch * pool  # the model patch, 48 px on the 12B
+    max_patches = max_soft_tokens * pool**2
+    target_px = max_patches * patch**2
     factor = math.sqrt(target_px / (height * width))
-    th = int(math.floor(factor * height / SIDE)) * SIDE
-    tw = int(math.floor(factor * width / SIDE)) * SIDE
+    th = int(math.floor(factor * height / side)) * side
+    tw = int(math.floor(factor * width / side)) * side
     # an extreme aspect ratio rounds one side to 0: it becomes one patch and the other side is capped
     if th == 0:
-        th, tw = SIDE, min(int(math.floor(width / height)) * SIDE, max_soft_tokens * SIDE)
+        th, tw = side, min(int(math.floor(width / height)) * side, max_soft_tokens * side)
     elif tw == 0:
-        th, tw = min(int(math.floor(height / width)) * SIDE, max_soft_tokens * SIDE), SIDE
+        th, tw = min(int(math.floor(height / width)) * side, max_soft_tokens * side), side
     if th * tw > target_px:  # unreachable for positive sides; kept as the reference's guard
         raise InputError(f"image of {width}x{height} cannot fit {max_soft_tokens} soft tokens")
     return th, tw
 
 
-def _resize(pixels: torch.Tensor, max_soft_tokens: int) -> torch.Tensor:
+def _resize(pixels: torch.Tensor, max_soft_tokens: int, patch: int = PATCH, pool: int = POOL) -> torch.Tensor:
     """(n, 3, H, W) uint8 -> (n, 3, H', W') uint8. On the CPU torchvision hands uint8 straight to torch's bicubic
     antialiased kernel (it rounds internally), so calling that kernel the same way gives the same bytes."""
-    h, w = target_size(pixels.shape[-2], pixels.shape[-1], max_soft_tokens)
+    h, w = target_size(pixels.shape[-2], pixels.shape[-1], max_soft_tokens, patch, pool)
     if (h, w) == tuple(pixels.shape[-2:]):
         return pixels
     return torch.nn.functional.interpolate(pixels, size=[h, w], mode="bicubic", align_corners=False, antialias=True)
 
 
-def _patchify(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 3, H, W) float -> patches (n, H/48 * W/48, 6912) in HWC order per patch, and positions (H/48 * W/48, 2).
-    Equal to the reference's 16-px patchify followed by its 3x3 `patches_merge`."""
+def _patchify(pixels: torch.Tensor, side: int = PATCH * POOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, H, W) float -> patches (n, H/48 * W/48, 6912) in HWC order per patch, and positions (H/48 * W/48, 2)
+    (48: the model patch's `side`). Equal to the reference's 16-px patchify followed by its 3x3 `patches_merge`."""
     n, c, height, width = pixels.shape
-    h, w = height // SIDE, width // SIDE
-    patches = pixels.reshape(n, c, h, SIDE, w, SIDE).permute(0, 2, 4, 3, 5, 1).reshape(n, h * w, SIDE * SIDE * c)
+    h, w = height // side, width // side
+    patches = pixels.reshape(n, c, h, side, w, side).permute(0, 2, 4, 3, 5, 1).reshape(n, h * w, side * side * c)
     xs, ys = torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy")
     return patches, torch.stack([xs, ys], dim=-1).reshape(h * w, 2)
 
@@ -150,13 +152,14 @@ def _pad(values: torch.Tensor, positions: torch.Tensor, length: int) -> tuple[to
 
 
 def process_image(source, max_soft_tokens: int = 280, sources: Sources = LOCAL,
-                  request: MediaRequest | None = None) -> ProcessedImage:
+                  request: MediaRequest | None = None, patch: int = PATCH, pool: int = POOL) -> ProcessedImage:
     """Patches of one image (a PIL image or any source `load_image` takes) for a soft-token budget among 70, 140,
-    280, 560, 1120: resize bicubic with antialias, x/255, no normalisation."""
+    280, 560, 1120: resize bicubic with antialias, x/255, no normalisation. `patch` and `pool` are the
+    checkpoint's `vision_config.patch_size` and `pooling_kernel_size`."""
     img = load_image(source, sources, request)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()[None]
     # x * (1/255) in float32, as the reference's rescale (its video path divides instead; see process_video)
-    patches, positions = _patchify(_resize(pixels, max_soft_tokens) * (1 / 255))
+    patches, positions = _patchify(_resize(pixels, max_soft_tokens, patch, pool) * (1 / 255), patch * pool)
     return ProcessedImage(patches[0], positions)
 
 
@@ -198,13 +201,14 @@ def _video_audio(data: bytes, fmt: str, limits: AudioLimits) -> ProcessedAudio |
 
 def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio: bool = True,
                   limits: VideoLimits = VideoLimits(), audio_limits: AudioLimits = AudioLimits(),
-                  sources: Sources = LOCAL, request: MediaRequest | None = None) -> ProcessedVideo:
+                  sources: Sources = LOCAL, request: MediaRequest | None = None, patch: int = PATCH,
+                  pool: int = POOL) -> ProcessedVideo:
     """`num_frames` frames sampled uniformly (`arange(n) * total // n`, as the reference) from an MP4/MOV, Matroska/
     WebM or AVI video (bytes, a data: URL or a path), each processed as an image with `max_soft_tokens`, plus the first
     audio track as 16 kHz frames when `audio`. A video with fewer frames uses them all (the reference refuses it)."""
     if not 1 <= num_frames <= limits.max_frames:
         raise InputError(f"num_frames must be in 1..{limits.max_frames}, got {num_frames}")
-    target_size(SIDE, SIDE, max_soft_tokens)  # validates the budget before any decoding
+    target_size(patch * pool, patch * pool, max_soft_tokens, patch, pool)  # validates the budget before decoding
     data = read_source(source, "video", limits.max_bytes, sources)
     fmt = _sniff_container(data)
     try:
@@ -241,7 +245,7 @@ def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio
                     if (frame.width, frame.height) != (width, height):
                         raise InputError("video frame size changes within the stream")
                     rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).contiguous()
-                    kept.append(_resize(rgb[None], max_soft_tokens)[0])
+                    kept.append(_resize(rgb[None], max_soft_tokens, patch, pool)[0])
                     indices.append(i)
         track = _video_audio(data, fmt, audio_limits) if audio else None
     except InputError:
@@ -251,7 +255,7 @@ def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio
     if not kept:
         raise InputError("video has no decodable frames")
     # the reference's video path fuses rescale into normalize (mean 0, std 255), so it divides: x / 255
-    patches, positions = _patchify(torch.stack(kept).to(torch.float32) / 255.0)
+    patches, positions = _patchify(torch.stack(kept).to(torch.float32) / 255.0, patch * pool)
     return ProcessedVideo(patches, positions.expand(len(kept), -1, -1).contiguous(), tuple(indices), fps, track)
 
 
@@ -276,13 +280,14 @@ class Gemma4Inputs:
             ("audio",) if media.embed_audio is not None else ())
         self.vision_ids = (cfg.image_token_id, cfg.video_token_id)  # runs of these attend to each other
         self.ids = {"image": cfg.image_token_id, "video": cfg.video_token_id, "audio": cfg.audio_token_id}
+        self.patch = {"patch": cfg.patch_size, "pool": cfg.pooling_kernel_size}  # the checkpoint's geometry
 
     def prepare(self, kind: str, source, request: MediaRequest):
         if kind == "image":
-            return process_image(source, request.image_tokens or 280, request.sources, request)
+            return process_image(source, request.image_tokens or 280, request.sources, request, **self.patch)
         if kind == "audio":
             return process_audio(source, sources=request.sources)
-        return process_video(source, audio=False, sources=request.sources, request=request)
+        return process_video(source, audio=False, sources=request.sources, request=request, **self.patch)
 
     @torch.inference_mode()
     def embed(self, items: list) -> dict[int, torch.Tensor]:

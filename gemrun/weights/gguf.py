@@ -72,6 +72,27 @@ class _Cursor:
         except UnicodeDecodeError:
             raise WeightsError(f"GGUF corrupt: {what} is not valid UTF-8") from None
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """An array of strings (a vocabulary, BPE merges: 262k and 500k of them), in one tight loop."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(count):
+                if pos + 8 > end:
+                    break
+                (n,) = length(buf, pos)
+                if n > MAX_ITEM or pos + 8 + n > end:
+                    break
+                out.append(str(buf[pos + 8:pos + 8 + n], "utf-8"))
+                pos += 8 + n
+        except UnicodeDecodeError:
+            raise WeightsError(f"GGUF corrupt: {what} is not valid UTF-8") from None
+        self.pos = pos
+        if len(out) < count:  # the same errors as one string at a time
+            self.string(what, MAX_ITEM)
+            raise WeightsError(f"GGUF corrupt: {what} ends early")
+        return out
+
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             v = self.scalar(_SCALARS[vtype], what)
@@ -89,8 +110,11 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=_NUMPY[etype], count=count, offset=self.pos).copy()
                 self.pos += count * size
                 return arr.astype(bool) if etype == 7 else arr
-            if etype in (STRING, ARRAY):
+            if etype == STRING:
                 self.need(count * 8, what)  # every element has at least an 8-byte length
+                return self.strings(count, what)
+            if etype == ARRAY:
+                self.need(count * 8, what)
                 return [self.value(etype, what, depth + 1) for _ in range(count)]
             raise WeightsError(f"GGUF corrupt: {what} has unknown array element type {etype}")
         raise WeightsError(f"GGUF corrupt: {what} has unknown value type {vtype}")

@@ -1,9 +1,11 @@
-"""Writing llama.cpp-layout GGUF files, shared by `gemrun convert`, the mmproj writer and random checkpoints:
-llama.cpp's tensor names, Gemma 3 hyperparameters under `gemma3.*`, the tokenizer as `tokenizer.ggml.*` arrays,
-and tensors encoded block by block (the `gguf` package's reference quantizers, ours for Q4_K)."""
+"""Writing llama.cpp-layout GGUF files, shared by `gemrun convert`, the mmproj writers and random checkpoints:
+llama.cpp's tensor names, the tokenizer as `tokenizer.ggml.*` arrays, tensors encoded block by block (the `gguf`
+package's reference quantizers, ours for Q4_K), and whole files written so that a failure leaves none behind
+(hyperparameters: `gguf_config.py`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +13,13 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from ..config import TextConfig
 from ..quant.q4k import quantize_q4_k
-from .names import GGUF_GLOBAL, GGUF_LAYER
+from .names import GGUF_LAYER_OF, GGUF_NAME_OF
 
 GGUF_QUANTS = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
                "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q4_k": Q.Q4_K}
 GGUF_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 14, "bf16": 32}
 IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
-GGUF_NAME_OF = {v: k for k, v in GGUF_GLOBAL.items()}
 
 
 def gguf_name(ours: str) -> str:
@@ -27,21 +27,7 @@ def gguf_name(ours: str) -> str:
     if ours in GGUF_NAME_OF:
         return GGUF_NAME_OF[ours]
     _, n, rest = ours.split(".", 2)
-    return f"blk.{n}.{ {v: k for k, v in GGUF_LAYER.items()}[rest.rsplit('.', 1)[0]]}.weight"
-
-
-def add_gemma3_metadata(w: GGUFWriter, cfg: TextConfig) -> None:
-    for key, value in (("context_length", cfg.max_position_embeddings), ("embedding_length", cfg.hidden_size),
-                       ("block_count", cfg.num_layers), ("feed_forward_length", cfg.intermediate_size),
-                       ("attention.head_count", cfg.num_heads), ("attention.head_count_kv", cfg.num_kv_heads),
-                       ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim),
-                       ("attention.sliding_window", cfg.sliding_window)):
-        w.add_uint32(f"gemma3.{key}", value)
-    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
-    w.add_float32("gemma3.rope.freq_base", cfg.rope_global.theta)
-    if cfg.rope_global.factor != 1.0:
-        w.add_string("gemma3.rope.scaling.type", "linear")
-        w.add_float32("gemma3.rope.scaling.factor", cfg.rope_global.factor)
+    return f"blk.{n}.{GGUF_LAYER_OF[rest.rsplit('.', 1)[0]]}.weight"
 
 
 def tokenizer_meta_from_dir(root: Path) -> dict:
@@ -101,6 +87,8 @@ def add_tokenizer_metadata(w: GGUFWriter, meta: dict) -> None:
     w.add_add_bos_token(bool(meta.get("tokenizer.ggml.add_bos_token", True)))
     w.add_add_eos_token(bool(meta.get("tokenizer.ggml.add_eos_token", False)))
     w.add_add_space_prefix(bool(meta.get("tokenizer.ggml.add_space_prefix", False)))  # Gemma: no "▁" prefix
+    if meta.get("tokenizer.ggml.merges"):
+        w.add_token_merges(list(meta["tokenizer.ggml.merges"]))
     if meta.get("tokenizer.chat_template"):
         w.add_chat_template(str(meta["tokenizer.chat_template"]))
 
@@ -164,3 +152,35 @@ def declare_tensor(w: GGUFWriter, name: str, shape: tuple[int, ...], q: Q) -> No
 def write_encoded(w: GGUFWriter, t: np.ndarray, q: Q) -> None:
     """The next declared tensor's data: float32 `t` encoded as type `q`."""
     w.write_tensor_data(np.ascontiguousarray(encode_gguf(t, q)).view(np.uint8).reshape(-1))
+
+
+def write_file(path: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
+               plan: list[tuple[str, tuple[int, ...], Q]], data: Callable[[int], np.ndarray],
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    """A whole GGUF: `add_metadata` writes the keys, then tensor i of `plan` (name, shape, type) gets `data(i)`,
+    float32 encoded as its type or uint8 raw blocks taken as they are. On any failure (a config no key carries,
+    a bad tensor, an interrupt) the partial file is removed."""
+    w = GGUFWriter(str(path), arch)
+    try:
+        add_metadata(w)
+        for name, shape, q in plan:
+            declare_tensor(w, name, shape, q)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, (_, _, q) in enumerate(plan):
+            t = data(i)
+            if t.dtype == np.uint8:
+                w.write_tensor_data(np.ascontiguousarray(t).reshape(-1))
+            else:
+                write_encoded(w, t, q)
+            if progress:
+                progress(i + 1, len(plan))
+        w.close()
+    except BaseException:
+        try:
+            w.close()
+        finally:
+            path.unlink(missing_ok=True)
+        raise
+    return path

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from .. import tokenizer as tok
-from ..config import Gemma4TextConfig, TextConfig, from_gguf_metadata, from_hf_config, gemma4_from_hf_config
+from ..config import Gemma4TextConfig, TextConfig, check_field, from_hf_config, gemma4_from_hf_config
 from ..errors import ConfigError, WeightsError
-from ..files import config_json, model_file
+from ..files import config_json, json_file
 from ..model.decoder import Decoder
 from ..model.gemma3 import Gemma3
 from ..model.gemma4 import Drafter, Gemma4, Gemma4Media, MediaConfig, media_from_hf_config
@@ -23,7 +23,9 @@ from ..processing.gemma4 import Gemma4Inputs
 from ..processing.image import Gemma3Images, ImageConfig
 from ..quant.hf import quantized_module, quantized_parts, read_scheme
 from ..tokenizer import Tokenizer
+from . import gemma4_gguf
 from .gguf import GGUFFile, check_tokenizer_metadata
+from .gguf_config import config_from_gguf
 from .names import gemma4_hf_to_gemrun, gguf_to_gemrun, hf_to_gemrun, hf_vision_to_gemrun, is_gemma_norm
 from .safetensors import SafetensorsCheckpoint
 
@@ -42,6 +44,8 @@ class Loaded:
     media: Gemma4Media | None = None  # Gemma 4 Unified: image/video and audio embedders
     tokenizer: Tokenizer | None = None
     inputs: object = None  # how media reach the model (prompt.MediaInput), None for text-only checkpoints
+    drafter: Drafter | None = None  # a Gemma 4 MTP drafter for speculative decoding (`load_drafter`)
+    packed: bool = False  # quantized matrices kept low-bit (a GGUF drafter is loaded the same way)
 
 
 def check_names(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[int, ...]]) -> None:
@@ -73,19 +77,42 @@ def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, 
         text = Gemma4(config) if isinstance(config, Gemma4TextConfig) else Gemma3(config)
         parts = nn.ModuleDict({"text": text} | ({"vision": Gemma3Vision(vision)} if vision else {})
                               | ({"media": Gemma4Media(media, config.hidden_size)} if media else {}))
-    check_names({n: tuple(p.shape) for n, p in parts.named_parameters()}, provided)
+    return _fill(parts, provided, tensors, dtype, device, progress, pack)
+
+
+def _fill(root: nn.Module, provided: dict[str, tuple[int, ...]], tensors: Iterator[tuple[str, Getter]],
+          dtype: torch.dtype, device: torch.device, progress: Progress | None = None, pack: Packer | None = None):
+    """A module built on `meta`, checked name by name and shape by shape, then filled tensor by tensor (float
+    tensors in `dtype`; buffers of integers, such as a token ordering, keep theirs)."""
+    check_names({n: tuple(p.shape) for n, p in [*root.named_parameters(), *root.named_buffers()]}, provided)
+    weights = {n for n, _ in root.named_parameters()}
     state = {}
     for i, (name, get) in enumerate(tensors):
         module = pack(name, get) if pack else None
         if module is not None:
-            _swap(parts, name.removesuffix(".weight"), module)
+            _swap(root, name.removesuffix(".weight"), module)
         else:
-            state[name] = get().to(device=device, dtype=dtype)
+            t = get()
+            if not t.is_floating_point() and name in weights:
+                raise WeightsError(f"tensor {name!r} holds integers ({t.dtype}) where weights belong")
+            state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         if progress:
             progress(i + 1, len(provided))
-    parts.load_state_dict(state, strict=pack is None, assign=True)
-    _check_loaded(parts)
-    return parts.to(device).eval().requires_grad_(False)
+        if i % 8 == 7:
+            _trim()
+    root.load_state_dict(state, strict=pack is None, assign=True)
+    _check_loaded(root)
+    _trim()
+    return root.to(device).eval().requires_grad_(False)
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS: converting tensor after tensor leaves glibc holding the freed
+    temporaries (a 12B's Q4_0 packing: 2 GB of resident memory beside 7.4 GB of weights)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def quantizer(kind: str) -> Packer:
@@ -130,12 +157,12 @@ def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
         if info.qtype.name in ("F32", "F16", "BF16"):
             return None
         raw = g.raw(info.name)
-        if ours == "text.embed_tokens.weight":
+        if ours.endswith("embed_tokens.weight"):
             step = 8192  # dequantize in slices: the float table is never whole in memory
             n, k = info.shape
             module = Int8Embedding.from_parts(n, k, (int8_module(raw[r:r + step], info.qtype, (min(step, n - r), k))
                                                      for r in range(0, n, step)))
-        elif len(info.shape) == 2 and ours.endswith("proj.weight"):
+        elif len(info.shape) == 2 and ours.endswith(("proj.weight", "_projection.weight")):
             module = pack_gguf(raw, info.qtype, info.shape)
         else:
             return None
@@ -149,16 +176,19 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
               packed: bool = False) -> Loaded:
     g = GGUFFile(path)
     check_tokenizer_metadata(g.metadata)
-    config = from_gguf_metadata(g.metadata)
-    names = {}
-    for name in g.tensors:
-        ours = gguf_to_gemrun(name)
-        if ours is None:
-            raise WeightsError(f"GGUF tensor {name!r} is not part of a Gemma 3 text model")
-        names["text." + ours] = name
-    if "text.embed_tokens.weight" not in names:
-        raise WeightsError("GGUF has no token_embd.weight")
-    config = config.replace(vocab_size=g.tensors[names["text.embed_tokens.weight"]].shape[0])
+    gemma4 = gemma4_gguf.is_gemma4(g.metadata)
+    if gemma4:
+        config, names = gemma4_gguf.text_layout(g)
+    else:
+        config, names = config_from_gguf(g.metadata), {}
+        for name in g.tensors:
+            ours = gguf_to_gemrun(name)
+            if ours is None:
+                raise WeightsError(f"GGUF tensor {name!r} is not part of a Gemma 3 text model")
+            names["text." + ours] = name
+        if "text.embed_tokens.weight" not in names:
+            raise WeightsError("GGUF has no token_embd.weight")
+        config = config.replace(vocab_size=g.tensors[names["text.embed_tokens.weight"]].shape[0])
 
     pack = None
     if packed and any(t.qtype.name not in ("F32", "F16", "BF16") for t in g.tensors.values()):
@@ -170,13 +200,28 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
         def get() -> torch.Tensor:
             t = torch.from_numpy(g.load(name))
             g.release(name)
-            return t - 1 if is_gemma_norm(name) else t  # llama.cpp stores Gemma norms as 1 + w
+            # llama.cpp stores Gemma 3 norms as 1 + w; Gemma 4's (w) as they are
+            return t - 1 if is_gemma_norm(name) and not gemma4 else t
         return get
 
     provided = {ours: g.tensors[name].shape for ours, name in names.items()}
     tensors = ((ours, getter(name)) for ours, name in names.items())
     parts = _build(config, None, provided, tensors, dtype, device, progress, pack)
-    return Loaded(parts["text"], config, path, "gguf", gguf=g)
+    return Loaded(parts["text"], config, path, "gguf", gguf=g, packed=pack is not None)
+
+
+def load_gemma4_mmproj(path: Path, text: Gemma4TextConfig, dtype: torch.dtype, device: torch.device) -> Gemma4Media:
+    """The image and audio embedders of a Gemma 4 Unified mmproj GGUF (clip: gemma4uv + gemma4ua)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"mmproj file {path} does not exist")
+    layout = gemma4_gguf.mmproj_layout(GGUFFile(path), text)
+    with torch.device("meta"):
+        media = Gemma4Media(layout.config, text.hidden_size)
+    tensors = ((ours, lambda ours=ours: layout.read(ours)) for ours in layout.names)
+    media = _fill(media, layout.shapes, tensors, dtype, device)
+    layout.g.close()
+    return media
 
 
 def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
@@ -185,7 +230,7 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
     CPU unless `packed` is False (then, like fp8, dequantized on load)."""
     raw = config_json(root)
     cfg_path = root / "config.json"
-    config = from_hf_config(raw)
+    config = from_hf_config(raw).replace(suppress_token_ids=suppress_tokens(root))
     gemma4 = isinstance(config, Gemma4TextConfig)
     vision = None if gemma4 else vision_from_hf_config(raw)
     try:
@@ -241,37 +286,79 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
                   media=parts["media"] if media else None)
 
 
+def suppress_tokens(root: Path) -> tuple[int, ...]:
+    """`suppress_tokens` of a directory's generation_config.json (ids never to be sampled)."""
+    ids = (json_file(root, "generation_config.json") or {}).get("suppress_tokens")
+    if ids is None:
+        return ()
+    if not isinstance(ids, list) or len(ids) > 1024:
+        raise ConfigError("generation_config.json suppress_tokens must be a list of at most 1024 token ids")
+    return tuple(check_field("eos_token_id", i, "generation_config.json suppress_tokens") for i in ids)
+
+
 def load_drafter(path: str | Path, dtype: torch.dtype, device: torch.device,
-                 target: TextConfig | None = None) -> Drafter:
-    """A Gemma 4 MTP assistant (`gemma4_unified_assistant`) HF directory, strict as the main loader; with `target`,
+                 target: TextConfig | None = None, packed: bool = False) -> Drafter:
+    """A Gemma 4 MTP assistant: an HF directory (`gemma4_unified_assistant`) or a GGUF (`gemma4-assistant`,
+    `gemma4-mtp`; quantized matrices `packed` low-bit on the CPU), strict as the main loader; with `target`,
     checked to fit that model (a Gemma 4 of the width it was made for)."""
     if target is not None and not isinstance(target, Gemma4TextConfig):
         raise ConfigError("a drafter goes with a Gemma 4 model")
     root = Path(path).expanduser()
-    try:
-        path = model_file(root, "config.json")
-        raw = json.loads(path.read_text()) if path else None
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read {root / 'config.json'}: {e}") from None
-    if not isinstance(raw, dict) or not str(raw.get("model_type", "")).endswith("_assistant"):
-        raise WeightsError(f"{root} is not a Gemma 4 assistant (drafter) checkpoint")
-    text = dict(raw.get("text_config") or {}, num_kv_shared_layers=0)  # every layer reads the target's K/V
-    config = gemma4_from_hf_config(text)
-    if raw.get("use_ordered_embeddings"):
-        raise WeightsError("drafters with ordered (centroid) embeddings are not supported")
-    ckpt = SafetensorsCheckpoint(root)
-    names = {n.removeprefix("model."): n for n in ckpt.shapes if not n.startswith("lm_head.")}
-    with torch.device("meta"):
-        drafter = Drafter(config, int(raw.get("backbone_hidden_size", 3840)))
-    check_names({n: tuple(p.shape) for n, p in drafter.named_parameters()},
-                {ours: ckpt.shapes[n] for ours, n in names.items()})
-    state = {ours: t.to(device=device, dtype=dtype) for ours, (_, t) in zip(names, ckpt.tensors(list(names.values())))}
-    drafter.load_state_dict(state, strict=True, assign=True)
-    _check_loaded(drafter)
+    if root.is_file():
+        drafter = _drafter_gguf(root, dtype, device, packed and device.type == "cpu")
+    else:
+        drafter = _drafter_hf(root, dtype, device)
     if target is not None and drafter.pre_projection.in_features != 2 * target.hidden_size:
         raise ConfigError(f"the drafter was made for a {drafter.pre_projection.in_features // 2}-wide model, "
                           f"this one is {target.hidden_size}")
-    return drafter.to(device).eval().requires_grad_(False)
+    if target is not None and drafter.config.vocab_size != target.vocab_size:
+        raise ConfigError(f"the drafter has a vocabulary of {drafter.config.vocab_size}, the model "
+                          f"{target.vocab_size}")
+    return drafter
+
+
+def _drafter_hf(root: Path, dtype: torch.dtype, device: torch.device) -> Drafter:
+    raw = json_file(root, "config.json") if root.is_dir() else None
+    if raw is None or not str(raw.get("model_type", "")).endswith("_assistant"):
+        raise WeightsError(f"{root} is not a Gemma 4 assistant (drafter) checkpoint")
+    text = dict(raw.get("text_config") or {}, num_kv_shared_layers=0)  # every layer reads the target's K/V
+    config = gemma4_from_hf_config(text)
+    centroids = None
+    if raw.get("use_ordered_embeddings"):
+        count = check_field("num_kv_heads", raw.get("num_centroids", 2048), "config.json num_centroids")
+        top = check_field("num_kv_heads", raw.get("centroid_intermediate_top_k", 32),
+                          "config.json centroid_intermediate_top_k")
+        if config.vocab_size % count or top > count:
+            raise ConfigError(f"{count} centroids (top {top}) do not divide the vocabulary of {config.vocab_size}")
+        centroids = (count, top)
+    ckpt = SafetensorsCheckpoint(root)
+    names = {n.removeprefix("model."): n for n in ckpt.shapes if not n.startswith("lm_head.")}
+    with torch.device("meta"):
+        drafter = Drafter(config, check_field("hidden_size", raw.get("backbone_hidden_size", 3840),
+                                              "config.json backbone_hidden_size"), centroids)
+    tensors = ((ours, lambda n=n: next(ckpt.tensors([n]))[1]) for ours, n in names.items())
+    return _fill(drafter, {ours: ckpt.shapes[n] for ours, n in names.items()}, tensors, dtype, device)
+
+
+def _drafter_gguf(path: Path, dtype: torch.dtype, device: torch.device, packed: bool) -> Drafter:
+    g = GGUFFile(path)
+    layout = gemma4_gguf.drafter_layout(g)
+    with torch.device("meta"):
+        drafter = Drafter(layout.config, layout.backbone, layout.centroids)
+    order = "masked_embedding.token_ordering"
+
+    def get(ours: str) -> torch.Tensor:
+        name = layout.names[ours]
+        if ours == order:
+            return gemma4_gguf.token_ordering(g, name, layout.config.vocab_size)
+        t = torch.from_numpy(g.load(name))
+        g.release(name)
+        return t
+
+    pack = gguf_packer(g, layout.names) if packed else None
+    provided = {ours: g.tensors[n].shape for ours, n in layout.names.items()}
+    tensors = ((ours, lambda ours=ours: get(ours)) for ours in layout.names)
+    return _fill(drafter, provided, tensors, dtype, device, pack=pack)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
@@ -289,7 +376,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
         if quantize:
             raise WeightsError("--quantize is for float HF checkpoints; a GGUF keeps its own quantization")
         loaded = load_gguf(p, dtype, device, progress, packed)
-        if mmproj is not None:
+        if mmproj is not None and isinstance(loaded.config, Gemma4TextConfig):
+            loaded.media = load_gemma4_mmproj(Path(mmproj).expanduser(), loaded.config, dtype, device)
+        elif mmproj is not None:
             from .mmproj import load_mmproj
 
             loaded.vision = load_mmproj(Path(mmproj).expanduser(), loaded.config, dtype, device)
@@ -300,8 +389,16 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
 def attach_tokenizer(loaded: Loaded, pan_and_scan: bool = False) -> Loaded:
     """Give loaded weights their tokenizer (the GGUF's metadata or the directory's files) and, for multimodal
     checkpoints, the media input that feeds them (`pan_and_scan`: Gemma 3's default for large images)."""
-    if loaded.gguf is not None:
+    if loaded.gguf is not None and gemma4_gguf.is_gemma4(loaded.gguf.metadata):
+        loaded.tokenizer = gemma4_gguf.tokenizer(loaded.gguf.metadata)
+        if loaded.media is not None:  # an mmproj names no token ids: they are the tokenizer's
+            ids = gemma4_gguf.media_token_ids(loaded.tokenizer)
+            loaded.media.config = dataclasses.replace(loaded.media.config, **ids)
+    elif loaded.gguf is not None:
         loaded.tokenizer = tok.from_gguf_metadata(loaded.gguf.metadata, image_token=loaded.vision is not None)
+    if loaded.gguf is not None:  # the tokenizer holds them now: ~800k Python strings for a Gemma 4 vocabulary
+        for key in ("tokens", "scores", "token_type", "merges"):
+            loaded.gguf.metadata.pop(f"tokenizer.ggml.{key}", None)
         if loaded.vision is not None:  # an mmproj file names no token ids: they are the tokenizer's
             ids = {f: loaded.tokenizer.token_to_id(t) for f, t in (("boi_token_id", "<start_of_image>"),
                                                                    ("eoi_token_id", "<end_of_image>"),

@@ -18,7 +18,8 @@ from ..model.gemma3 import Gemma3
 from ..model.gemma4 import Gemma4, Gemma4Media, MediaConfig
 from ..model.vision import VISION_PRESETS, Gemma3Vision, VisionConfig
 from .embedded import default_model_path
-from .gguf_write import GGUF_QUANTS, add_gemma3_metadata, add_tokenizer_metadata, declare_tensor, gguf_name
+from .gguf_config import write_gemma3
+from .gguf_write import GGUF_QUANTS, add_tokenizer_metadata, declare_tensor, gguf_name
 from .safetensors import ShardWriter
 
 Progress = Callable[[int, int], None]
@@ -97,29 +98,37 @@ def gemma4_stand_in_metadata(template: str | None = None) -> dict:
     return meta
 
 
-def gemma4_config_dict(cfg: Gemma4TextConfig, media: MediaConfig) -> dict:
-    """config.json of a Gemma4UnifiedForConditionalGeneration (official key names)."""
+def gemma4_config_dict(cfg: Gemma4TextConfig, media: MediaConfig | None) -> dict:
+    """config.json of a Gemma4UnifiedForConditionalGeneration (official key names); without `media` a text-only
+    one."""
     text = {"model_type": "gemma4_unified_text", "hidden_size": cfg.hidden_size,
             "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
             "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
             "head_dim": cfg.head_dim, "global_head_dim": cfg.global_head_dim,
             "num_global_key_value_heads": cfg.num_global_kv_heads, "attention_k_eq_v": cfg.attention_k_eq_v,
+            "num_kv_shared_layers": cfg.num_kv_shared_layers, "use_double_wide_mlp": cfg.double_wide_mlp,
             "sliding_window": cfg.sliding_window, "max_position_embeddings": cfg.max_position_embeddings,
             "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.rms_norm_eps, "layer_types": list(cfg.layer_kinds),
             "final_logit_softcapping": cfg.final_logit_softcapping, "use_bidirectional_attention": "vision",
             "rope_parameters": {"full_attention": {"rope_type": "proportional", "rope_theta": cfg.rope_global.theta,
                                                    "partial_rotary_factor": cfg.rope_global.partial},
                                 "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local.theta}}}
-    return {"architectures": ["Gemma4UnifiedForConditionalGeneration"], "model_type": "gemma4_unified",
-            "text_config": text, "eos_token_id": [1, 106],
-            "vision_config": {"model_type": "gemma4_unified_vision", "patch_size": media.patch_size,
-                              "pooling_kernel_size": media.pooling_kernel_size, "mm_embed_dim": media.mm_embed_dim,
-                              "output_proj_dims": media.mm_embed_dim, "mm_posemb_size": media.mm_posemb_size},
-            "audio_config": {"model_type": "gemma4_unified_audio", "audio_embed_dim": media.audio_embed_dim},
-            "boi_token_id": media.boi_token_id, "eoi_token_id": media.eoi_token_id,
-            "image_token_id": media.image_token_id, "video_token_id": media.video_token_id,
-            "boa_token_id": media.boa_token_id, "eoa_token_index": media.eoa_token_id,
-            "audio_token_id": media.audio_token_id}
+    out = {"architectures": ["Gemma4UnifiedForConditionalGeneration"], "model_type": "gemma4_unified",
+           "text_config": text, "eos_token_id": [1, 106]}
+    if media is None:
+        return out
+    if media.vision:
+        out["vision_config"] = {"model_type": "gemma4_unified_vision", "patch_size": media.patch_size,
+                                "pooling_kernel_size": media.pooling_kernel_size, "mm_embed_dim": media.mm_embed_dim,
+                                "output_proj_dims": media.mm_embed_dim, "mm_posemb_size": media.mm_posemb_size,
+                                "rms_norm_eps": media.vision_eps}
+    if media.audio_embed_dim is not None:
+        out["audio_config"] = {"model_type": "gemma4_unified_audio", "audio_embed_dim": media.audio_embed_dim,
+                               "rms_norm_eps": media.audio_eps}
+    return out | {"boi_token_id": media.boi_token_id, "eoi_token_id": media.eoi_token_id,
+                  "image_token_id": media.image_token_id, "video_token_id": media.video_token_id,
+                  "boa_token_id": media.boa_token_id, "eoa_token_index": media.eoa_token_id,
+                  "audio_token_id": media.audio_token_id}
 
 
 def write_random_hf(preset_name: str, out: Path, vision: bool = False, dtype: str = "bf16", seed: int = 0,
@@ -167,18 +176,29 @@ def _random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, ...], rng: np.
 
 
 def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_quant: str = "q8_0", seed: int = 0,
-                      progress: Progress | None = None) -> Path:
+                      progress: Progress | None = None, mmproj: Path | None = None,
+                      draft: Path | None = None) -> dict[str, Path]:
     """A llama.cpp-layout Gemma 3 GGUF of random weights: matrices in `quant`, the embedding in `embed_quant`,
-    norms F32 (stored as 1 + w), tokenizer metadata of the embedded model."""
+    norms F32 (stored as 1 + w), tokenizer metadata of the embedded model. A Gemma 4 preset writes the set
+    (`write_random_gemma4_gguf`), the mmproj and drafter by default beside OUT as mmproj-OUT and
+    OUT-assistant.gguf. Returns the companion files written, by kind."""
     from .gguf import GGUFFile
 
     if quant not in GGUF_TYPES or embed_quant not in GGUF_TYPES:
         raise ConfigError(f"quant types must be among {sorted(GGUF_TYPES)}")
+    if isinstance(preset(preset_name), Gemma4TextConfig):
+        files = {"mmproj": mmproj or out.with_name(f"mmproj-{out.name}"),
+                 "draft": draft or out.with_name(f"{out.stem}-assistant.gguf")}
+        write_random_gemma4_gguf(preset_name, out, quant, embed_quant, seed, files["mmproj"], files["draft"],
+                                 progress)
+        return files
+    if mmproj is not None or draft is not None:
+        raise ConfigError(f"{preset_name}: --mmproj and --draft are for Gemma 4 presets (random mmproj and drafter)")
     meta = GGUFFile(default_model_path()).metadata
     # llama.cpp's files (and loader) size the embedding to the tokenizer: 262144 rows, not HF's 262208
     cfg = preset(preset_name).replace(vocab_size=len(meta["tokenizer.ggml.tokens"]))
     w = GGUFWriter(str(out), "gemma3")
-    add_gemma3_metadata(w, cfg)
+    write_gemma3(w, cfg)
     add_tokenizer_metadata(w, {k: v for k, v in meta.items() if k.startswith("tokenizer.ggml.")})
     tensors = _shapes(lambda: Gemma3(cfg))
     plan = []
@@ -206,7 +226,7 @@ def write_random_gguf(preset_name: str, out: Path, quant: str = "q4_0", embed_qu
         if progress:
             progress(i + 1, len(plan))
     w.close()
-    return out
+    return {}
 
 
 def _write_random_gemma4(cfg: Gemma4TextConfig, out: Path, dtype: str, seed: int, shard_bytes: int,
@@ -231,3 +251,68 @@ def _write_random_gemma4(cfg: Gemma4TextConfig, out: Path, dtype: str, seed: int
     (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>",
                                                            "pad_token": "<pad>", "add_bos_token": False}))
     return out
+
+
+# google/gemma-4-12B-it-assistant (facts sheet section 6): 4 layers (S, S, S, F) 1024 wide over the 3840-wide target
+ASSISTANTS = {"gemma-4-12b": (Gemma4TextConfig(name="gemma-4-12b-assistant", hidden_size=1024, intermediate_size=8192,
+                                               num_layers=4, num_heads=16, num_kv_heads=8, head_dim=256,
+                                               global_head_dim=512, num_global_kv_heads=1, attention_k_eq_v=True),
+                              3840)}
+
+
+def small_gemma4(hidden: int = 256) -> tuple[Gemma4TextConfig, tuple[Gemma4TextConfig, int]]:
+    """A small Gemma 4 (6 layers, `hidden` wide) and a 2-layer drafter for it, the 12B's geometry scaled down: a
+    random set of these runs in seconds (tests, a quick check of the benchmark scripts)."""
+    head = hidden // 4
+    common = dict(num_heads=4, num_kv_heads=2, head_dim=head, global_head_dim=2 * head, num_global_kv_heads=1,
+                  attention_k_eq_v=True, sliding_window=128)
+    text = Gemma4TextConfig(name="small", hidden_size=hidden, intermediate_size=4 * hidden, num_layers=6,
+                            final_logit_softcapping=30.0, **common)
+    drafter = Gemma4TextConfig(name="small-assistant", hidden_size=hidden // 2, intermediate_size=2 * hidden,
+                               num_layers=2, **common)
+    return text, (drafter, hidden)
+
+
+def _gemma4_values(rng: np.random.Generator, gen: torch.Generator) -> Callable:
+    """data(name, shape, type) for the Gemma 4 writers: random blocks for Q4_0 / Q8_0, else floats (Gemma 4
+    norms and LayerNorm scales 1, layer scalars 1, biases 0, the rest N(0, 0.02))."""
+    def data(name: str, shape: tuple[int, ...], q: GGMLQuantizationType) -> np.ndarray:
+        if q in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0):
+            return _random_blocks(q, shape, rng)
+        if name.endswith(("norm.weight", "layer_scalar", "ln1.weight", "ln2.weight")):
+            return np.ones(shape, dtype=np.float32)
+        return _values(name, shape, gen).numpy()
+    return data
+
+
+def write_random_gemma4_gguf(preset_name: str | Gemma4TextConfig, out: Path, quant: str = "q4_0",
+                             embed_quant: str = "q8_0", seed: int = 0, mmproj: Path | None = None,
+                             draft: Path | None = None, progress: Progress | None = None,
+                             assistant: tuple[Gemma4TextConfig, int] | None = None) -> list[Path]:
+    """A full-shape Gemma 4 GGUF set of random weights in llama.cpp's layout: the text model, and with `mmproj` /
+    `draft` paths the image + audio projectors (f16) and the MTP drafter (in `quant`; `assistant` = its config and
+    target width, else the preset's); the tokenizer is the stand-in (the embedded 270M vocabulary with Gemma 4's
+    control tokens at their ids, as `gemma4` BPE). A config instead of a preset name makes small test sets."""
+    from ..model.gemma4 import Drafter
+    from ..tokenizer import from_gguf_metadata
+    from .gemma4_write import tokenizer_meta_of, write_drafter_file, write_media, write_text
+
+    if quant not in GGUF_TYPES or embed_quant not in GGUF_TYPES:
+        raise ConfigError(f"quant types must be among {sorted(GGUF_TYPES)}")
+    cfg = preset(preset_name) if isinstance(preset_name, str) else preset_name
+    tok_meta = tokenizer_meta_of(from_gguf_metadata(gemma4_stand_in_metadata()))
+    cfg = cfg.replace(vocab_size=len(tok_meta["tokenizer.ggml.tokens"]), suppress_token_ids=(258_883, 258_882))
+    data = _gemma4_values(np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+    written = [write_text(out, cfg, dict(_shapes(lambda: Gemma4(cfg))), data, tok_meta, quant, embed_quant, progress)]
+    if mmproj is not None:
+        media = MediaConfig(mm_embed_dim=cfg.hidden_size)
+        shapes = dict(_shapes(lambda: Gemma4Media(media, cfg.hidden_size)))
+        written.append(write_media(mmproj, media, cfg.hidden_size, shapes, data, "f16"))
+    if draft is not None:
+        if assistant is None and preset_name not in ASSISTANTS:
+            raise ConfigError(f"no drafter is known for {preset_name}")
+        dcfg, backbone = assistant or ASSISTANTS[preset_name]
+        dcfg = dcfg.replace(vocab_size=cfg.vocab_size, suppress_token_ids=cfg.suppress_token_ids)
+        shapes = dict(_shapes(lambda: Drafter(dcfg, backbone)))
+        written.append(write_drafter_file(draft, dcfg, backbone, None, shapes, data, tok_meta, quant, embed_quant))
+    return written

@@ -16,7 +16,8 @@ from ..files import model_file
 if TYPE_CHECKING:  # torch itself is imported only where tensors are (metadata readers stay light)
     import torch
 
-ALLOWED_DTYPES = {"F32", "F16", "BF16", "U8", "F8_E4M3"}  # U8 and F8_E4M3: quantized directories
+ALLOWED_DTYPES = {"F32", "F16", "BF16", "U8", "F8_E4M3", "I32", "I64"}  # U8, F8_E4M3: quantized directories;
+# I32 / I64: integer buffers (a drafter's token ordering)
 INDEX = "model.safetensors.index.json"
 
 
