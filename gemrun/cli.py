@@ -445,7 +445,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
            "packed": type(w.layers[0].mlp.up_proj).__name__ != "Linear", "threads": torch.get_num_threads(),
-           "load_s": round(load_s, 2), "kv_cache": m.model.kv_type, "depth": depth, "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
+           "load_s": round(load_s, 2), "kv_cache": m.model.kv_type, "depth": depth, "prompt_tokens": len(ids),
+           "gen_tokens": gen_tokens,
            "prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
            "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
            "ttft_s": round(statistics.median(r[2] for r in runs), 3),

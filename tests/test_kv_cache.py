@@ -22,7 +22,12 @@ def real_text() -> str:
     """English prose: the GPL's text where the system has it, else the standard library's module docs."""
     if LICENSE.exists():
         return LICENSE.read_text()
-    import argparse, asyncio, collections, json as j, logging, typing  # noqa: E401
+    import argparse  # noqa: E401
+    import asyncio
+    import collections
+    import json as j
+    import logging
+    import typing
 
     return "\n\n".join(inspect.getdoc(m) or "" for m in (argparse, asyncio, collections, j, logging, typing))
 

@@ -27,8 +27,7 @@ from ..config import Gemma4TextConfig, check_field
 from ..errors import ConfigError, WeightsError
 from ..model.gemma4 import MediaConfig
 from .gguf import GGUFFile
-from .gguf_config import (DRAFTER_ARCHS, Meta, drafter_config, gemma4_config, keys_are_values,
-                          partial_from_rope_freqs)
+from .gguf_config import DRAFTER_ARCHS, Meta, drafter_config, gemma4_config, keys_are_values, partial_from_rope_freqs
 from .names import GEMMA4_MMPROJ, ROPE_FREQS, drafter_gguf_to_gemrun, gemma4_gguf_to_gemrun
 
 # Tokens llama.cpp's converter types USER_DEFINED so that its detokenizer prints them; for gemrun they are
