@@ -107,12 +107,20 @@ class Model(Runtime):
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
          max_context: int | None = None, progress: Progress | None = None, mmproj: str | Path | None = None,
-         pan_and_scan: bool = False, packed: bool | None = None, quantize: str | None = None) -> Model:
+         pan_and_scan: bool = False, packed: bool | None = None, quantize: str | None = None,
+         tp: int | None = None) -> Model:
     """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M. A GGUF's
     vision encoder comes from a separate llama.cpp-style `mmproj` GGUF. Pan & Scan is off by default, as in
     the reference preprocessor. `packed` keeps a GGUF's quantized matrices low-bit for the CPU kernels.
     `quantize` ("q4" | "q8") quantizes a float HF checkpoint at load, tensor by tensor. On the CPU, dtype "auto"
     means float32 activations over packed weights where gemrun's native kernels run (near-exact and fast),
-    "float32" alone the dense dequantized weights (exact), "bfloat16" packed weights with bf16 activations."""
-    loaded = open_checkpoint(path, device, dtype, progress, mmproj, pan_and_scan, packed, quantize)
+    "float32" alone the dense dequantized weights (exact), "bfloat16" packed weights with bf16 activations.
+    `tp` > 1 splits the model over that many processes (tensor parallelism, `gemrun.distributed`): this one
+    leads, the others are spawned, or were started by torchrun (whose other ranks follow inside this call)."""
+    from .distributed import open_parallel, wanted
+
+    if wanted(tp):
+        loaded = open_parallel(tp, path, device, dtype, progress, mmproj, pan_and_scan, packed, quantize)
+    else:
+        loaded = open_checkpoint(path, device, dtype, progress, mmproj, pan_and_scan, packed, quantize)
     return Model(loaded, loaded.tokenizer, max_context)

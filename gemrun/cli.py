@@ -62,11 +62,13 @@ PackedOpt = Annotated[bool | None, typer.Option("--packed/--dense", help="keep a
                                                 "(default: see --dtype)")]
 QuantOpt = Annotated[str | None, typer.Option("--quantize", help="q4 | q8 | none: quantize a float HF checkpoint "
                                               "at load")]
+TpOpt = Annotated[int | None, typer.Option("--tp", help="tensor parallelism over N processes (one per GPU, or "
+                                           "sharing the CPU threads): spawned here, or started by torchrun")]
 
 
 def _load(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False,
           mmproj: str | None = None, pan_and_scan: bool = False, quantize: str | None = None,
-          packed: bool | None = None) -> Model:
+          packed: bool | None = None, tp: int | None = None) -> Model:
     _torch()
     from .api import load
 
@@ -74,9 +76,17 @@ def _load(model: str | None, device: str, dtype: str, max_context: int | None = 
                   transient=True, disable=quiet) as bar:
         task = bar.add_task("load", total=None)
         m = load(model, device=device, dtype=dtype, max_context=max_context, mmproj=mmproj,
-                 pan_and_scan=pan_and_scan, quantize=quantize, packed=packed,
+                 pan_and_scan=pan_and_scan, quantize=quantize, packed=packed, tp=tp,
                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     return m
+
+
+def _tp(tp: int | None, draft: str | None) -> int | None:
+    if tp is not None and tp < 1:
+        raise GemrunError(f"--tp must be >= 1, got {tp}")
+    if draft and (tp or 1) > 1:
+        raise GemrunError("--draft (speculative decoding) does not run with --tp yet")
+    return tp
 
 
 DraftOpt = Annotated[str | None, typer.Option("--draft", help="Gemma 4 MTP drafter (assistant) directory: "
@@ -149,11 +159,11 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
              frequency_penalty: Freq = 0.0, seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto",
              dtype: DtypeOpt = "auto", max_context: MaxCtx = None,
              quantize: QuantOpt = None, packed: PackedOpt = None, draft: DraftOpt = None,
-             draft_tokens: DraftTokens = 4) -> None:
+             draft_tokens: DraftTokens = 4, tp: TpOpt = None) -> None:
     """Continue PROMPT as raw text and stream the continuation only."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
-    m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed)
+    m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed, tp=_tp(tp, draft))
     _drafter(m, draft, draft_tokens)
     _clamp(params, m)
     _emit(m.generate(prompt, params, stream=True))
@@ -186,7 +196,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
                                                     "thoughts are shown dimmed, apart from the answer")] = None,
          image_tokens: Annotated[int | None, typer.Option("--image-tokens", help="Gemma 4 soft tokens per image: "
                                                           "70, 140, 280 (default), 560, 1120 (OCR)")] = None,
-         draft: DraftOpt = None, draft_tokens: DraftTokens = 4) -> None:
+         draft: DraftOpt = None, draft_tokens: DraftTokens = 4, tp: TpOpt = None) -> None:
     """Chat through the model's template. Interactive (like `ollama run`): /help lists the commands (/system,
     /image, /reset, /save FILE, /load FILE, /bye); end a line with \\ to continue it; Ctrl-C stops a reply."""
     from .repl import Conversation, Repl
@@ -194,7 +204,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
     m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize,
-              packed=packed)
+              packed=packed, tp=_tp(tp, draft))
     _drafter(m, draft, draft_tokens)
     _clamp(params, m)
     kinds = m.prompts().media_kinds
@@ -248,7 +258,7 @@ def serve(model: ModelOpt = None,
           mmproj: Annotated[str | None, typer.Option(help="llama.cpp vision projector GGUF")] = None,
           quantize: QuantOpt = None,
           log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
-          draft: DraftOpt = None, draft_tokens: DraftTokens = 4) -> None:
+          draft: DraftOpt = None, draft_tokens: DraftTokens = 4, tp: TpOpt = None) -> None:
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs, batching concurrent requests."""
     import logging
 
@@ -281,21 +291,34 @@ def serve(model: ModelOpt = None,
                         draft_tokens=draft_tokens)
     if max_tokens < 1:
         raise GemrunError(f"--max-tokens-default must be >= 1, got {max_tokens}")
-    listener = _listen(host, port)  # a port in use fails here, before anything is loaded or announced
+    from .distributed import is_follower
+
+    tp = _tp(tp, draft)
+    follower = is_follower()  # torchrun's ranks but 0 serve nothing: they load their part and follow rank 0
+    listener = None if follower else _listen(host, port)  # a port in use fails here, before anything is loaded
     torch = _torch()
     serve_dtype = dtype if dtype != "auto" else "bfloat16"
     if dtype == "auto" and device != "cpu" and torch.cuda.is_available():
         serve_dtype = "auto"
+    lost: list[str] = []
 
     def loader():
         from .api import load
 
-        return load(model, device=device, dtype=serve_dtype, max_context=max_context, mmproj=mmproj,
-                    quantize=quantize)
+        m = load(model, device=device, dtype=serve_dtype, max_context=max_context, mmproj=mmproj,
+                 quantize=quantize, tp=tp)
+        if hasattr(m.model, "on_lost"):  # a rank died: requests get 503, and the server exits non-zero
+            m.model.on_lost = lambda reason: (lost.append(reason), setattr(server, "should_exit", True))
+        return m
 
+    if follower:
+        loader()  # returns only on rank 0
     app_ = create_app(loader, settings)
     err.print(f"[dim]gemrun serving on http://{host}:{port} (OpenAI: /v1, Ollama: /api)[/dim]")
-    Server(server_config(app_, settings, log_level)).run(sockets=[listener])
+    server = Server(server_config(app_, settings, log_level))
+    server.run(sockets=[listener])
+    if lost:
+        raise GemrunError(f"tensor parallelism failed: {lost[0]}")
 
 
 def _listen(host: str, port: int):
@@ -390,7 +413,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
           repeat: Annotated[int, typer.Option(help="runs; medians are reported")] = 3,
           threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores)")] = None,
           device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-          packed: PackedOpt = None, quantize: QuantOpt = None) -> None:
+          packed: PackedOpt = None, quantize: QuantOpt = None, tp: TpOpt = None) -> None:
     """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
     first token, and peak RSS, as JSON on stdout (medians over REPEAT runs)."""
     import statistics
@@ -403,7 +426,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     if threads is not None:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize)
+    m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize, tp=_tp(tp, None))
     load_s = time.perf_counter() - t0
     if prompt_tokens + gen_tokens >= m.max_context:
         raise GemrunError(f"prompt {prompt_tokens} + {gen_tokens} tokens exceed the context of {m.max_context}")
@@ -423,6 +446,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
            "packed": type(w.layers[0].mlp.up_proj).__name__ != "Linear", "threads": torch.get_num_threads(),
+           "tp": getattr(w, "world", 1),
            "load_s": round(load_s, 2), "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
            "prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
            "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
@@ -546,7 +570,9 @@ def main() -> None:
     try:
         app()
     except GemrunError as e:
-        err.print(f"[red]error:[/red] {e}")
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(e))}")  # messages may quote brackets (paths, collectives' errors)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -177,8 +177,8 @@ def test_decoded_pixels_are_bounded_per_prompt():
     from PIL import Image
 
     from gemrun.errors import InputError
-    from gemrun.processing.source import MAX_REQUEST_PIXELS, MediaRequest
     from gemrun.processing.image import load_image
+    from gemrun.processing.source import MAX_REQUEST_PIXELS, MediaRequest
 
     buf = io.BytesIO()
     Image.new("RGB", (7000, 7000), (10, 200, 30)).save(buf, format="WEBP", lossless=True)
