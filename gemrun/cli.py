@@ -453,6 +453,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
            "ttft_s": round(statistics.median(r[2] for r in runs), 3),
            "weights_bytes": sum(t.nbytes for t in [*w.parameters(), *w.buffers()]),
            "peak_rss_gib": round(_hwm_bytes() / 2**30, 3)}
+    if w.device.type == "cuda":
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(w.device) / 2**30, 3)
     print(json.dumps(out))
 
 

@@ -47,6 +47,8 @@ from .weights.load import Loaded, Progress
 
 log = logging.getLogger("gemrun.distributed")
 IDLE = datetime.timedelta(days=3650)  # followers wait for rank 0's next step as long as a server idles
+STEP = datetime.timedelta(seconds=300)  # a collective inside one step waits this long for a rank (NCCL: a dead
+# peer shows only as a stalled collective; past this, the process group gives up and the model is lost)
 STARTUP = 3600.0  # seconds rank 0 waits for spawned ranks to load their parts
 
 
@@ -93,9 +95,9 @@ def _join(device: str, rank: int, world: int, store=None) -> object:
         torch.cuda.set_device(torch.device(device))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if store is None:
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=STEP)
     else:
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=STEP)
     return dist.new_group(backend="gloo", timeout=IDLE)
 
 

@@ -161,7 +161,9 @@ def test_generate_tp2_equals_tp1_on_the_real_270m():
 
 @pytest.fixture(scope="module")
 def tp_server():
-    proc, url = _serve(free_port(), "--tp", "2")
+    # float32: bf16 activations round the ranks' summed partials differently from one whole product now and then
+    # (top-1 still agrees at most positions), so bitwise-equal greedy replies are asked of float32
+    proc, url = _serve(free_port(), "--tp", "2", "--dtype", "float32")
     yield proc, url
     proc.kill()
 
@@ -178,7 +180,7 @@ def test_serve_tp2_answers_concurrent_requests_as_tp1(tp_server):
 
     with ThreadPoolExecutor(len(messages)) as pool:
         served = list(pool.map(ask, messages))
-    alone = gemrun.load(dtype="bfloat16")  # what `serve` runs on the CPU, one sequence, one rank
+    alone = gemrun.load(dtype="float32")  # one sequence, one rank
     assert served == [alone.chat([{"role": "user", "content": t}], SamplingParams(max_tokens=24, temperature=0))
                       for t in messages]
     metrics = httpx.get(url + "/metrics", timeout=PATIENCE).text
