@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import GemrunError
+from .errors import ConfigError, GemrunError
 from .generate import Prompt, Stats, prefill, stream
 from .runtime import Runtime, check_kv_type, open_checkpoint
 from .sampling import SamplingParams
@@ -109,7 +109,8 @@ class Model(Runtime):
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
          max_context: int | None = None, progress: Progress | None = None, mmproj: str | Path | None = None,
          pan_and_scan: bool = False, packed: bool | None = None, quantize: str | None = None,
-         draft: str | Path | None = None, draft_tokens: int = 4, kv_cache: str = "auto") -> Model:
+         draft: str | Path | None = None, draft_tokens: int = 4, kv_cache: str = "auto",
+         tp: int | None = None) -> Model:
     """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M. A GGUF's
     vision encoder comes from a separate llama.cpp-style `mmproj` GGUF. Pan & Scan is off by default, as in
     the reference preprocessor. `packed` keeps a GGUF's quantized matrices low-bit for the CPU kernels.
@@ -118,9 +119,18 @@ def load(path: str | Path | None = None, device: str = "auto", dtype: str = "aut
     "float32" alone the dense dequantized weights (exact), "bfloat16" packed weights with bf16 activations.
     `draft` is a Gemma 4 MTP drafter (HF directory or GGUF): speculative decoding with `draft_tokens` per round.
     `kv_cache` is the KV caches' precision: "auto" (the activations' dtype), "f32", "bf16" or "q8_0" (int8 blocks
-    with a scale per 32 values, as llama.cpp's `-ctk/-ctv q8_0`: about half of bf16's memory)."""
+    with a scale per 32 values, as llama.cpp's `-ctk/-ctv q8_0`: about half of bf16's memory). `tp` > 1 splits the
+    model over that many processes (tensor parallelism, `gemrun.distributed`): this one leads, the others are
+    spawned, or were started by torchrun (whose other ranks follow inside this call)."""
+    from .distributed import open_parallel, wanted
+
     check_kv_type(kv_cache, ())  # a bad name fails before the weights are read
-    loaded = open_checkpoint(path, device, dtype, progress, mmproj, pan_and_scan, packed, quantize, draft)
+    if wanted(tp):
+        if draft is not None or kv_cache != "auto":
+            raise ConfigError("a drafter and --kv-cache other than auto do not run with tensor parallelism yet")
+        loaded = open_parallel(tp, path, device, dtype, progress, mmproj, pan_and_scan, packed, quantize)
+    else:
+        loaded = open_checkpoint(path, device, dtype, progress, mmproj, pan_and_scan, packed, quantize, draft)
     model = Model(loaded, loaded.tokenizer, max_context, kv_cache=kv_cache)
     if model.draft is not None:
         model.draft.k = model.draft.check_tokens(draft_tokens)

@@ -62,6 +62,8 @@ PackedOpt = Annotated[bool | None, typer.Option("--packed/--dense", help="keep a
                                                 "(default: see --dtype)")]
 QuantOpt = Annotated[str | None, typer.Option("--quantize", help="q4 | q8 | none: quantize a float HF checkpoint "
                                               "at load")]
+TpOpt = Annotated[int | None, typer.Option("--tp", help="tensor parallelism over N processes (one per GPU, or "
+                                           "sharing the CPU threads): spawned here, or started by torchrun")]
 
 
 KvOpt = Annotated[str, typer.Option("--kv-cache", help="KV cache precision: auto (the activations' dtype) | f32 "
@@ -70,7 +72,7 @@ KvOpt = Annotated[str, typer.Option("--kv-cache", help="KV cache precision: auto
 
 def _load(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False,
           mmproj: str | None = None, pan_and_scan: bool = False, quantize: str | None = None,
-          packed: bool | None = None, kv_cache: str = "auto") -> Model:
+          packed: bool | None = None, kv_cache: str = "auto", tp: int | None = None) -> Model:
     _torch()
     from .api import load
 
@@ -78,9 +80,17 @@ def _load(model: str | None, device: str, dtype: str, max_context: int | None = 
                   transient=True, disable=quiet) as bar:
         task = bar.add_task("load", total=None)
         m = load(model, device=device, dtype=dtype, max_context=max_context, mmproj=mmproj,
-                 pan_and_scan=pan_and_scan, quantize=quantize, packed=packed, kv_cache=kv_cache,
+                 pan_and_scan=pan_and_scan, quantize=quantize, packed=packed, kv_cache=kv_cache, tp=tp,
                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     return m
+
+
+def _tp(tp: int | None, draft: str | None) -> int | None:
+    if tp is not None and tp < 1:
+        raise GemrunError(f"--tp must be >= 1, got {tp}")
+    if draft and (tp or 1) > 1:
+        raise GemrunError("--draft (speculative decoding) does not run with --tp yet")
+    return tp
 
 
 DraftOpt = Annotated[str | None, typer.Option("--draft", help="Gemma 4 MTP drafter (assistant directory or GGUF): "
@@ -155,11 +165,13 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
              frequency_penalty: Freq = 0.0, seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto",
              dtype: DtypeOpt = "auto", max_context: MaxCtx = None,
              quantize: QuantOpt = None, packed: PackedOpt = None, draft: DraftOpt = None,
-             draft_tokens: DraftTokens = 4, mmproj: MmprojOpt = None, kv_cache: KvOpt = "auto") -> None:
+             draft_tokens: DraftTokens = 4, mmproj: MmprojOpt = None, kv_cache: KvOpt = "auto",
+             tp: TpOpt = None) -> None:
     """Continue PROMPT as raw text and stream the continuation only."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
-    m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed, mmproj=mmproj, kv_cache=kv_cache)
+    m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed, mmproj=mmproj, kv_cache=kv_cache,
+              tp=_tp(tp, draft))
     _drafter(m, draft, draft_tokens)
     _clamp(params, m)
     _emit(m.generate(prompt, params, stream=True))
@@ -191,7 +203,8 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
                                                     "thoughts are shown dimmed, apart from the answer")] = None,
          image_tokens: Annotated[int | None, typer.Option("--image-tokens", help="Gemma 4 soft tokens per image: "
                                                           "70, 140, 280 (default), 560, 1120 (OCR)")] = None,
-         draft: DraftOpt = None, draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto") -> None:
+         draft: DraftOpt = None, draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto",
+         tp: TpOpt = None) -> None:
     """Chat through the model's template. Interactive (like `ollama run`): /help lists the commands (/system,
     /image, /reset, /save FILE, /load FILE, /bye); end a line with \\ to continue it; Ctrl-C stops a reply."""
     from .repl import Conversation, Repl
@@ -199,7 +212,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
     m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize,
-              packed=packed, kv_cache=kv_cache)
+              packed=packed, kv_cache=kv_cache, tp=_tp(tp, draft))
     _drafter(m, draft, draft_tokens)
     _clamp(params, m)
     kinds = m.prompts().media_kinds
@@ -253,7 +266,8 @@ def serve(model: ModelOpt = None,
           mmproj: MmprojOpt = None,
           quantize: QuantOpt = None,
           log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
-          draft: DraftOpt = None, draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto") -> None:
+          draft: DraftOpt = None, draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto",
+          tp: TpOpt = None) -> None:
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs, batching concurrent requests."""
     import logging
 
@@ -286,21 +300,34 @@ def serve(model: ModelOpt = None,
                         draft_tokens=draft_tokens)
     if max_tokens < 1:
         raise GemrunError(f"--max-tokens-default must be >= 1, got {max_tokens}")
-    listener = _listen(host, port)  # a port in use fails here, before anything is loaded or announced
+    from .distributed import is_follower
+
+    tp = _tp(tp, draft)
+    follower = is_follower()  # torchrun's ranks but 0 serve nothing: they load their part and follow rank 0
+    listener = None if follower else _listen(host, port)  # a port in use fails here, before anything is loaded
     torch = _torch()
     serve_dtype = dtype if dtype != "auto" else "bfloat16"
     if dtype == "auto" and device != "cpu" and torch.cuda.is_available():
         serve_dtype = "auto"
+    lost: list[str] = []
 
     def loader():
         from .api import load
 
-        return load(model, device=device, dtype=serve_dtype, max_context=max_context, mmproj=mmproj,
-                    quantize=quantize, kv_cache=kv_cache)
+        m = load(model, device=device, dtype=serve_dtype, max_context=max_context, mmproj=mmproj,
+                 quantize=quantize, kv_cache=kv_cache, tp=tp)
+        if hasattr(m.model, "on_lost"):  # a rank died: requests get 503, and the server exits non-zero
+            m.model.on_lost = lambda reason: (lost.append(reason), setattr(server, "should_exit", True))
+        return m
 
+    if follower:
+        loader()  # returns only on rank 0
     app_ = create_app(loader, settings)
     err.print(f"[dim]gemrun serving on http://{host}:{port} (OpenAI: /v1, Ollama: /api)[/dim]")
-    Server(server_config(app_, settings, log_level)).run(sockets=[listener])
+    server = Server(server_config(app_, settings, log_level))
+    server.run(sockets=[listener])
+    if lost:
+        raise GemrunError(f"tensor parallelism failed: {lost[0]}")
 
 
 def _listen(host: str, port: int):
@@ -398,7 +425,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
                                              "-d): prefill and decode at that depth")] = 0,
           device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
           packed: PackedOpt = None, quantize: QuantOpt = None, mmproj: MmprojOpt = None, draft: DraftOpt = None,
-          draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto") -> None:
+          draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto", tp: TpOpt = None) -> None:
     """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
     first token, and peak RSS, as JSON on stdout (medians over REPEAT runs); with --depth, after DEPTH tokens
     already in the KV cache (filled untimed before each run)."""
@@ -414,7 +441,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize, mmproj=mmproj, draft=draft,
-             draft_tokens=draft_tokens, kv_cache=kv_cache)
+             draft_tokens=draft_tokens, kv_cache=kv_cache, tp=_tp(tp, draft))
     load_s = time.perf_counter() - t0
     if depth and m.draft is not None:
         raise GemrunError("--depth and --draft together are not supported (drafted runs take no cached prefix)")
@@ -445,8 +472,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
            "packed": type(w.layers[0].mlp.up_proj).__name__ != "Linear", "threads": torch.get_num_threads(),
-           "load_s": round(load_s, 2), "kv_cache": m.model.kv_type, "depth": depth, "prompt_tokens": len(ids),
-           "gen_tokens": gen_tokens,
+           "tp": getattr(w, "world", 1), "load_s": round(load_s, 2), "kv_cache": m.model.kv_type, "depth": depth,
+           "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
            "prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
            "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
            "ttft_s": round(statistics.median(r[2] for r in runs), 3),
@@ -454,6 +481,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
            "peak_rss_gib": round(_hwm_bytes() / 2**30, 3)}
     if m.draft is not None:
         out["draft_acceptance"] = round(statistics.median(r[3] for r in runs), 3)
+    if w.device.type == "cuda":
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(w.device) / 2**30, 3)
     print(json.dumps(out))
 
 
@@ -586,7 +615,9 @@ def main() -> None:
     try:
         app()
     except GemrunError as e:
-        err.print(f"[red]error:[/red] {e}")
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(e))}")  # messages may quote brackets (paths, collectives' errors)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

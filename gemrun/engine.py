@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .errors import GemrunError
+from .errors import GemrunError, ModelLost
 from .generate import Prompt, Sequence, Stats, Token, check_context, decode_step
 from .sampling import SamplingParams
 
@@ -139,6 +139,8 @@ class Engine:
                       asyncio.Queue() if loop else queue.SimpleQueue(), loop, group=group)
         check_context(len(prompt.ids), self.runtime.max_context)  # fails the caller, before anything is queued
         with self._wake:
+            if self.error is not None:
+                raise Unavailable(f"the engine stopped: {self.error}")
             if not self._accepting or self._stopped:
                 raise Unavailable("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
@@ -217,6 +219,8 @@ class Engine:
                 t0 = time.perf_counter()
                 try:
                     self._step()
+                except ModelLost:  # the model cannot run any more (a tensor-parallel rank is gone): stop
+                    raise
                 except Exception as e:  # e.g. out of memory in a batched forward: fail the batch, keep serving
                     log.exception("engine step failed")
                     for req in list(self.active):
@@ -277,6 +281,8 @@ class Engine:
                 if req.seq.prefilled:
                     self.counters.prompt_tokens += len(req.seq.prompt.ids)
                     self._deliver(req, req.seq.choose(req.seq.logits))
+            except ModelLost:
+                raise
             except Exception as e:
                 self._end(req, "error", _message(e))
         decoding = [r for r in self.active

@@ -23,3 +23,7 @@ class TemplateError(GemrunError):
 
 class InputError(GemrunError):
     """A request is invalid: bad text, prompt past the context, bad sampling parameters."""
+
+
+class ModelLost(GemrunError):
+    """The model can no longer run (a tensor-parallel rank died): the engine stops, requests get 503."""

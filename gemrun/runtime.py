@@ -49,12 +49,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def open_checkpoint(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
                     progress: Progress | None = None, mmproj: str | Path | None = None, pan_and_scan: bool = False,
                     packed: bool | None = None, quantize: str | None = None,
-                    draft: str | Path | None = None) -> Loaded:
+                    draft: str | Path | None = None, shard=None) -> Loaded:
     """Load a GGUF file or an HF directory (with no path, the embedded Gemma 3 270M) onto a device. On the CPU,
     dtype "auto" means float32 activations over packed low-bit weights where gemrun's native kernels run (near-exact
     and fast), "float32" alone the dense dequantized weights (exact), "bfloat16" packed weights with bf16
     activations. `quantize` ("q4" | "q8") quantizes a float HF checkpoint at load. `mmproj` is the media encoder
-    GGUF of a GGUF model, `draft` an MTP drafter (HF directory or GGUF) for speculative decoding."""
+    GGUF of a GGUF model, `draft` an MTP drafter (HF directory or GGUF) for speculative decoding. `shard` (a
+    `shard.Shard`) loads one tensor-parallel rank's part of the text model."""
     from .weights.embedded import default_model_path
 
     dev = resolve_device(device)
@@ -67,7 +68,7 @@ def open_checkpoint(path: str | Path | None = None, device: str = "auto", dtype:
         quantize = None
     elif dtype == "auto":
         dt = torch.bfloat16  # the packed kernels take bfloat16 activations
-    loaded = load_checkpoint(path or default_model_path(), dt, dev, progress, mmproj, packed, quantize)
+    loaded = load_checkpoint(path or default_model_path(), dt, dev, progress, mmproj, packed, quantize, shard)
     if draft is not None:
         from .weights.load import load_drafter
 

@@ -138,10 +138,11 @@ REAL_IDS = dict(boi_token_id=255_999, eoi_token_id=258_882, image_token_id=258_8
                 boa_token_id=256_000, eoa_token_index=258_883, video_token_id=258_884)
 
 
-def write_model_dir(path, seed: int = 0, with_drafter: bool = False):
+def write_model_dir(path, seed: int = 0, with_drafter: bool = False, **text_overrides):
     """A loadable Gemma 4 Unified HF directory: tiny random weights over the full 262144-token vocabulary (so
     Gemma 4's special tokens have their real ids), the test tokenizer (tiny4.py) without a chat template (the
-    built-in applies), image and audio embedders; optionally a matching drafter in `path/drafter`."""
+    built-in applies), image and audio embedders; optionally a matching drafter in `path/drafter`.
+    `text_overrides` change the text config (KV sharing, wider MLPs)."""
     from pathlib import Path
 
     from tiny4 import gemma4_tokenizer
@@ -151,7 +152,7 @@ def write_model_dir(path, seed: int = 0, with_drafter: bool = False):
     text = dict(vocab_size=262_144, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
                 num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8, final_logit_softcapping=30.0,
-                layer_types=list(LAYERS), max_position_embeddings=4096, eos_token_id=[1, 106])
+                layer_types=list(LAYERS), max_position_embeddings=4096, eos_token_id=[1, 106]) | text_overrides
     vision = dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=32, output_proj_dims=32, mm_posemb_size=1120)
     cfg = Gemma4UnifiedConfig(text_config=text, vision_config=vision, audio_config=dict(audio_embed_dim=640),
                               **REAL_IDS)

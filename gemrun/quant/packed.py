@@ -72,11 +72,46 @@ class Int4Linear(nn.Module):
         """Asymmetric min/max 4-bit quantization in groups (for weights that are not already 4-bit)."""
         return cls.from_quants(*fit_groups(w, 15, group), group)
 
+    def quants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inverse of `from_quants`: q (N, K) in 0..15 in element order, scales and mins (N, K / group)."""
+        n, k = self.out_features, self.in_features
+        if self.native:
+            b = self.nibbles.reshape(n, k // 128, 64)
+            stored = torch.cat([b & 15, b >> 4], dim=-1).reshape(n, k)  # lane order, as `pack_nibbles` wrote it
+            return stored[:, native.natural_order(k)], self.scales.float(), self.mins.float()
+        scales, zeros = self.scales_zeros.double().unbind(-1)  # PyTorch's weight = (q - 8) * scale + zero
+        return _int4_unpack(self.packed, n, k), scales.T, (zeros - 8 * scales).T
+
+    def narrow(self, dim: int, start: int, length: int) -> Int4Linear:
+        """Output rows (dim 0) or input columns (dim 1, whole groups) start..start+length of the weight, as a
+        module of their own holding the same quantized values (a tensor-parallel shard)."""
+        return type(self).from_quants(*_narrow(self.quants(), dim, start, length, self.group), self.group)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
             return native.q4_mm(x, self.nibbles, self.scales, self.mins).to(x.dtype)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         return _flat(x, self.out_features, lambda a: mm(a, self.packed, self.group, self.scales_zeros)).to(x.dtype)
+
+
+def _int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """q (N, K) from PyTorch's CPU int4 layout: blocks of 64 output rows stored (K, 32) bytes, row j of a block
+    in the low nibbles and row j + 32 in the high ones (`_convert_weight_to_int4pack_for_cpu`)."""
+    if n % 64:
+        raise ValueError(f"cannot cut a {n}-row int4 weight in PyTorch's layout (rows must be a multiple of 64)")
+    b = packed.reshape(n // 64, k, 32)
+    return torch.cat([b & 15, b >> 4], dim=-1).permute(0, 2, 1).reshape(n, k)
+
+
+def _narrow(quants: tuple[torch.Tensor, ...], dim: int, start: int, length: int, group: int) -> tuple:
+    """(q, scales, mins) cut to output rows or to input columns (whole groups of `group`)."""
+    q, scales, mins = quants
+    if dim == 0:
+        return q[start:start + length], scales[start:start + length], mins[start:start + length]
+    if start % group or length % group:
+        raise ValueError(f"input columns {start}..{start + length} do not fall on groups of {group}")
+    g = slice(start // group, (start + length) // group)
+    return q[:, start:start + length], scales[:, g], mins[:, g]
 
 
 def fit_groups(w: torch.Tensor, top: int, group: int = GROUP):
@@ -130,6 +165,24 @@ class Int8Linear(nn.Module):
             return m
         return cls.from_quants(*int8_blocks(quantize(w.float().numpy(), Q.Q8_0), Q.Q8_0, n, k))
 
+    def quants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inverse of `from_quants` (native layout): q (N, K) in 0..255 in element order, scales, mins."""
+        return self.qweight[:, native.natural_order(self.in_features)], self.scales.float(), self.mins.float()
+
+    def narrow(self, dim: int, start: int, length: int) -> Int8Linear:
+        """Output rows (dim 0) or input columns (dim 1, whole groups of 32) of the weight, as an `Int8Linear` of
+        their own holding the same quantized values (a tensor-parallel shard)."""
+        if self.native:
+            return Int8Linear.from_quants(*_narrow(self.quants(), dim, start, length, GROUP))
+        # PyTorch's layout, int8 with one scale per output row: rows and columns are cut as they are
+        rows = slice(start, start + length) if dim == 0 else slice(None)
+        cols = slice(start, start + length) if dim == 1 else slice(None)
+        m = Int8Linear(self.weight_int8[rows, cols].shape[1], self.weight_int8[rows, cols].shape[0])
+        if m.native:  # a column slice of a weight the kernels could not take is no multiple of 128 either
+            raise ValueError("cannot cut an int8 weight of PyTorch's layout into the native one")
+        m.weight_int8, m.scales = self.weight_int8[rows, cols].contiguous(), self.scales[rows].contiguous()
+        return m
+
     def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight, dequantized to float32."""
         if not self.native:
@@ -172,6 +225,12 @@ class Int8Embedding(Int8Linear):
         for name, _ in list(m.named_buffers()):
             setattr(m, name, torch.cat([getattr(p, name) for p in parts]))
         return m
+
+    def narrow(self, dim: int, start: int, length: int) -> Int8Embedding:
+        """Rows start..start+length of the table (a vocabulary shard)."""
+        if dim != 0:
+            raise ValueError("an embedding is cut by rows only")
+        return Int8Embedding.from_parts(length, self.embedding_dim, [Int8Linear.narrow(self, 0, start, length)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight_rows(ids)  # float32; the model casts to its dtype

@@ -276,6 +276,28 @@ class Metrics:
                                 value=engine.cache_bytes if engine else 0)
         tps = c.generated_tokens / c.busy_seconds if c and c.busy_seconds else 0.0
         yield GaugeMetricFamily("gemrun_tokens_per_second", "Generated tokens per second of engine work", value=tps)
+        yield from self.vllm_gauges(service)
+
+    @staticmethod
+    def vllm_gauges(service):
+        """The gauges under vLLM's names, which routers and the Gateway API Inference Extension (llm-d) scrape to
+        choose a replica. gemrun allocates KV per sequence, so the cache usage is the in-flight KV over the most
+        the batch can hold: max_batch sequences at the full context."""
+        engine, label = (service.engine, [service.name]) if service else (None, [""])
+        usage = 0.0
+        if engine is not None:
+            model, context = service.runtime.model, service.runtime.max_context
+            most = engine.max_batch * model.config.kv_cache_bytes(context, model.dtype.itemsize)
+            usage = min(1.0, engine.cache_bytes / most) if most else 0.0
+        for name, doc, value in (("vllm:num_requests_running", "Requests in the batch (vLLM's name)",
+                                  engine.running if engine else 0),
+                                 ("vllm:num_requests_waiting", "Requests waiting for a batch slot (vLLM's name)",
+                                  engine.queue_depth if engine else 0),
+                                 ("vllm:kv_cache_usage_perc", "KV cache in flight over the batch's full-context "
+                                  "KV, 1 = 100% (vLLM's name)", usage)):
+            gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+            gauge.add_metric(label, value)
+            yield gauge
 
     def describe(self):
         return []

@@ -224,8 +224,8 @@ class Service:
                         finish = "stop"
                         break
                     continue
-                if event.finish_reason == "error":
-                    raise ServerError(event.error or "generation failed")
+                if event.finish_reason == "error":  # 503 when the engine itself is gone (its model was lost)
+                    raise (ServerError if self.engine.alive else Unavailable)(event.error or "generation failed")
                 stats = event.stats
                 finish = event.finish_reason  # "timeout" and "shutdown" too: the client is told why it ended
             last = text.flush(finish)

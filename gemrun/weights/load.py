@@ -69,26 +69,37 @@ Packer = Callable[[str, Getter], "nn.Module | None"]  # a low-bit module for a t
 
 def _build(config: TextConfig, vision: VisionConfig | None, provided: dict[str, tuple[int, ...]],
            tensors: Iterator[tuple[str, Getter]], dtype: torch.dtype, device: torch.device,
-           progress: Progress | None, pack: Packer | None = None, media: MediaConfig | None = None):
+           progress: Progress | None, pack: Packer | None = None, media: MediaConfig | None = None, shard=None):
     """Build the text model (names `text.*`) and the vision encoder (`vision.*`, Gemma 3) or media embedders
     (`media.*`, Gemma 4) on `meta`, check every name and shape, then fill them tensor by tensor; `pack` may swap
-    in a low-bit module instead (quantization is module substitution). Returns the ModuleDict of the parts."""
+    in a low-bit module instead (quantization is module substitution). `shard` (a `shard.Shard`) builds one
+    tensor-parallel rank's part: its config, its slice of each sharded matrix. Returns the ModuleDict of the parts."""
+    plan = shard.plan(config, provided) if shard is not None else None
+    model_config = plan.config if plan else config
     with torch.device("meta"):
-        text = Gemma4(config) if isinstance(config, Gemma4TextConfig) else Gemma3(config)
+        text = Gemma4(model_config) if isinstance(config, Gemma4TextConfig) else Gemma3(model_config)
         parts = nn.ModuleDict({"text": text} | ({"vision": Gemma3Vision(vision)} if vision else {})
                               | ({"media": Gemma4Media(media, config.hidden_size)} if media else {}))
-    return _fill(parts, provided, tensors, dtype, device, progress, pack)
+    return _fill(parts, plan.shapes if plan else provided, tensors, dtype, device, progress, pack, plan)
 
 
 def _fill(root: nn.Module, provided: dict[str, tuple[int, ...]], tensors: Iterator[tuple[str, Getter]],
-          dtype: torch.dtype, device: torch.device, progress: Progress | None = None, pack: Packer | None = None):
+          dtype: torch.dtype, device: torch.device, progress: Progress | None = None, pack: Packer | None = None,
+          plan=None):
     """A module built on `meta`, checked name by name and shape by shape, then filled tensor by tensor (float
-    tensors in `dtype`; buffers of integers, such as a token ordering, keep theirs)."""
+    tensors in `dtype`; buffers of integers, such as a token ordering, keep theirs). `plan` (`shard.Plan`) cuts
+    this rank's slice of each sharded matrix."""
     check_names({n: tuple(p.shape) for n, p in [*root.named_parameters(), *root.named_buffers()]}, provided)
     weights = {n for n, _ in root.named_parameters()}
     state = {}
+
+    def dense(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype)
+
     for i, (name, get) in enumerate(tensors):
         module = pack(name, get) if pack else None
+        if plan is not None:  # this rank's slice of a sharded matrix, as a module of its own
+            module = plan.piece(name, module, get, dense)
         if module is not None:
             _swap(root, name.removesuffix(".weight"), module)
         else:
@@ -100,7 +111,7 @@ def _fill(root: nn.Module, provided: dict[str, tuple[int, ...]], tensors: Iterat
             progress(i + 1, len(provided))
         if i % 8 == 7:
             _trim()
-    root.load_state_dict(state, strict=pack is None, assign=True)
+    root.load_state_dict(state, strict=pack is None and plan is None, assign=True)
     _check_loaded(root)
     _trim()
     return root.to(device).eval().requires_grad_(False)
@@ -173,7 +184,7 @@ def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
 
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
-              packed: bool = False) -> Loaded:
+              packed: bool = False, shard=None) -> Loaded:
     g = GGUFFile(path)
     check_tokenizer_metadata(g.metadata)
     gemma4 = gemma4_gguf.is_gemma4(g.metadata)
@@ -206,7 +217,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
 
     provided = {ours: g.tensors[name].shape for ours, name in names.items()}
     tensors = ((ours, getter(name)) for ours, name in names.items())
-    parts = _build(config, None, provided, tensors, dtype, device, progress, pack)
+    parts = _build(config, None, provided, tensors, dtype, device, progress, pack, shard=shard)
     return Loaded(parts["text"], config, path, "gguf", gguf=g, packed=pack is not None)
 
 
@@ -225,7 +236,7 @@ def load_gemma4_mmproj(path: Path, text: Gemma4TextConfig, dtype: torch.dtype, d
 
 
 def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
-            quantize: str | None = None, packed: bool = True) -> Loaded:
+            quantize: str | None = None, packed: bool = True, shard=None) -> Loaded:
     """An HF directory; a quantized one (`gemrun convert`, `gemrun_quant.json`) keeps int4 groups packed on the
     CPU unless `packed` is False (then, like fp8, dequantized on load)."""
     raw = config_json(root)
@@ -281,7 +292,7 @@ def load_hf(root: Path, dtype: torch.dtype, device: torch.device, progress: Prog
                 return None  # fp8: dequantized by the getter
             module = quantized_module(scheme, *map(read, parts[name]), packed=True)
             return module if isinstance(module, nn.Module) else None
-    parts = _build(config, vision, provided, tensors, dtype, device, progress, pack, media)
+    parts = _build(config, vision, provided, tensors, dtype, device, progress, pack, media, shard)
     return Loaded(parts["text"], config, root, "safetensors", hf_config=raw, vision=parts["vision"] if vision else None,
                   media=parts["media"] if media else None)
 
@@ -363,19 +374,20 @@ def _drafter_gguf(path: Path, dtype: torch.dtype, device: torch.device, packed: 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
                     progress: Progress | None = None, mmproj: str | Path | None = None,
-                    packed: bool = False, quantize: str | None = None) -> Loaded:
-    """The weights of a GGUF file (with a llama.cpp mmproj file for its vision tower) or an HF directory."""
+                    packed: bool = False, quantize: str | None = None, shard=None) -> Loaded:
+    """The weights of a GGUF file (with a llama.cpp mmproj file for its vision tower) or an HF directory;
+    `shard` loads one tensor-parallel rank's part of the text model."""
     p = Path(path).expanduser()
     if p.is_dir():
         if mmproj is not None:
             raise WeightsError("--mmproj goes with a GGUF model; an HF directory carries its own vision tower")
-        return load_hf(p, dtype, device, progress, quantize, packed)
+        return load_hf(p, dtype, device, progress, quantize, packed, shard)
     if p.is_file():
         if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
             raise WeightsError(f"{p}: pickled checkpoints are never loaded; use safetensors or GGUF")
         if quantize:
             raise WeightsError("--quantize is for float HF checkpoints; a GGUF keeps its own quantization")
-        loaded = load_gguf(p, dtype, device, progress, packed)
+        loaded = load_gguf(p, dtype, device, progress, packed, shard)
         if mmproj is not None and isinstance(loaded.config, Gemma4TextConfig):
             loaded.media = load_gemma4_mmproj(Path(mmproj).expanduser(), loaded.config, dtype, device)
         elif mmproj is not None:
