@@ -76,3 +76,42 @@ def test_pytorch_fallback_agrees(monkeypatch):
     x = torch.randn(2, 640, dtype=torch.bfloat16)
     a, b = fast(x).float(), slow(x).float()
     assert (a - b).abs().max() <= 0.02 * a.abs().max()
+
+
+@pytest.mark.parametrize("bits, zero", [(4, 8), (8, 128), (8, 16)])
+def test_symmetric_formats_keep_no_minimum(bits, zero):
+    """Q4_0 / Q8_0 / Q5_0 (min = -zero * scale): no fp16 minimum is stored, and the products stay exact."""
+    g = torch.Generator().manual_seed(bits + zero)
+    q = torch.randint(0, 16 if bits == 4 else 32 if zero == 16 else 256, (72, 640), generator=g)
+    s = (torch.rand(72, 20, generator=g) * 0.05).half().float()
+    w = (q.double() - zero) * s.double().repeat_interleave(32, 1)
+    lin = (packed.Int4Linear if bits == 4 else packed.Int8Linear).from_quants(q, s, -zero * s)
+    assert lin.mins is None and lin.zero == zero
+    for rows in (1, 5, 70):
+        x = torch.randn(rows, 640, generator=g)
+        ref = x.double() @ w.T
+        tol = 1e-4 if rows < native.DENSE_ROWS else 1e-2
+        assert (lin(x).double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_q4_0_reads_the_files_bytes():
+    """A Q4_0 matrix packed for the kernels is as large as in the GGUF file (18 bytes per 32 weights)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    raw = quantize(np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32), Q.Q4_0)
+    lin = packed.pack_gguf(raw, Q.Q4_0, (64, 512))
+    assert lin.mins is None and sum(b.nbytes for b in lin.buffers()) == raw.nbytes
+
+
+def test_embedding_slices_of_mixed_kinds_keep_minimums():
+    """An embedding made of slices, some symmetric and some not, stores mins for all of them."""
+    w = torch.randn(64, 128)
+    sym = packed.Int8Linear.from_float(w[:32])
+    q, s = torch.randint(0, 256, (32, 128)), torch.rand(32, 4) * 0.01
+    asym = packed.Int8Linear.from_quants(q, s, torch.randn(32, 4) * 0.01)
+    emb = packed.Int8Embedding.from_parts(64, 128, [sym, asym])
+    assert sym.mins is None and emb.mins is not None
+    ids = torch.arange(64)
+    assert torch.allclose(emb(ids), torch.cat([sym.weight_rows(ids[:32]), asym.weight_rows(ids[:32])]), atol=1e-3)

@@ -68,9 +68,8 @@ def _build() -> ctypes.CDLL | None:
             os.replace(tmp_so, out)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gemrun_q4_mm.argtypes = [p, i64, i64, p, p, p, i64, p, p, p, p, i32]
-    lib.gemrun_q8_mm.argtypes = [p, i64, i64, p, p, p, i64, p, p, p, p, i32]
-    lib.gemrun_q4_dequant.argtypes = lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, p, i32]
+    lib.gemrun_q4_mm.argtypes = lib.gemrun_q8_mm.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, p, i32]
+    lib.gemrun_q4_dequant.argtypes = lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, i64, p, i32]
     lib.gemrun_q4_mm.restype = lib.gemrun_q8_mm.restype = None
     lib.gemrun_q4_dequant.restype = lib.gemrun_q8_dequant.restype = None
     return lib
@@ -149,32 +148,36 @@ def _dense(x: torch.Tensor, n: int, k: int, fill) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
-def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+        zero: int) -> torch.Tensor:
     n, k = q.shape[0], x.shape[-1]
     lib = library()
     mm, dequant = (lib.gemrun_q4_mm, lib.gemrun_q4_dequant) if bits == 4 else (lib.gemrun_q8_mm, lib.gemrun_q8_dequant)
     if x.numel() // k >= DENSE_ROWS:
-        return _dense(x, n, k, lambda r, t, out: dequant(q[r:].data_ptr(), scales[r:].data_ptr(), mins[r:].data_ptr(),
-                                                         t, k, out, torch.get_num_threads()))
+        return _dense(x, n, k, lambda r, t, out: dequant(q[r:].data_ptr(), scales[r:].data_ptr(),
+                                                         None if mins is None else mins[r:].data_ptr(), zero, t, k,
+                                                         out, torch.get_num_threads()))
     a = _rows(x)
     m = a.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     xq, xd, xs = _work(m, k)
-    mm(a.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, y.data_ptr(), xq.data_ptr(),
-       xd.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    mm(a.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(), zero, n,
+       y.data_ptr(), xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), torch.get_num_threads())
     return y.reshape(*x.shape[:-1], n)
 
 
-def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+          zero: int = 0) -> torch.Tensor:
     """(..., K) activations x 4-bit weights (N, K/2 bytes, `pack_nibbles`), weight = q * scale + min with fp16
-    scales and mins (N, K/32) -> float32 (..., N)."""
-    return _mm(4, x, nibbles, scales, mins)
+    scales and mins (N, K/32) -> float32 (..., N). Symmetric formats pass mins None: min = -zero * scale."""
+    return _mm(4, x, nibbles, scales, mins, zero)
 
 
-def q8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def q8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+          zero: int = 0) -> torch.Tensor:
     """(..., K) activations x 8-bit weights (N, K bytes, `q8_reorder`), weight = q * scale + min with fp16 scales
-    and mins (N, K/32) -> float32 (..., N)."""
-    return _mm(8, x, q, scales, mins)
+    and mins (N, K/32) -> float32 (..., N). Symmetric formats pass mins None: min = -zero * scale."""
+    return _mm(8, x, q, scales, mins, zero)
 
 
 def q8_reorder(q: torch.Tensor) -> torch.Tensor:

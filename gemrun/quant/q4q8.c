@@ -12,7 +12,9 @@
 //
 // q4: weight = q * s + m, q in 0..15, fp16 s and m per group. Nibbles of vector pairs (r, r+1): 64 bytes whose low
 //     halves are vector r and high halves vector r+1.
-// q8: weight = q * s + m, q in 0..255 in vector order, fp16 s and m per group (Q8_0: q = int8 + 128, m = -128 s).
+// q8: weight = q * s + m, q in 0..255 in vector order, fp16 s and m per group.
+// Symmetric formats (Q4_0, Q8_0, Q5_0: m = -z s with one integer z for the whole matrix) pass mins = NULL and z:
+// the weights then cost the file's own bytes (no fp16 minimum beside every scale) and are still exact.
 //
 // Built by gemrun/quant/native.py with gcc; called through ctypes. The index maps are made in native.py.
 
@@ -73,11 +75,11 @@ static inline __m512i lane_groups(int cg) {
 }
 
 // One weight row against `mt` activation rows (mt constant after inlining): w4 nibbles or w8 bytes, ws/wm the
-// row's fp16 scales and mins per group.
+// row's fp16 scales and mins per group (wm NULL: m = -zero * s).
 static inline __attribute__((always_inline)) void dot_row(const uint8_t *w4, const uint8_t *w8, const uint16_t *ws,
-                                                          const uint16_t *wm, int64_t G, int64_t K, const int8_t *xq,
-                                                          const int8_t *xl, const float *xd, const float *xs,
-                                                          const int mt, float *out) {
+                                                          const uint16_t *wm, float zero, int64_t G, int64_t K,
+                                                          const int8_t *xq, const int8_t *xl, const float *xd,
+                                                          const float *xs, const int mt, float *out) {
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
     __m512 acc[MT], accm[MT];
     for (int i = 0; i < mt; i++) acc[i] = accm[i] = _mm512_setzero_ps();
@@ -111,11 +113,13 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w4, con
             __m512 f = _mm512_permutexvar_ps(idx, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xd + i * G + c)));
             __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dh[i], 7), dl[i]);
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[i]);
-            accm[i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + c)),
-                                      _mm512_maskz_loadu_ps(k, xs + i * G + c), accm[i]);
+            // the min term per group: m * (sum of the block's activations); symmetric: sum s * xs, times -zero
+            __m512 mv = wm ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + c)) : sv;
+            accm[i] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + i * G + c), accm[i]);
         }
     }
-    for (int i = 0; i < mt; i++) out[i] = hsum(_mm512_add_ps(acc[i], accm[i]));
+    const __m512 mz = _mm512_set1_ps(wm ? 1.f : -zero);
+    for (int i = 0; i < mt; i++) out[i] = hsum(_mm512_fmadd_ps(accm[i], mz, acc[i]));
 }
 
 #define ROWS(CALL)                                                                                                     \
@@ -129,15 +133,16 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w4, con
         for (int64_t i = 0; i < (left < MT ? left : MT); i++) y[(m0 + i) * N + n] = FINISH(o[i]);                      \
     }
 
-// y[m, n] for n in [0, N): weights q (N, K/2) nibbles, scales/mins (N, K/32) fp16.
+// y[m, n] for n in [0, N): weights q (N, K/2) nibbles, scales/mins (N, K/32) fp16 (mins NULL: m = -zero s).
 void gemrun_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scales,
-                  const uint16_t *mins, int64_t N, float *y, int8_t *xq, float *xd, float *xs, int nthreads) {
+                  const uint16_t *mins, int64_t zero, int64_t N, float *y, int8_t *xq, float *xd, float *xs,
+                  int nthreads) {
     int64_t G = K / QK;
     quantize_rows(x, M, K, xq, xd, xs, nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-#define CALL(mt) dot_row(q + n * (K / 2), 0, scales + n * G, mins + n * G, G, K, xq + m0 * K, xq + M * K + m0 * K, \
-                         xd + m0 * G, xs + m0 * G, mt, o)
+#define CALL(mt) dot_row(q + n * (K / 2), 0, scales + n * G, mins ? mins + n * G : 0, (float)zero, G, K, xq + m0 * K, \
+                         xq + M * K + m0 * K, xd + m0 * G, xs + m0 * G, mt, o)
 #define FINISH(v) (v)
         ROWS(CALL)
 #undef CALL
@@ -145,15 +150,16 @@ void gemrun_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *q, const 
     }
 }
 
-// y[m, n] for n in [0, N): weights q (N, K) bytes, scales/mins (N, K/32) fp16.
+// y[m, n] for n in [0, N): weights q (N, K) bytes, scales/mins (N, K/32) fp16 (mins NULL: m = -zero s).
 void gemrun_q8_mm(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scales,
-                  const uint16_t *mins, int64_t N, float *y, int8_t *xq, float *xd, float *xs, int nthreads) {
+                  const uint16_t *mins, int64_t zero, int64_t N, float *y, int8_t *xq, float *xd, float *xs,
+                  int nthreads) {
     int64_t G = K / QK;
     quantize_rows(x, M, K, xq, xd, xs, nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-#define CALL(mt) dot_row(0, q + n * K, scales + n * G, mins + n * G, G, K, xq + m0 * K, xq + M * K + m0 * K, \
-                         xd + m0 * G, xs + m0 * G, mt, o)
+#define CALL(mt) dot_row(0, q + n * K, scales + n * G, mins ? mins + n * G : 0, (float)zero, G, K, xq + m0 * K, \
+                         xq + M * K + m0 * K, xd + m0 * G, xs + m0 * G, mt, o)
 #define FINISH(v) (v)
         ROWS(CALL)
 #undef CALL
@@ -181,8 +187,17 @@ static inline void dense_row(const uint8_t *stored, const float *s, const float 
     }
 }
 
-void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t N, int64_t K,
-                       uint16_t *out, int nthreads) {
+// (s, m) of row n's groups; mins NULL: m = -zero s
+static inline void row_params(const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t n, int64_t G,
+                              float *s, float *m) {
+    for (int64_t g = 0; g < G; g++) {
+        s[g] = _cvtsh_ss(scales[n * G + g]);
+        m[g] = mins ? _cvtsh_ss(mins[n * G + g]) : -(float)zero * s[g];
+    }
+}
+
+void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
+                       int64_t K, uint16_t *out, int nthreads) {
     int64_t G = K / QK;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -196,21 +211,21 @@ void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t 
                     stored[p * 128 + b] = row[p * 64 + b] & 15;
                     stored[p * 128 + 64 + b] = row[p * 64 + b] >> 4;
                 }
-            for (int64_t g = 0; g < G; g++) s[g] = _cvtsh_ss(scales[n * G + g]), m[g] = _cvtsh_ss(mins[n * G + g]);
+            row_params(scales, mins, zero, n, G, s, m);
             dense_row(stored, s, m, K, out + n * K);
         }
     }
 }
 
-void gemrun_q8_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t N, int64_t K,
-                       uint16_t *out, int nthreads) {
+void gemrun_q8_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
+                       int64_t K, uint16_t *out, int nthreads) {
     int64_t G = K / QK;
 #pragma omp parallel num_threads(nthreads)
     {
         float s[G], m[G];
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            for (int64_t g = 0; g < G; g++) s[g] = _cvtsh_ss(scales[n * G + g]), m[g] = _cvtsh_ss(mins[n * G + g]);
+            row_params(scales, mins, zero, n, G, s, m);
             dense_row(q + n * K, s, m, K, out + n * K);
         }
     }
