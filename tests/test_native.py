@@ -115,3 +115,22 @@ def test_embedding_slices_of_mixed_kinds_keep_minimums():
     assert sym.mins is None and emb.mins is not None
     ids = torch.arange(64)
     assert torch.allclose(emb(ids), torch.cat([sym.weight_rows(ids[:32]), asym.weight_rows(ids[:32])]), atol=1e-3)
+
+
+def test_matrices_together_equal_each_alone_in_any_batch():
+    """Several packed weights on one input (one kernel call) give each weight's own outputs, bit for bit, and a
+    row's outputs do not depend on the batch (weight rows are worked on 4 at a time at M=1, 2 at M=2, 1 above)."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.rand(37, 20, generator=g) * 0.05
+    mods = [packed.Int4Linear.from_quants(torch.randint(0, 16, (37, 640), generator=g), s, -8 * s),
+            packed.Int8Linear.from_quants(torch.randint(0, 256, (6, 640), generator=g), s[:6], torch.rand(6, 20) * 0.1),
+            packed.Int4Linear.from_quants(torch.randint(0, 16, (64, 640), generator=g), s[:32].repeat(2, 1),
+                                          torch.rand(64, 20, generator=g) * 0.1)]
+    x = torch.randn(9, 640, generator=g)
+    together = packed.together(x, mods)
+    for m, y in zip(mods, together):
+        assert torch.equal(y, m(x))
+    for rows in (1, 2, 3, 5):
+        for m, y in zip(mods, packed.together(x[:rows], mods)):
+            assert torch.equal(y, together[mods.index(m)][:rows])
+    assert packed.together(torch.randn(native.DENSE_ROWS, 640), mods) is None

@@ -61,8 +61,29 @@ class Groups:
         """The fp16 mins per group, made from the scales for a symmetric format."""
         return self.mins if self.mins is not None else (-self.zero * self.scales.float()).to(torch.float16)
 
+    def matrix(self) -> native.Matrix:
+        """The kernels' descriptor of this weight (remade when a buffer was replaced)."""
+        q = self.nibbles if self.bits == 4 else self.qweight
+        key = (q.data_ptr(), self.scales.data_ptr(), None if self.mins is None else self.mins.data_ptr())
+        if getattr(self, "_matrix_key", None) != key:
+            self._matrix, self._matrix_key = native.matrix(self.bits, q, self.scales, self.mins, self.zero), key
+        return self._matrix
+
+
+def together(x: torch.Tensor, modules) -> list[torch.Tensor] | None:
+    """The outputs of several packed linear modules on the same input x (..., K) from one kernel call (the
+    activations quantized once), or None where that does not apply (then call them one by one)."""
+    if x.numel() // x.shape[-1] >= native.DENSE_ROWS or len(modules) > native.MAX_TOGETHER:
+        return None
+    if not all(isinstance(m, (Int4Linear, Int8Linear)) and m.native for m in modules):
+        return None
+    y = native.mm(x, [m.matrix() for m in modules]).to(x.dtype)
+    return list(y.split([m.out_features for m in modules], dim=-1))
+
 
 class Int4Linear(Groups, nn.Module):
+    bits = 4
+
     """4-bit weights in groups of 32: weight = q * scale + min, q in 0..15. Native: nibbles in lane order
     (`native.pack_nibbles`), fp16 scale and min per group (no min for symmetric formats: min = -zero * scale);
     else PyTorch's int4 layout, bf16 scale and zero."""
@@ -100,6 +121,8 @@ class Int4Linear(Groups, nn.Module):
         return cls.from_quants(*fit_groups(w, 15, group), group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.numel() // self.in_features < native.DENSE_ROWS:
+            return native.mm(x, [self.matrix()]).to(x.dtype)
         if self.native:
             return native.q4_mm(x, self.nibbles, self.scales, self.mins, self.zero).to(x.dtype)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -118,6 +141,8 @@ def fit_groups(w: torch.Tensor, top: int, group: int = GROUP):
 
 
 class Int8Linear(Groups, nn.Module):
+    bits = 8
+
     """8-bit weights. Native: groups of 32, weight = q * scale + min, q in 0..255 in lane order (`native.q8_reorder`),
     fp16 scale and min per group (none for symmetric formats: min = -zero * scale). Else PyTorch's layout: int8
     with one bf16 scale per output row."""
@@ -170,6 +195,8 @@ class Int8Linear(Groups, nn.Module):
         return q.flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.numel() // self.in_features < native.DENSE_ROWS:
+            return native.mm(x, [self.matrix()]).to(x.dtype)
         if self.native:
             return native.q8_mm(x, self.qweight, self.scales, self.mins, self.zero).to(x.dtype)
         mm = torch.ops.aten._weight_int8pack_mm
