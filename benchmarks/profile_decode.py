@@ -23,6 +23,7 @@ import torch
 
 import gemrun
 from gemrun import generate as G
+from gemrun.model import layers
 from gemrun.model.layers import RMSNorm
 from gemrun.quant.packed import Int4Linear, Int8Linear
 from gemrun.sampling import SamplingParams
@@ -84,6 +85,7 @@ def instrument(m) -> Timers:
             tm.hook(mod, "norms")
         if hasattr(mod, "attend") and hasattr(mod, "q_proj"):
             mod.attend = tm.wrap("attention (mask + SDPA)", mod.attend)
+    layers.together = tm.wrap("layer matmuls", layers.together)  # q/k/v and gate/up in one call
     model.head = tm.wrap("head", model.head)
     G.sample = tm.wrap("sampling", G.sample)
     G.Sequence._filter = tm.wrap("logit filters", G.Sequence._filter)

@@ -134,3 +134,50 @@ def test_matrices_together_equal_each_alone_in_any_batch():
         for m, y in zip(mods, packed.together(x[:rows], mods)):
             assert torch.equal(y, together[mods.index(m)][:rows])
     assert packed.together(torch.randn(native.DENSE_ROWS, 640), mods) is None
+
+
+def test_fused_norms_match_pytorch():
+    """RMSNorm (Gemma 3: 1 + w; Gemma 4: w, or none) and QK-norm + RoPE as one kernel vs PyTorch's formulas."""
+    from gemrun.model.gemma4 import RMSNorm as Norm4
+    from gemrun.model.layers import RMSNorm, apply_rope, norm_rope, rope_cos_sin
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 640, generator=g) * 5
+    for norm in (RMSNorm(640), Norm4(640), Norm4(640, scale=False)):
+        if norm.weight is not None:
+            norm.weight.data = torch.randn(640, generator=g)
+        with torch.no_grad():
+            got = norm(x)  # the fused kernel; below, the PyTorch formula it replaces
+        xf = x.float()
+        if isinstance(norm, RMSNorm):
+            want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * (1 + norm.weight)
+        else:
+            want = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + norm.eps, -0.5)
+            want = want if norm.weight is None else want * norm.weight
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    q = torch.randn(2, 4, 1, 256, generator=g)
+    cos, sin = rope_cos_sin(torch.tensor([[37], [900]]), torch.rand(128, generator=g), torch.float32)
+    norm = RMSNorm(256)
+    norm.weight.data = torch.randn(256, generator=g)
+    with torch.no_grad():
+        got = norm_rope(q, norm, cos[:, None], sin[:, None])
+        xf = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + norm.eps) * (1 + norm.weight)
+        assert torch.allclose(got, apply_rope(xf, cos[:, None], sin[:, None]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window, softcap, kv_heads", [(None, None, 1), (5, None, 2), (None, 30.0, 4), (7, 20.0, 1)])
+def test_one_token_attention_matches_the_masked_reference(window, softcap, kv_heads):
+    """The fused one-token attention reads only the slots the mask lets through (GQA, windows, soft-capping)."""
+    from gemrun.model.layers import attend, attend_positions, attention_mask
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 1, 64, generator=g)
+    k, v = torch.randn(1, kv_heads, 12, 64, generator=g), torch.randn(1, kv_heads, 12, 64, generator=g)
+    kv_pos = torch.tensor([8, 9, 10, 3, 4, 5, 6, 7, -1, -1, 11, 2])  # a ring with empty slots and a future one
+    pos = torch.tensor([10])
+    got = attend_positions(q, k, v, pos, kv_pos, window, 0.125, softcap)
+    want = attend(q, k, v, attention_mask(pos, kv_pos, window), 0.125, softcap)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    full = attend_positions(q, k[:, :, :6], v[:, :, :6], pos, kv_pos[:6], window, 0.125, softcap)  # a view
+    assert torch.allclose(full, attend(q, k[:, :, :6], v[:, :, :6], attention_mask(pos, kv_pos[:6], window), 0.125,
+                                       softcap), rtol=1e-5, atol=1e-5)

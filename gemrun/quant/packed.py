@@ -226,16 +226,27 @@ class Int8Embedding(Int8Linear):
     def from_parts(cls, num: int, dim: int, parts):
         """From `Int8Linear`s of consecutive row slices, made one at a time (the float table is never whole)."""
         m = cls(num, dim)
-        parts = list(parts)
         if not m.native:
+            parts = list(parts)
             for name, _ in list(m.named_buffers()):
                 setattr(m, name, torch.cat([getattr(p, name) for p in parts]))
             return m
-        m.qweight = torch.cat([p.qweight for p in parts])
-        zeros = {p.zero if p.mins is None else None for p in parts}
-        zero = zeros.pop() if len(zeros) == 1 else None  # slices of differing kinds keep mins
-        m.set_groups(torch.cat([p.scales for p in parts]),
-                     None if zero is not None else torch.cat([p.stored_mins() for p in parts]), zero)
+        # each slice is copied into place as it comes: the whole table exists once, never twice
+        q, scales, mins = torch.empty_like(m.qweight), torch.empty_like(m.scales), None
+        row, zero = 0, None  # zero: the common zero point of the symmetric slices so far (None: mins kept)
+        for p in parts:
+            r, z = p.out_features, p.zero if p.mins is None else None
+            if row == 0:
+                zero = z
+            if mins is None and (z is None or z != zero):  # slices of differing kinds keep mins
+                mins = torch.empty_like(scales)
+                mins[:row] = (-(zero or 0) * scales[:row].float()).to(torch.float16)
+            q[row:row + r], scales[row:row + r] = p.qweight, p.scales
+            if mins is not None:
+                mins[row:row + r] = p.stored_mins()
+            row += r
+        m.qweight = q
+        m.set_groups(scales, mins, zero if mins is None else None)
         return m
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
