@@ -15,8 +15,9 @@ used > 0.2 cores is discarded and counted; runs repeat until each engine has RUN
 bandwidth probe (`bandwidth.py`, same threads) and reports decode GB/s = bytes per token (all weights: the tied
 head reads the whole embedding; KV reads are left out) x tokens/s against it.
 
-llama-bench's generation test starts from an empty context unless -d is given; gemrun's decode follows its
-prompt, so `--depth P` is the like-for-like decode check.
+With --depth D both engines first hold D tokens in the cache (llama-bench -d, gemrun bench --depth). llama-bench's
+generation test then starts right after them, gemrun's decode after its prompt too (D + P): decode at equal
+depth is gemrun at --depth 0 against llama-bench at --depth P (`--llama-depth` sets llama-bench's alone).
 
 Binding mode (end-to-end through llama-cpp-python, the Python loop included), without --llama-bench:
 
@@ -130,11 +131,12 @@ def gemrun_bench_samples(child, args) -> tuple[list[dict], dict]:
 def native_commands(args) -> dict[str, list[str]]:
     llama = [args.llama_bench, "-m", args.model, "-t", str(args.threads), "-p", str(args.prompt), "-n",
              str(args.decode), "-r", str(args.reps), "-o", "jsonl", "--progress"]
-    if args.depth:
-        llama += ["-d", str(args.depth)]
+    depth = args.depth if args.llama_depth is None else args.llama_depth
+    if depth:
+        llama += ["-d", str(depth)]
     gem = [sys.executable, "-m", "gemrun.cli", "bench", "--model", args.model, "--threads", str(args.threads),
            "--prompt-tokens", str(args.prompt), "--gen-tokens", str(args.decode), "--repeat", str(args.reps),
-           "--dtype", args.dtype]
+           "--dtype", args.dtype, "--depth", str(args.depth)]
     return {"llama.cpp": llama, "gemrun": gem}
 
 
@@ -178,7 +180,8 @@ def native(args) -> None:
                                           for smp in samples]}), flush=True)
     probe = bandwidth(mon, args) if args.bandwidth else None
     summary = {"model": args.model, "threads": args.threads, "prompt": args.prompt, "decode": args.decode,
-               "depth": args.depth, "reps": args.reps, "discarded": discarded,
+               "depth": args.depth, "llama_depth": args.depth if args.llama_depth is None else args.llama_depth,
+               "reps": args.reps, "discarded": discarded,
                "clean": {e: {k: len(v) for k, v in clean[e].items()} for e in cmds}}
     med = {e: {k: statistics.median(v) if v else float("nan") for k, v in clean[e].items()} for e in cmds}
     for kind in ("prefill", "decode"):
@@ -226,6 +229,7 @@ def main() -> None:
     ap.add_argument("--llama-bench", help="native mode: path of llama-bench (benchmarks/llamacpp_native.sh)")
     ap.add_argument("--reps", type=int, default=1, help="native mode: timed repetitions per process (-r)")
     ap.add_argument("--depth", type=int, default=0, help="native mode: llama-bench -d (context before the test)")
+    ap.add_argument("--llama-depth", type=int, help="native mode: llama-bench -d alone (default: --depth)")
     ap.add_argument("--max-tries", type=int, default=10, help="native mode: processes per engine at most")
     ap.add_argument("--bandwidth", action="store_true", help="native mode: also run the read-bandwidth probe")
     ap.add_argument("--quiet", type=float, default=0.15, help="native mode: start a process only when other "

@@ -98,14 +98,16 @@ def _build() -> ctypes.CDLL | None:
 
 def library() -> ctypes.CDLL | None:
     global _lib, _tried
+    if _tried:  # decided: no lock on the hot path (it is asked several times per layer and token)
+        return _lib
     with _lock:
         if not _tried:
-            _tried = True
             try:
                 _lib = _build()
             except OSError as e:
                 log.warning("native kernels off: %s", e)
                 _lib = None
+            _tried = True  # after _lib: a thread that sees it without the lock sees the result
         return _lib
 
 
