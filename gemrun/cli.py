@@ -462,12 +462,13 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
                                        m.max_context, m.tokenizer.vocab_size, Stats(), pool=pool):
                 pass
         stats = Stats()
-        t = time.perf_counter()
+        t = time.perf_counter()  # CLOCK_MONOTONIC: the windows let a harness check what else ran meanwhile
         first = None
         for _token in generate_ids(m.model, Prompt(every), params, set(), m.max_context, m.tokenizer.vocab_size,
                                    stats, draft=m.draft, pool=pool):
             first = first or time.perf_counter() - t
-        runs.append((len(ids) / stats.prefill_seconds, stats.decode_tps, first, stats.acceptance_rate))
+        runs.append((len(ids) / stats.prefill_seconds, stats.decode_tps, first, stats.acceptance_rate,
+                     (t, t + first, time.perf_counter())))
     runs = runs[1:]
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
@@ -478,7 +479,9 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
            "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
            "ttft_s": round(statistics.median(r[2] for r in runs), 3),
            "weights_bytes": sum(t.nbytes for t in [*w.parameters(), *w.buffers()]),
-           "peak_rss_gib": round(_hwm_bytes() / 2**30, 3)}
+           "peak_rss_gib": round(_hwm_bytes() / 2**30, 3),
+           "runs": [{"prefill_tok_s": round(r[0], 2), "decode_tok_s": round(r[1], 2), "prefill_window": r[4][:2],
+                     "decode_window": r[4][1:]} for r in runs]}
     if m.draft is not None:
         out["draft_acceptance"] = round(statistics.median(r[3] for r in runs), 3)
     if w.device.type == "cuda":

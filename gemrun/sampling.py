@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -92,6 +93,40 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParam
     return logits.index_copy(0, seen, x)
 
 
+BLOCK = 512  # top_k over a long vector: the k best lie in the k blocks of BLOCK with the largest maxima
+
+
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(logits, k) of a 1-D vector (values, indices), for a 262k vocabulary ~5x faster: the k largest
+    values lie in the k blocks whose maxima are largest (any other block has k larger values outside it), so
+    only those blocks are searched. Equal values may come in another order."""
+    n = logits.shape[-1]
+    if logits.dim() != 1 or k > BLOCK or n < 16 * k * BLOCK:
+        return torch.topk(logits, k)
+    rows = n // BLOCK
+    blocks = logits[:rows * BLOCK].view(rows, BLOCK)
+    best = torch.topk(blocks.amax(1), k).indices  # (k,)
+    ids = torch.cat([(best[:, None] * BLOCK + torch.arange(BLOCK, device=logits.device)).flatten(),
+                     torch.arange(rows * BLOCK, n, device=logits.device)])  # candidates, with the tail
+    values, at = torch.topk(logits[ids], k)
+    return values, ids[at]
+
+
+def argmax(logits: torch.Tensor) -> int:
+    """torch.argmax of a 1-D vector (the first maximum; NaN counts as the largest), NumPy's SIMD loop on the CPU
+    (~10x faster than PyTorch's for a 262k vocabulary)."""
+    if logits.device.type == "cpu" and logits.dim() == 1 and logits.dtype == torch.float32:
+        return int(np.argmax(logits.numpy()))
+    return int(torch.argmax(logits))
+
+
+def has_finite(logits: torch.Tensor) -> bool:
+    """Whether any logit is finite; the whole-vector check only runs when the maximum is not (NaN or inf)."""
+    cpu = logits.device.type == "cpu" and logits.dtype == torch.float32
+    top = float(np.max(logits.numpy())) if cpu else float(logits.max())
+    return math.isfinite(top) or bool(torch.isfinite(logits).any())
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
@@ -121,15 +156,15 @@ def sample(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams, gen: t
     """One token id from float32 logits (V,). Order as in HF: penalties, temperature, top-k, top-p, min-p.
     With top-k on, top-p and min-p run over the k survivors only (the same distribution, without sorting the
     whole vocabulary every token)."""
-    if not torch.isfinite(logits).any():
+    if not has_finite(logits):
         raise InputError("the model produced no finite logits (numerical overflow)")
     logits = apply_penalties(logits, counts, p)
     if p.greedy:
-        return int(torch.argmax(logits))
+        return argmax(logits)
     logits = logits / p.temperature
     ids = None
     if 0 < p.top_k < logits.shape[-1]:
-        logits, ids = torch.topk(logits, p.top_k)
+        logits, ids = top_k(logits, p.top_k)
     logits = min_p_filter(top_p_filter(logits, p.top_p), p.min_p)
     choice = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
     return choice if ids is None else int(ids[choice])

@@ -76,3 +76,108 @@ def test_pytorch_fallback_agrees(monkeypatch):
     x = torch.randn(2, 640, dtype=torch.bfloat16)
     a, b = fast(x).float(), slow(x).float()
     assert (a - b).abs().max() <= 0.02 * a.abs().max()
+
+
+@pytest.mark.parametrize("bits, zero", [(4, 8), (8, 128), (8, 16)])
+def test_symmetric_formats_keep_no_minimum(bits, zero):
+    """Q4_0 / Q8_0 / Q5_0 (min = -zero * scale): no fp16 minimum is stored, and the products stay exact."""
+    g = torch.Generator().manual_seed(bits + zero)
+    q = torch.randint(0, 16 if bits == 4 else 32 if zero == 16 else 256, (72, 640), generator=g)
+    s = (torch.rand(72, 20, generator=g) * 0.05).half().float()
+    w = (q.double() - zero) * s.double().repeat_interleave(32, 1)
+    lin = (packed.Int4Linear if bits == 4 else packed.Int8Linear).from_quants(q, s, -zero * s)
+    assert lin.mins is None and lin.zero == zero
+    for rows in (1, 5, 70):
+        x = torch.randn(rows, 640, generator=g)
+        ref = x.double() @ w.T
+        tol = 1e-4 if rows < native.DENSE_ROWS else 1e-2
+        assert (lin(x).double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_q4_0_reads_the_files_bytes():
+    """A Q4_0 matrix packed for the kernels is as large as in the GGUF file (18 bytes per 32 weights)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    raw = quantize(np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32), Q.Q4_0)
+    lin = packed.pack_gguf(raw, Q.Q4_0, (64, 512))
+    assert lin.mins is None and sum(b.nbytes for b in lin.buffers()) == raw.nbytes
+
+
+def test_embedding_slices_of_mixed_kinds_keep_minimums():
+    """An embedding made of slices, some symmetric and some not, stores mins for all of them."""
+    w = torch.randn(64, 128)
+    sym = packed.Int8Linear.from_float(w[:32])
+    q, s = torch.randint(0, 256, (32, 128)), torch.rand(32, 4) * 0.01
+    asym = packed.Int8Linear.from_quants(q, s, torch.randn(32, 4) * 0.01)
+    emb = packed.Int8Embedding.from_parts(64, 128, [sym, asym])
+    assert sym.mins is None and emb.mins is not None
+    ids = torch.arange(64)
+    assert torch.allclose(emb(ids), torch.cat([sym.weight_rows(ids[:32]), asym.weight_rows(ids[:32])]), atol=1e-3)
+
+
+def test_matrices_together_equal_each_alone_in_any_batch():
+    """Several packed weights on one input (one kernel call) give each weight's own outputs, bit for bit, and a
+    row's outputs do not depend on the batch (weight rows are worked on 4 at a time at M=1, 2 at M=2, 1 above)."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.rand(37, 20, generator=g) * 0.05
+    mods = [packed.Int4Linear.from_quants(torch.randint(0, 16, (37, 640), generator=g), s, -8 * s),
+            packed.Int8Linear.from_quants(torch.randint(0, 256, (6, 640), generator=g), s[:6], torch.rand(6, 20) * 0.1),
+            packed.Int4Linear.from_quants(torch.randint(0, 16, (64, 640), generator=g), s[:32].repeat(2, 1),
+                                          torch.rand(64, 20, generator=g) * 0.1)]
+    x = torch.randn(9, 640, generator=g)
+    together = packed.together(x, mods)
+    for m, y in zip(mods, together):
+        assert torch.equal(y, m(x))
+    for rows in (1, 2, 3, 5):
+        for m, y in zip(mods, packed.together(x[:rows], mods)):
+            assert torch.equal(y, together[mods.index(m)][:rows])
+    assert packed.together(torch.randn(native.DENSE_ROWS, 640), mods) is None
+
+
+def test_fused_norms_match_pytorch():
+    """RMSNorm (Gemma 3: 1 + w; Gemma 4: w, or none) and QK-norm + RoPE as one kernel vs PyTorch's formulas."""
+    from gemrun.model.gemma4 import RMSNorm as Norm4
+    from gemrun.model.layers import RMSNorm, apply_rope, norm_rope, rope_cos_sin
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 640, generator=g) * 5
+    for norm in (RMSNorm(640), Norm4(640), Norm4(640, scale=False)):
+        if norm.weight is not None:
+            norm.weight.data = torch.randn(640, generator=g)
+        with torch.no_grad():
+            got = norm(x)  # the fused kernel; below, the PyTorch formula it replaces
+        xf = x.float()
+        if isinstance(norm, RMSNorm):
+            want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * (1 + norm.weight)
+        else:
+            want = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + norm.eps, -0.5)
+            want = want if norm.weight is None else want * norm.weight
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    q = torch.randn(2, 4, 1, 256, generator=g)
+    cos, sin = rope_cos_sin(torch.tensor([[37], [900]]), torch.rand(128, generator=g), torch.float32)
+    norm = RMSNorm(256)
+    norm.weight.data = torch.randn(256, generator=g)
+    with torch.no_grad():
+        got = norm_rope(q, norm, cos[:, None], sin[:, None])
+        xf = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + norm.eps) * (1 + norm.weight)
+        assert torch.allclose(got, apply_rope(xf, cos[:, None], sin[:, None]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window, softcap, kv_heads", [(None, None, 1), (5, None, 2), (None, 30.0, 4), (7, 20.0, 1)])
+def test_one_token_attention_matches_the_masked_reference(window, softcap, kv_heads):
+    """The fused one-token attention reads only the slots the mask lets through (GQA, windows, soft-capping)."""
+    from gemrun.model.layers import attend, attend_positions, attention_mask
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 1, 64, generator=g)
+    k, v = torch.randn(1, kv_heads, 12, 64, generator=g), torch.randn(1, kv_heads, 12, 64, generator=g)
+    kv_pos = torch.tensor([8, 9, 10, 3, 4, 5, 6, 7, -1, -1, 11, 2])  # a ring with empty slots and a future one
+    pos = torch.tensor([10])
+    got = attend_positions(q, k, v, pos, kv_pos, window, 0.125, softcap)
+    want = attend(q, k, v, attention_mask(pos, kv_pos, window), 0.125, softcap)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    full = attend_positions(q, k[:, :, :6], v[:, :, :6], pos, kv_pos[:6], window, 0.125, softcap)  # a view
+    assert torch.allclose(full, attend(q, k[:, :, :6], v[:, :, :6], attention_mask(pos, kv_pos[:6], window), 0.125,
+                                       softcap), rtol=1e-5, atol=1e-5)

@@ -87,3 +87,21 @@ def test_seed_range_is_what_the_generator_takes():
 def test_non_finite_logits_fail_cleanly():
     with pytest.raises(InputError, match="finite"):
         sample(torch.full((10,), float("nan")), torch.zeros(10), SamplingParams(), torch.Generator())
+
+
+def test_fast_top_k_and_argmax_equal_torch():
+    from gemrun.sampling import argmax, has_finite, top_k
+
+    g = torch.Generator().manual_seed(7)
+    for n in (1000, 262144, 262208):
+        x = torch.randn(n, generator=g)
+        x[n // 3] = 9.0  # a clear maximum inside one block
+        values, ids = top_k(x, 64)
+        want = torch.topk(x, 64)
+        assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
+        assert argmax(x) == int(torch.argmax(x)) == n // 3
+    x[5] = float("nan")
+    assert argmax(x) == int(torch.argmax(x)) == 5 and has_finite(x)
+    assert not has_finite(torch.full((10,), float("-inf"))) and has_finite(torch.tensor([float("inf"), 0.0]))
+    with pytest.raises(InputError, match="finite"):
+        sample(torch.full((300,), float("nan")), torch.zeros(300), SamplingParams(), torch.Generator())

@@ -79,14 +79,21 @@ class Decoder(nn.Module):
     def layers_forward(self, x: torch.Tensor, caches: list, positions: torch.Tensor, blocks=None) -> torch.Tensor:
         """x (B, T, E) through every layer. positions (T,) shared by the rows, or (B, T) per row with one cache
         per row (then each layer's cache is a `RowCaches`)."""
-        # inv_freq is recomputed in float32 each call: tiny, and never rounded by a dtype cast of the module
         by_key = {}
         for dim, rope in self.ropes:
-            cos, sin = rope_cos_sin(positions, rope_inv_freq(dim, rope).to(x.device), x.dtype)
+            cos, sin = rope_cos_sin(positions, self.inv_freq(dim, rope, x.device), x.dtype)
             by_key[(dim, rope)] = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         for layer, spec, cache in zip(self.layers, self.specs, caches):
             x = layer(x, by_key[(spec.head_dim, spec.rope)], cache, positions, blocks)
         return x
+
+    def inv_freq(self, dim: int, rope, device: torch.device) -> torch.Tensor:
+        """float32 inverse frequencies, made once per device: kept in a plain dict, not a buffer, so that a dtype
+        cast of the module never rounds them."""
+        table = self.__dict__.setdefault("_inv_freq", {})
+        if (dim, rope, device) not in table:
+            table[dim, rope, device] = rope_inv_freq(dim, rope).to(device)
+        return table[dim, rope, device]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.norm(x))

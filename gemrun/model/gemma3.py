@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import LayerSpec, TextConfig
 from .decoder import Decoder
-from .layers import GatedMLP, RMSNorm, apply_rope, attend, attention_mask
+from .layers import GatedMLP, RMSNorm, attend_positions, linears, norm_rope
 
 
 class Attention(nn.Module):
@@ -33,17 +33,18 @@ class Attention(nn.Module):
                 blocks: torch.Tensor | None = None):
         b, t, _ = x.shape
         d, kv = self.spec.head_dim, self.spec.num_kv_heads
-        q = self.q_proj(x).view(b, t, self.heads, d).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(b, t, self.heads, d).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, kv, d).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(b, t, kv, d).transpose(1, 2)
+        q, k = norm_rope(q, self.q_norm, *rope), norm_rope(k, self.k_norm, *rope)
         y = cache.attend(q, k, v, positions, partial(self.attend, blocks=blocks))  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
 
     def attend(self, q, k, v, positions, kv_positions, blocks, lse=False):
         """q (B, H, T, D) over the cached k, v (B, KV, S, D), masked by absolute positions (T,) and (S,)."""
-        mask = attention_mask(positions, kv_positions, self.spec.window, blocks)
-        return attend(q, k, v, mask, self.scale, self.softcap, lse)
+        return attend_positions(q, k, v, positions, kv_positions, self.spec.window, self.scale, self.softcap, blocks,
+                                lse=lse)
 
 
 class Block(nn.Module):

@@ -23,13 +23,16 @@ from torch import nn
 
 from ..cache import Cache, Parts
 from ..config import Gemma4TextConfig, LayerSpec
+from ..quant import native
 from .decoder import Decoder
-from .layers import GatedMLP, apply_rope, attend, attention_mask
+from .layers import GatedMLP, attend_positions, linears, norm_rope
 
 
 class RMSNorm(nn.Module):
     """Gemma 4 RMSNorm: x * (mean(x^2) + eps)^-0.5 * w in float32, w starting at 1; `scale=False` has no weight
     (Gemma4UnifiedRMSNorm; the pow form is the reference's, chosen to match JAX)."""
+
+    offset = 0.0  # the weight scales as is (Gemma 3's is 1 + w)
 
     def __init__(self, dim: int, eps: float = 1e-6, scale: bool = True):
         super().__init__()
@@ -37,6 +40,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.fits(x, *([] if self.weight is None else [self.weight])):  # one fused kernel
+            return native.rms_norm(x, self.weight, self.offset, self.eps)
         xf = x.float()
         y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         return (y if self.weight is None else y * self.weight.float()).type_as(x)
@@ -63,20 +68,23 @@ class Attention(nn.Module):
                 blocks: torch.Tensor | None = None):
         b, t, _ = x.shape
         d, kv = self.spec.head_dim, self.spec.num_kv_heads
-        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.heads, d).transpose(1, 2)), *rope)  # (B, H, T, D)
+        own = [] if self.spec.kv_source is not None else [self.k_proj] + ([] if self.v_proj is None else [self.v_proj])
+        q, *kv_out = linears(x, self.q_proj, *own)
+        q = norm_rope(q.view(b, t, self.heads, d).transpose(1, 2), self.q_norm, *rope)  # (B, H, T, D)
         k = v = None
-        if self.spec.kv_source is None:
-            k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, KV, T, D)
-            v = k if self.v_proj is None else self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
-            k, v = apply_rope(self.k_norm(k), *rope), self.v_norm(v)
+        if kv_out:
+            k = kv_out[0].view(b, t, kv, d).transpose(1, 2)  # (B, KV, T, D)
+            v = k if self.v_proj is None else kv_out[1].view(b, t, kv, d).transpose(1, 2)
+            k, v = norm_rope(k, self.k_norm, *rope), self.v_norm(v)
         blocks = blocks if self.bidirectional else None
         y = cache.attend(q, k, v, positions, partial(self.attend, blocks=blocks))  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
 
     def attend(self, q, k, v, positions, kv_positions, blocks, lse=False):
         """q (B, H, T, D) over the cached k, v (B, KV, S, D), masked by absolute positions (T,) and (S,)."""
-        mask = attention_mask(positions, kv_positions, self.spec.window, blocks, self.block_in_window)
-        return attend(q, k, v, mask, 1.0, lse=lse)  # Gemma 4 attends unscaled: the Q/K norms set the scale
+        # Gemma 4 attends unscaled: the Q/K norms set the scale
+        return attend_positions(q, k, v, positions, kv_positions, self.spec.window, 1.0, None, blocks,
+                                self.block_in_window, lse)
 
 
 class Block(nn.Module):

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Rope
+from ..quant import native
+from ..quant.packed import together
 
 
 class Embedding(nn.Embedding):
@@ -28,12 +30,16 @@ class RMSNorm(nn.Module):
     """Gemma 3 RMSNorm: x / rms(x) * (1 + w), computed in float32 and cast back after the scale
     (modeling_gemma3.py:Gemma3RMSNorm; unlike Llama, the multiply happens before the cast)."""
 
+    offset = 1.0  # the weight is scaled by (offset + w)
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.fits(x, self.weight):  # one fused kernel, the same arithmetic
+            return native.rms_norm(x, self.weight, self.offset, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * (1.0 + self.weight.float())).type_as(x)
@@ -62,6 +68,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def norm_rope(x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope(norm(x), cos, sin) for x (B, H, T, D): one fused kernel for a new token on the CPU. `norm` is an
+    RMSNorm over D (its `weight` may be None, `offset` + weight scales)."""
+    w = norm.weight
+    if x.shape[2] == 1 and native.fits(x, cos, sin, *([] if w is None else [w])):
+        return native.norm_rope(x, w, norm.offset, norm.eps, cos, sin)
+    return apply_rope(norm(x), cos, sin)
+
+
+def linears(x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
+    """[m(x) for m in modules]; packed low-bit modules share one kernel call (the input quantized once)."""
+    out = together(x, modules)
+    return out if out is not None else [m(x) for m in modules]
+
+
 class GatedMLP(nn.Module):
     """down(gelu_tanh(gate(x)) * up(x))."""
 
@@ -72,7 +93,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None,
@@ -97,6 +119,20 @@ def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None
             same &= kv > q - window
         mask |= same
     return mask
+
+
+def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     kv_positions: torch.Tensor, window: int | None, scale: float, softcap: float | None = None,
+                     blocks: torch.Tensor | None = None, block_in_window: bool = True, lse: bool = False):
+    """`attend` under `attention_mask(positions, kv_positions, window, blocks, block_in_window)`. One new token on
+    the CPU runs a fused kernel that reads only the slots it may see (empty ring slots cost nothing); with `lse`
+    (a part of a chunked cache) the unfused path also returns the log-sum-exp."""
+    if q.shape[2] == 1 and not lse and native.fits(q, k, v):
+        out = native.attend1(q, k, v, positions, kv_positions, window, scale, softcap)
+        if out is not None:
+            return out
+    mask = attention_mask(positions, kv_positions, window, blocks, block_in_window)
+    return attend(q, k, v, mask, scale, softcap, lse)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,

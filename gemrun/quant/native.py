@@ -1,5 +1,6 @@
-"""The AVX-512 VNNI kernels of `q4q8.c`: compiled with the system C compiler on first use, cached by source hash,
-called through ctypes. Where the CPU lacks the instructions or no compiler is found, `available()` is False and
+"""gemrun's native CPU kernels: the AVX-512 VNNI matrix products of `q4q8.c` and the small fused decode-step
+operations of `ops.c`, compiled with the system C compiler on first use, cached by source hash, called through
+ctypes. Where the CPU lacks the instructions or no compiler is found, `available()` is False and
 the packed modules fall back to PyTorch's own weight-only kernels (set GEMRUN_NATIVE=0 to force that)."""
 
 from __future__ import annotations
@@ -18,13 +19,28 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("gemrun")
-SOURCE = Path(__file__).with_name("q4q8.c")
+SOURCES = [Path(__file__).with_name("q4q8.c"), Path(__file__).with_name("ops.c")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
          "-shared", "-fPIC"]
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}
 GROUP = 32
 DENSE_ROWS = 64  # from this many activation rows on (long prompts), dequantize to bf16 and use a dense matmul;
 # batched decoding stays below it (the engine's batch limit), so a sequence's decode never changes kernels
+
+MAX_TOGETHER = 8  # matrices in one `mm` call (gemrun_mm's bound)
+
+
+class Matrix(ctypes.Structure):
+    """q4q8.c's `matrix`: one packed weight (N rows), its fp16 scales and mins (mins NULL: min = -zero * scale)."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("zero", ctypes.c_int64), ("n", ctypes.c_int64), ("bits", ctypes.c_int64)]
+
+
+def matrix(bits: int, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, zero: int) -> Matrix:
+    """The kernels' view of a packed weight (it holds pointers: the tensors must stay alive and unmoved)."""
+    return Matrix(q.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(), zero, q.shape[0], bits)
+
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -54,38 +70,44 @@ def _build() -> ctypes.CDLL | None:
         return None
     from ..tokenizer import cache_dir
 
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"q4q8-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_so = Path(tmp) / out.name
-            r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
+            r = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp_so), "-lm"], capture_output=True,
+                               text=True)
             if r.returncode != 0:
                 log.warning("native kernels off: compiling failed: %s", r.stderr.strip()[:500])
                 return None
             os.replace(tmp_so, out)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gemrun_q4_mm.argtypes = [p, i64, i64, p, p, p, i64, p, p, p, p, i32]
-    lib.gemrun_q8_mm.argtypes = [p, i64, i64, p, p, p, i64, p, p, p, p, i32]
-    lib.gemrun_q4_dequant.argtypes = lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, p, i32]
-    lib.gemrun_q4_mm.restype = lib.gemrun_q8_mm.restype = None
-    lib.gemrun_q4_dequant.restype = lib.gemrun_q8_dequant.restype = None
+    lib.gemrun_mm.argtypes = [p, i64, i64, i32, ctypes.POINTER(Matrix), p, p, p, p, i32]
+    lib.gemrun_q4_dequant.argtypes = lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, i64, p, i32]
+    lib.gemrun_mm.restype = lib.gemrun_q4_dequant.restype = lib.gemrun_q8_dequant.restype = None
+    f32 = ctypes.c_float
+    lib.gemrun_rms_norm.argtypes = [p, i64, i64, p, f32, f32, p]
+    lib.gemrun_norm_rope.argtypes = [p, i64, i64, i64, p, f32, f32, p, p, i64, p]
+    lib.gemrun_attend1.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, i64, f32, f32, p, p, i32]
+    lib.gemrun_rms_norm.restype = lib.gemrun_norm_rope.restype = lib.gemrun_attend1.restype = None
     return lib
 
 
 def library() -> ctypes.CDLL | None:
     global _lib, _tried
+    if _tried:  # decided: no lock on the hot path (it is asked several times per layer and token)
+        return _lib
     with _lock:
         if not _tried:
-            _tried = True
             try:
                 _lib = _build()
             except OSError as e:
                 log.warning("native kernels off: %s", e)
                 _lib = None
+            _tried = True  # after _lib: a thread that sees it without the lock sees the result
         return _lib
 
 
@@ -119,17 +141,24 @@ def natural_order(k: int) -> torch.Tensor:
     return torch.argsort(lane_order(k)).to(torch.long)
 
 
-def _work(m: int, k: int):
-    g = k // GROUP
-    return (torch.empty(2 * m, k, dtype=torch.int8), torch.empty(m, g, dtype=torch.float32),
-            torch.empty(m, g, dtype=torch.float32))
+_scratch = threading.local()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
 
-_scratch = threading.local()
+def _work(m: int, k: int) -> tuple[int, int, int]:
+    """Pointers to this thread's scratch for quantized activations: xq (2m, k) int8, xd and xs (m, k/32) float32."""
+    q, g = 2 * m * k, m * (k // GROUP) * 4
+    need = q + 2 * g + 128
+    buf = getattr(_scratch, "work", None)
+    if buf is None or buf.numel() < need:
+        buf = _scratch.work = torch.empty(max(need, 1 << 16), dtype=torch.uint8)
+    p = buf.data_ptr()
+    return p, p + (q + 63) // 64 * 64, p + (q + 63) // 64 * 64 + g
+
+
 TILE = 2048  # weight rows dequantized at a time: the tile is reused while hot, the scratch stays small
 
 
@@ -149,32 +178,46 @@ def _dense(x: torch.Tensor, n: int, k: int, fill) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
-def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    n, k = q.shape[0], x.shape[-1]
-    lib = library()
-    mm, dequant = (lib.gemrun_q4_mm, lib.gemrun_q4_dequant) if bits == 4 else (lib.gemrun_q8_mm, lib.gemrun_q8_dequant)
-    if x.numel() // k >= DENSE_ROWS:
-        return _dense(x, n, k, lambda r, t, out: dequant(q[r:].data_ptr(), scales[r:].data_ptr(), mins[r:].data_ptr(),
-                                                         t, k, out, torch.get_num_threads()))
+def mm(x: torch.Tensor, weights: list[Matrix]) -> torch.Tensor:
+    """(..., K) activations x several packed weights sharing them -> float32 (..., N_0 + N_1 + ...): the
+    activations are quantized once and one parallel region covers the rows of every matrix."""
+    k = x.shape[-1]
     a = _rows(x)
     m = a.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    xq, xd, xs = _work(m, k)
-    mm(a.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, y.data_ptr(), xq.data_ptr(),
-       xd.data_ptr(), xs.data_ptr(), torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], n)
+    y = torch.empty(m, sum(w.n for w in weights), dtype=torch.float32)
+    lib = library()
+    count = len(weights)
+    if count > MAX_TOGETHER:
+        raise ValueError(f"at most {MAX_TOGETHER} matrices at once")
+    lib.gemrun_mm(a.data_ptr(), m, k, count, (Matrix * count)(*weights), y.data_ptr(), *_work(m, k),
+                  torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+        zero: int) -> torch.Tensor:
+    n, k = q.shape[0], x.shape[-1]
+    if x.numel() // k >= DENSE_ROWS:
+        lib = library()
+        dequant = lib.gemrun_q4_dequant if bits == 4 else lib.gemrun_q8_dequant
+        return _dense(x, n, k, lambda r, t, out: dequant(q[r:].data_ptr(), scales[r:].data_ptr(),
+                                                         None if mins is None else mins[r:].data_ptr(), zero, t, k,
+                                                         out, torch.get_num_threads()))
+    return mm(x, [matrix(bits, q, scales, mins, zero)])
+
+
+def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+          zero: int = 0) -> torch.Tensor:
     """(..., K) activations x 4-bit weights (N, K/2 bytes, `pack_nibbles`), weight = q * scale + min with fp16
-    scales and mins (N, K/32) -> float32 (..., N)."""
-    return _mm(4, x, nibbles, scales, mins)
+    scales and mins (N, K/32) -> float32 (..., N). Symmetric formats pass mins None: min = -zero * scale."""
+    return _mm(4, x, nibbles, scales, mins, zero)
 
 
-def q8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def q8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+          zero: int = 0) -> torch.Tensor:
     """(..., K) activations x 8-bit weights (N, K bytes, `q8_reorder`), weight = q * scale + min with fp16 scales
-    and mins (N, K/32) -> float32 (..., N)."""
-    return _mm(8, x, q, scales, mins)
+    and mins (N, K/32) -> float32 (..., N). Symmetric formats pass mins None: min = -zero * scale."""
+    return _mm(8, x, q, scales, mins, zero)
 
 
 def q8_reorder(q: torch.Tensor) -> torch.Tensor:
@@ -188,3 +231,58 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     qs = q.to(torch.uint8)[:, lane_order(k).long()].reshape(n, k // 128, 2, 64)
     return (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+# The fused float32 operations of one decode step (ops.c). Callers check `fits` first; the PyTorch code they replace
+# stays the reference (model/layers.py).
+
+
+def fits(*tensors: torch.Tensor) -> bool:
+    """float32 CPU tensors, and the kernels are there."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and available()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, offset: float, eps: float) -> torch.Tensor:
+    """x (..., n) / rms(x) * (offset + weight) in float32 (weight None: unscaled)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    w = None if weight is None else weight.contiguous()
+    library().gemrun_rms_norm(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], _ptr(w), offset, eps,
+                              out.data_ptr())
+    return out
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, offset: float, eps: float, cos: torch.Tensor,
+              sin: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over head_dim then RoPE, for one new token: x (B, H, 1, D); cos, sin (1, D) or (B, 1, 1, D)."""
+    b, h, _, d = x.shape
+    x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(x)
+    w = None if weight is None else weight.contiguous()
+    library().gemrun_norm_rope(x.data_ptr(), b, h, d, _ptr(w), offset, eps, cos.data_ptr(), sin.data_ptr(),
+                               0 if cos.numel() == d else d, out.data_ptr())
+    return out
+
+
+def attend1(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+            kv_positions: torch.Tensor, window: int | None, scale: float, softcap: float | None
+            ) -> torch.Tensor | None:
+    """One new token's attention over a cache: q (1, H, 1, D), k and v (1, KV, S, D) views of one layout,
+    positions (1,), kv_positions (S,) (-1: empty slot) -> (1, H, 1, D); None when the shapes do not fit."""
+    _, h, _, d = q.shape
+    kvh, s = k.shape[1], k.shape[2]
+    if (q.shape[0] != 1 or k.shape[0] != 1 or d % 16 or d > 512 or h % kvh or k.stride() != v.stride()
+            or k.stride(-1) != 1 or k.stride(-2) != d or kv_positions.dtype != torch.int64):
+        return None
+    q, kv_positions, positions = q.contiguous(), kv_positions.contiguous(), positions.contiguous()
+    out = torch.empty_like(q)
+    scratch = torch.empty(h * s, dtype=torch.float32)
+    library().gemrun_attend1(q.data_ptr(), h, d, k.data_ptr(), v.data_ptr(), kvh, k.stride(1), s,
+                             kv_positions.data_ptr(), positions.data_ptr(), window or 0, scale, softcap or 0.0,
+                             out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return out

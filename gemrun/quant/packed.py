@@ -1,6 +1,8 @@
 """Weight-only low-bit modules, swapped in for `nn.Linear` / `nn.Embedding`. Every format is groups of 32 along
 the input with weight = q * scale + min (fp16 scale and min per group); the products run through gemrun's AVX-512
-VNNI kernels (`native.py`, `q4q8.c`), or PyTorch's CPU kernels where those are missing.
+VNNI kernels (`native.py`, `q4q8.c`), or PyTorch's CPU kernels where those are missing. Symmetric formats (Q4_0,
+Q8_0, Q5_0, HF int4: min = -zero * scale with one integer zero per matrix) keep no minimum (`mins` is None): decode
+reads what the GGUF file holds, not 11% more.
 
 - `Int4Linear`: q in 0..15. GGUF Q4_0 and Q4_1 map onto it exactly, Q4_K with its 6-bit sub-scales times the
   super-block scales rounded to fp16. PyTorch's fallback (`aten._weight_int4pack_mm_for_cpu`) rounds them to bf16.
@@ -23,6 +25,14 @@ from . import native
 
 GROUP = 32
 INNER_K_TILES = 2
+ZEROS = {4: (8,), 8: (128, 16)}  # symmetric zero points: Q4_0 and HF int4; Q8_0 (int8 + 128), Q5_0
+
+
+def symmetric_zero(scales: torch.Tensor, mins: torch.Tensor, bits: int) -> int | None:
+    """The integer z with min = -z * scale in every group (scales as stored, fp16), or None: then the kernels need
+    no minimum and the weights stay exact."""
+    s, m = scales.to(torch.float16).float(), mins.float()
+    return next((z for z in ZEROS[bits] if torch.equal(m, -z * s)), None)
 
 
 def _flat(x: torch.Tensor, out_features: int, kernel) -> torch.Tensor:
@@ -36,9 +46,47 @@ def _int4_pack(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), INNER_K_TILES)
 
 
-class Int4Linear(nn.Module):
+class Groups:
+    """The native layout's per-group parameters: fp16 scales, and mins unless the format is symmetric."""
+
+    zero = 0  # with mins None: min = -zero * scale
+
+    def set_groups(self, scales: torch.Tensor, mins: torch.Tensor | None, zero: int | None) -> None:
+        """fp16 scales and mins per group; with `zero` given, no mins (min = -zero * scale)."""
+        self.scales = scales.to(torch.float16)
+        self.mins = None if zero is not None else mins.to(torch.float16)
+        self.zero = zero or 0
+
+    def stored_mins(self) -> torch.Tensor:
+        """The fp16 mins per group, made from the scales for a symmetric format."""
+        return self.mins if self.mins is not None else (-self.zero * self.scales.float()).to(torch.float16)
+
+    def matrix(self) -> native.Matrix:
+        """The kernels' descriptor of this weight (remade when a buffer was replaced)."""
+        q = self.nibbles if self.bits == 4 else self.qweight
+        key = (q.data_ptr(), self.scales.data_ptr(), None if self.mins is None else self.mins.data_ptr())
+        if getattr(self, "_matrix_key", None) != key:
+            self._matrix, self._matrix_key = native.matrix(self.bits, q, self.scales, self.mins, self.zero), key
+        return self._matrix
+
+
+def together(x: torch.Tensor, modules) -> list[torch.Tensor] | None:
+    """The outputs of several packed linear modules on the same input x (..., K) from one kernel call (the
+    activations quantized once), or None where that does not apply (then call them one by one)."""
+    if x.numel() // x.shape[-1] >= native.DENSE_ROWS or len(modules) > native.MAX_TOGETHER:
+        return None
+    if not all(isinstance(m, (Int4Linear, Int8Linear)) and m.native for m in modules):
+        return None
+    y = native.mm(x, [m.matrix() for m in modules]).to(x.dtype)
+    return list(y.split([m.out_features for m in modules], dim=-1))
+
+
+class Int4Linear(Groups, nn.Module):
+    bits = 4
+
     """4-bit weights in groups of 32: weight = q * scale + min, q in 0..15. Native: nibbles in lane order
-    (`native.pack_nibbles`), fp16 scale and min per group; else PyTorch's int4 layout, bf16 scale and zero."""
+    (`native.pack_nibbles`), fp16 scale and min per group (no min for symmetric formats: min = -zero * scale);
+    else PyTorch's int4 layout, bf16 scale and zero."""
 
     def __init__(self, in_features: int, out_features: int, group: int = GROUP):
         super().__init__()
@@ -60,7 +108,7 @@ class Int4Linear(nn.Module):
         m = cls(k, n, group)
         if m.native:
             m.nibbles = native.pack_nibbles(q)
-            m.scales, m.mins = scales.to(torch.float16), mins.to(torch.float16)
+            m.set_groups(scales, mins, symmetric_zero(scales, mins, 4))
         else:  # PyTorch's kernel: weight = (q - 8) * scale + zero
             m.packed = _int4_pack(q)
             zeros = mins.double() + 8 * scales.double()
@@ -88,8 +136,10 @@ class Int4Linear(nn.Module):
         return type(self).from_quants(*_narrow(self.quants(), dim, start, length, self.group), self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.numel() // self.in_features < native.DENSE_ROWS:
+            return native.mm(x, [self.matrix()]).to(x.dtype)
         if self.native:
-            return native.q4_mm(x, self.nibbles, self.scales, self.mins).to(x.dtype)
+            return native.q4_mm(x, self.nibbles, self.scales, self.mins, self.zero).to(x.dtype)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         return _flat(x, self.out_features, lambda a: mm(a, self.packed, self.group, self.scales_zeros)).to(x.dtype)
 
@@ -125,9 +175,12 @@ def fit_groups(w: torch.Tensor, top: int, group: int = GROUP):
     return q.reshape(n, k).to(torch.uint8), scale, mins
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(Groups, nn.Module):
+    bits = 8
+
     """8-bit weights. Native: groups of 32, weight = q * scale + min, q in 0..255 in lane order (`native.q8_reorder`),
-    fp16 scale and min per group. Else PyTorch's layout: int8 with one bf16 scale per output row."""
+    fp16 scale and min per group (none for symmetric formats: min = -zero * scale). Else PyTorch's layout: int8
+    with one bf16 scale per output row."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -148,7 +201,7 @@ class Int8Linear(nn.Module):
         m = cls(k, n)
         if m.native:
             m.qweight = native.q8_reorder(q)
-            m.scales, m.mins = scales.to(torch.float16), mins.to(torch.float16)
+            m.set_groups(scales, mins, symmetric_zero(scales, mins, 8))
         else:
             w = q.float().reshape(n, -1, GROUP) * scales.float()[..., None] + mins.float()[..., None]
             m.weight_int8, m.scales = quantize_rows_int8(w.reshape(n, k))
@@ -187,13 +240,18 @@ class Int8Linear(nn.Module):
         """Rows `ids` of the weight, dequantized to float32."""
         if not self.native:
             return self.weight_int8[ids].float() * self.scales[ids].float()[..., None]
-        q = self.qweight[ids][..., native.natural_order(self.in_features)].float()
-        q = q.unflatten(-1, (-1, GROUP)) * self.scales[ids].float()[..., None] + self.mins[ids].float()[..., None]
+        q = self.qweight[ids][..., native.natural_order(self.in_features)].float().unflatten(-1, (-1, GROUP))
+        if self.mins is None:
+            q = (q - self.zero) * self.scales[ids].float()[..., None]
+        else:
+            q = q * self.scales[ids].float()[..., None] + self.mins[ids].float()[..., None]
         return q.flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.numel() // self.in_features < native.DENSE_ROWS:
+            return native.mm(x, [self.matrix()]).to(x.dtype)
         if self.native:
-            return native.q8_mm(x, self.qweight, self.scales, self.mins).to(x.dtype)
+            return native.q8_mm(x, self.qweight, self.scales, self.mins, self.zero).to(x.dtype)
         mm = torch.ops.aten._weight_int8pack_mm
         return _flat(x, self.out_features, lambda a: mm(a, self.weight_int8, self.scales)).to(x.dtype)
 
@@ -221,9 +279,27 @@ class Int8Embedding(Int8Linear):
     def from_parts(cls, num: int, dim: int, parts):
         """From `Int8Linear`s of consecutive row slices, made one at a time (the float table is never whole)."""
         m = cls(num, dim)
-        parts = list(parts)
-        for name, _ in list(m.named_buffers()):
-            setattr(m, name, torch.cat([getattr(p, name) for p in parts]))
+        if not m.native:
+            parts = list(parts)
+            for name, _ in list(m.named_buffers()):
+                setattr(m, name, torch.cat([getattr(p, name) for p in parts]))
+            return m
+        # each slice is copied into place as it comes: the whole table exists once, never twice
+        q, scales, mins = torch.empty_like(m.qweight), torch.empty_like(m.scales), None
+        row, zero = 0, None  # zero: the common zero point of the symmetric slices so far (None: mins kept)
+        for p in parts:
+            r, z = p.out_features, p.zero if p.mins is None else None
+            if row == 0:
+                zero = z
+            if mins is None and (z is None or z != zero):  # slices of differing kinds keep mins
+                mins = torch.empty_like(scales)
+                mins[:row] = (-(zero or 0) * scales[:row].float()).to(torch.float16)
+            q[row:row + r], scales[row:row + r] = p.qweight, p.scales
+            if mins is not None:
+                mins[row:row + r] = p.stored_mins()
+            row += r
+        m.qweight = q
+        m.set_groups(scales, mins, zero if mins is None else None)
         return m
 
     def narrow(self, dim: int, start: int, length: int) -> Int8Embedding:

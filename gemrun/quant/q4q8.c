@@ -12,7 +12,9 @@
 //
 // q4: weight = q * s + m, q in 0..15, fp16 s and m per group. Nibbles of vector pairs (r, r+1): 64 bytes whose low
 //     halves are vector r and high halves vector r+1.
-// q8: weight = q * s + m, q in 0..255 in vector order, fp16 s and m per group (Q8_0: q = int8 + 128, m = -128 s).
+// q8: weight = q * s + m, q in 0..255 in vector order, fp16 s and m per group.
+// Symmetric formats (Q4_0, Q8_0, Q5_0: m = -z s with one integer z for the whole matrix) pass mins = NULL and z:
+// the weights then cost the file's own bytes (no fp16 minimum beside every scale) and are still exact.
 //
 // Built by gemrun/quant/native.py with gcc; called through ctypes. The index maps are made in native.py.
 
@@ -31,9 +33,10 @@ static inline int chunk_groups(int64_t G, int64_t c) {
 
 // x (M, K) fp32 -> hi levels xq[m*K ..], lo levels xq[M*K + m*K ..] in lane order; d (M, K/32) = block scale / 128
 // (the integer dots come out scaled by 128); s (M, K/32) = block sums of the quantized values, unscaled by 128.
-static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *d, float *s, int nthreads) {
+// Called inside a parallel region: the rows are shared out among its threads.
+static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *d, float *s) {
     int64_t G = K / QK;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         int8_t *hi = xq + m * K, *lo = xq + M * K + m * K;
         for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
@@ -72,92 +75,120 @@ static inline __m512i lane_groups(int cg) {
                             _mm512_set1_epi32(cg - 1));
 }
 
-// One weight row against `mt` activation rows (mt constant after inlining): w4 nibbles or w8 bytes, ws/wm the
-// row's fp16 scales and mins per group.
-static inline __attribute__((always_inline)) void dot_row(const uint8_t *w4, const uint8_t *w8, const uint16_t *ws,
-                                                          const uint16_t *wm, int64_t G, int64_t K, const int8_t *xq,
-                                                          const int8_t *xl, const float *xd, const float *xs,
-                                                          const int mt, float *out) {
+// One packed matrix: q4 nibbles or q8 bytes (N rows), fp16 scales and mins per group (mins NULL: m = -zero * s).
+typedef struct {
+    const uint8_t *q;
+    const uint16_t *scales, *mins;
+    int64_t zero, n, bits;
+} matrix;
+
+// `nr` weight rows (from row n of w) against `mt` activation rows (nr, mt constant after inlining): out[i * ostride
+// + j] = row n + j . activation row i. The activation vectors loaded for a step serve all nr weight rows, and the
+// nr * mt dot products are independent chains. Per output the instructions are the same for any (nr, mt).
+static inline __attribute__((always_inline)) void dot_block(const matrix *w, int64_t n, int64_t K, const int8_t *xq,
+                                                            const int8_t *xl, const float *xd, const float *xs,
+                                                            const int nr, const int mt, float *out, int64_t ostride) {
+    const int64_t G = K / QK, stride = w->bits == 4 ? K / 2 : K;
+    const uint8_t *rows = w->q + n * stride;
+    const uint16_t *ws = w->scales + n * G, *wm = w->mins ? w->mins + n * G : 0;
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
-    __m512 acc[MT], accm[MT];
-    for (int i = 0; i < mt; i++) acc[i] = accm[i] = _mm512_setzero_ps();
+    __m512 acc[4][MT], accm[4][MT];
+    for (int j = 0; j < nr; j++)
+        for (int i = 0; i < mt; i++) acc[j][i] = accm[j][i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
         int cg = chunk_groups(G, c);
         __mmask16 k = (__mmask16)((1u << cg) - 1);
-        __m512i dh[MT], dl[MT];
-        for (int i = 0; i < mt; i++) dh[i] = dl[i] = _mm512_setzero_si512();
+        __m512i dh[4][MT], dl[4][MT];
+        for (int j = 0; j < nr; j++)
+            for (int i = 0; i < mt; i++) dh[j][i] = dl[j][i] = _mm512_setzero_si512();
         const int64_t base = c * QK;
         for (int r = 0; r < cg / 2; r += 2) {
-            __m512i wa, wb;
-            if (w4) {
-                __m512i v = _mm512_loadu_si512((const void *)(w4 + base / 2 + r * 32));
-                wa = _mm512_and_si512(v, lo4);
-                wb = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-            } else {
-                wa = _mm512_loadu_si512((const void *)(w8 + base + r * 64));
-                wb = _mm512_loadu_si512((const void *)(w8 + base + r * 64 + 64));
-            }
+            __m512i h0[MT], l0[MT], h1[MT], l1[MT];
             for (int i = 0; i < mt; i++) {
                 const int8_t *h = xq + i * K + base + r * 64, *l = xl + i * K + base + r * 64;
-                dh[i] = _mm512_dpbusd_epi32(dh[i], wa, _mm512_loadu_si512((const void *)h));
-                dl[i] = _mm512_dpbusd_epi32(dl[i], wa, _mm512_loadu_si512((const void *)l));
-                dh[i] = _mm512_dpbusd_epi32(dh[i], wb, _mm512_loadu_si512((const void *)(h + 64)));
-                dl[i] = _mm512_dpbusd_epi32(dl[i], wb, _mm512_loadu_si512((const void *)(l + 64)));
+                h0[i] = _mm512_loadu_si512((const void *)h), h1[i] = _mm512_loadu_si512((const void *)(h + 64));
+                l0[i] = _mm512_loadu_si512((const void *)l), l1[i] = _mm512_loadu_si512((const void *)(l + 64));
+            }
+            for (int j = 0; j < nr; j++) {
+                __m512i wa, wb;
+                if (w->bits == 4) {
+                    __m512i v = _mm512_loadu_si512((const void *)(rows + j * stride + base / 2 + r * 32));
+                    wa = _mm512_and_si512(v, lo4);
+                    wb = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+                } else {
+                    wa = _mm512_loadu_si512((const void *)(rows + j * stride + base + r * 64));
+                    wb = _mm512_loadu_si512((const void *)(rows + j * stride + base + r * 64 + 64));
+                }
+                for (int i = 0; i < mt; i++) {
+                    dh[j][i] = _mm512_dpbusd_epi32(dh[j][i], wa, h0[i]);
+                    dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wa, l0[i]);
+                    dh[j][i] = _mm512_dpbusd_epi32(dh[j][i], wb, h1[i]);
+                    dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wb, l1[i]);
+                }
             }
         }
         __m512i idx = lane_groups(cg);
-        __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + c));
-        for (int i = 0; i < mt; i++) {
-            __m512 f = _mm512_permutexvar_ps(idx, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xd + i * G + c)));
-            __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dh[i], 7), dl[i]);
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[i]);
-            accm[i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + c)),
-                                      _mm512_maskz_loadu_ps(k, xs + i * G + c), accm[i]);
+        for (int j = 0; j < nr; j++) {
+            __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + j * G + c));
+            // the min term per group: m * (sum of the block's activations); symmetric: sum s * xs, times -zero
+            __m512 mv = wm ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + j * G + c)) : sv;
+            for (int i = 0; i < mt; i++) {
+                __m512 f = _mm512_permutexvar_ps(idx, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xd + i * G + c)));
+                __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dh[j][i], 7), dl[j][i]);
+                acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[j][i]);
+                accm[j][i] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + i * G + c), accm[j][i]);
+            }
         }
     }
-    for (int i = 0; i < mt; i++) out[i] = hsum(_mm512_add_ps(acc[i], accm[i]));
+    const __m512 mz = _mm512_set1_ps(wm ? 1.f : -(float)w->zero);
+    for (int j = 0; j < nr; j++)
+        for (int i = 0; i < mt; i++) out[i * ostride + j] = hsum(_mm512_fmadd_ps(accm[j][i], mz, acc[j][i]));
 }
 
-#define ROWS(CALL)                                                                                                     \
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {                                                                           \
-        float o[MT];                                                                                                   \
-        int64_t left = M - m0;                                                                                         \
-        if (left >= 4) CALL(4);                                                                                        \
-        else if (left == 3) CALL(3);                                                                                   \
-        else if (left == 2) CALL(2);                                                                                   \
-        else CALL(1);                                                                                                  \
-        for (int64_t i = 0; i < (left < MT ? left : MT); i++) y[(m0 + i) * N + n] = FINISH(o[i]);                      \
-    }
+#define RB 4  // weight rows per work item
 
-// y[m, n] for n in [0, N): weights q (N, K/2) nibbles, scales/mins (N, K/32) fp16.
-void gemrun_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scales,
-                  const uint16_t *mins, int64_t N, float *y, int8_t *xq, float *xd, float *xs, int nthreads) {
-    int64_t G = K / QK;
-    quantize_rows(x, M, K, xq, xd, xs, nthreads);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-#define CALL(mt) dot_row(q + n * (K / 2), 0, scales + n * G, mins + n * G, G, K, xq + m0 * K, xq + M * K + m0 * K, \
-                         xd + m0 * G, xs + m0 * G, mt, o)
-#define FINISH(v) (v)
-        ROWS(CALL)
-#undef CALL
-#undef FINISH
+// Rows [n, n + nr) of w (nr <= RB) against all M activation rows, into y (M, ldy) at column col.
+static void rows_block(const matrix *w, int64_t n, int nr, int64_t M, int64_t K, const int8_t *xq, const float *xd,
+                       const float *xs, float *y, int64_t ldy) {
+    const int64_t G = K / QK;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        int64_t left = M - m0;
+        const int8_t *h = xq + m0 * K, *l = xq + M * K + m0 * K;
+        const float *d = xd + m0 * G, *s = xs + m0 * G;
+        float *o = y + m0 * ldy;
+#define DOT(NR, MTT, J) dot_block(w, n + (J), K, h, l, d, s, NR, MTT, o + (J), ldy)
+        if (left == 1 && nr == RB) DOT(4, 1, 0);
+        else if (left == 2 && nr == RB) DOT(2, 2, 0), DOT(2, 2, 2);
+        else
+            for (int j = 0; j < nr; j++) {
+                if (left >= 4) DOT(1, 4, j);
+                else if (left == 3) DOT(1, 3, j);
+                else if (left == 2) DOT(1, 2, j);
+                else DOT(1, 1, j);
+            }
+#undef DOT
     }
 }
 
-// y[m, n] for n in [0, N): weights q (N, K) bytes, scales/mins (N, K/32) fp16.
-void gemrun_q8_mm(const float *x, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scales,
-                  const uint16_t *mins, int64_t N, float *y, int8_t *xq, float *xd, float *xs, int nthreads) {
-    int64_t G = K / QK;
-    quantize_rows(x, M, K, xq, xd, xs, nthreads);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-#define CALL(mt) dot_row(0, q + n * K, scales + n * G, mins + n * G, G, K, xq + m0 * K, xq + M * K + m0 * K, \
-                         xd + m0 * G, xs + m0 * G, mt, o)
-#define FINISH(v) (v)
-        ROWS(CALL)
-#undef CALL
-#undef FINISH
+// y (M, sum of N) = x (M, K) . [W_0; W_1; ...]^T for `count` packed matrices sharing the input: the activations are
+// quantized once (into xq (2M, K), xd and xs (M, K/32)) and the rows of all matrices shared out among the threads
+// in one parallel region.
+void gemrun_mm(const float *x, int64_t M, int64_t K, int count, const matrix *ws, float *y, int8_t *xq, float *xd,
+               float *xs, int nthreads) {
+    int64_t ldy = 0, items = 0;
+    int64_t first[8], col[8];
+    for (int i = 0; i < count; i++) first[i] = items, col[i] = ldy, items += (ws[i].n + RB - 1) / RB, ldy += ws[i].n;
+#pragma omp parallel num_threads(nthreads)
+    {
+        quantize_rows(x, M, K, xq, xd, xs);  // ends with the barrier of its omp for
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            int i = count - 1;
+            while (first[i] > it) i--;
+            int64_t n = (it - first[i]) * RB;
+            int nr = ws[i].n - n < RB ? (int)(ws[i].n - n) : RB;
+            rows_block(&ws[i], n, nr, M, K, xq, xd, xs, y + col[i] + n, ldy);
+        }
     }
 }
 
@@ -181,8 +212,17 @@ static inline void dense_row(const uint8_t *stored, const float *s, const float 
     }
 }
 
-void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t N, int64_t K,
-                       uint16_t *out, int nthreads) {
+// (s, m) of row n's groups; mins NULL: m = -zero s
+static inline void row_params(const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t n, int64_t G,
+                              float *s, float *m) {
+    for (int64_t g = 0; g < G; g++) {
+        s[g] = _cvtsh_ss(scales[n * G + g]);
+        m[g] = mins ? _cvtsh_ss(mins[n * G + g]) : -(float)zero * s[g];
+    }
+}
+
+void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
+                       int64_t K, uint16_t *out, int nthreads) {
     int64_t G = K / QK;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -196,21 +236,21 @@ void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t 
                     stored[p * 128 + b] = row[p * 64 + b] & 15;
                     stored[p * 128 + 64 + b] = row[p * 64 + b] >> 4;
                 }
-            for (int64_t g = 0; g < G; g++) s[g] = _cvtsh_ss(scales[n * G + g]), m[g] = _cvtsh_ss(mins[n * G + g]);
+            row_params(scales, mins, zero, n, G, s, m);
             dense_row(stored, s, m, K, out + n * K);
         }
     }
 }
 
-void gemrun_q8_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t N, int64_t K,
-                       uint16_t *out, int nthreads) {
+void gemrun_q8_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
+                       int64_t K, uint16_t *out, int nthreads) {
     int64_t G = K / QK;
 #pragma omp parallel num_threads(nthreads)
     {
         float s[G], m[G];
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            for (int64_t g = 0; g < G; g++) s[g] = _cvtsh_ss(scales[n * G + g]), m[g] = _cvtsh_ss(mins[n * G + g]);
+            row_params(scales, mins, zero, n, G, s, m);
             dense_row(q + n * K, s, m, K, out + n * K);
         }
     }
