@@ -9,7 +9,9 @@ import time
 import httpx
 import uvicorn
 
-from gemrun.server.app import Settings, create_app, server_config
+from gemrun.server.app import create_app
+from gemrun.server.lifecycle import server_config
+from gemrun.server.settings import Settings
 
 # How long a test waits for the server before calling it broken. It only detects failures: on a busy machine a
 # reply may take minutes, and no test asserts a speed (speed lives in benchmarks/).

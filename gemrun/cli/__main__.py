@@ -1,0 +1,5 @@
+"""`python -m gemrun.cli`."""
+
+from . import main
+
+main()
