@@ -143,14 +143,17 @@ class Sequence:
         # by doubling past that
         want = params.max_tokens if reserve is None else min(params.max_tokens, reserve)
         self.pool = pool
-        reused = pool.take(self.prompt.cache_key, self.prompt.blocks) if pool is not None else None
-        self.caches, cached = reused or (model.make_caches(capacity=min(max_context, n + want), spare=spare), 0)
+        reused = None if pool is None else pool.take(self.prompt.cache_key, self.prompt.blocks, not keep_hidden)
+        self.caches, cached, self.end_logits = reused or (model.make_caches(capacity=min(max_context, n + want),
+                                                                            spare=spare), 0, None)
         self.counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=device)
         seen = torch.tensor([i for i in self.prompt.ids if i < model.config.vocab_size], dtype=torch.long,
                             device=device)
         self.counts.index_add_(0, seen, torch.ones(len(seen), device=device))
         self.gen = params.generator(device)
-        self.chunks = chunk_bounds(n, chunk, self.prompt.blocks, start=cached)
+        # an identical prompt's end came with its logits: one empty step (n, n) hands them over
+        self.chunks = [(n, n)] if self.end_logits is not None else chunk_bounds(n, chunk, self.prompt.blocks,
+                                                                                  start=cached)
         self.logits: torch.Tensor | None = None  # (V,) of the last position, once prefilled
         self.keep_hidden = keep_hidden  # speculative decoding starts from the last final-normed hidden state
         self.hidden: torch.Tensor | None = None  # (1, 1, E), with keep_hidden
@@ -175,7 +178,9 @@ class Sequence:
     @torch.inference_mode()
     def prefill_step(self) -> None:
         a, b = self.chunks.pop(0)
-        if self.keep_hidden:
+        if a == b:
+            self.logits = self.end_logits.clone()  # `choose` masks the logits in place
+        elif self.keep_hidden:
             ids, embeds, blocks = chunk_inputs(self.model, self.prompt, a, b)
             self.hidden = self.model.hidden(ids, self.caches, embeds, blocks)[:, -1:]
             self.logits = self.model.project(self.hidden)[0, -1].float()
@@ -187,6 +192,8 @@ class Sequence:
             if self.pool is not None:  # a later prompt may diverge anywhere from here on (a reply re-rendered)
                 for c in self.caches:
                     c.checkpoint()
+                if not self.keep_hidden:
+                    self.end_logits = self.logits.clone()
 
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor) -> Token:
@@ -245,7 +252,8 @@ class Sequence:
         """Give the caches to the pool (under the key of the tokens they hold), or drop them."""
         if self.pool is not None and self.caches:
             key = self.prompt.cache_key + [t.id for t in self.tokens]
-            self.pool.put(key[:self.caches[0].length], self.caches)
+            end = (len(self.prompt.ids), self.end_logits) if self.end_logits is not None and self.prefilled else None
+            self.pool.put(key[:self.caches[0].length], self.caches, end)
         self.caches = []
 
 

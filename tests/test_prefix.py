@@ -87,6 +87,26 @@ def test_interleaved_conversations_edits_and_eviction(tiny3):
             assert pool.hits == 0 and not pool.entries
 
 
+def test_an_identical_prompt_computes_nothing_and_samples_as_a_cold_run(tiny3):
+    """A repeated request (a retry, `n` choices, another seed) takes the whole prompt with the logits it ended on:
+    nothing is prefilled, and seeded sampling gives what a cold run gives, bit for bit."""
+    pool = PrefixPool(1 << 30)
+    prompt = tiny3.chat_prompt([{"role": "user", "content": "the sea is blue and deep"}])
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=8)
+    cold = run(tiny3, prompt, PrefixPool(0), sampled)  # cold, with the same cache layout (a checkpoint at its end)
+    first = run(tiny3, prompt, pool, sampled)
+    again = run(tiny3, prompt, pool, sampled)
+    assert first[2] == 0 and again[2] == len(prompt.ids)
+    assert again[0] == first[0] == cold[0]
+    assert all(bool((a == b).all()) for a, b in zip(again[1], cold[1]))
+    assert all(bool((a == b).all()) for a, b in zip(first[1], cold[1]))
+    other = run(tiny3, prompt, pool, SamplingParams(temperature=1.0, seed=4, max_tokens=8))
+    assert other[2] == len(prompt.ids)
+    assert other[0] == run(tiny3, prompt, PrefixPool(0), SamplingParams(temperature=1.0, seed=4, max_tokens=8))[0]
+    longer = tiny3.chat_prompt([{"role": "user", "content": "the sea is blue and deep and grey"}])
+    assert run(tiny3, longer, pool)[2] < len(longer.ids)  # a different prompt still prefills its own end
+
+
 def test_gemma4_with_thoughts_stripped(tmp_path):
     """Thinking on: the history's replies lose their thoughts, so the next prompt diverges at the previous
     reply; the prompt-end checkpoint of the sliding layers is what makes the prefix reusable."""
