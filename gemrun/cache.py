@@ -1,7 +1,7 @@
 """Per-layer KV caches with one small protocol: `update(k, v, positions) -> parts`, `length`, `trim(n)`,
 `checkpoint()`, `floor`, `nbytes`, and `attend(q, k, v, positions, fn)`, what an attention layer calls: it stores
 k, v and runs `fn` over everything the cache then holds. `RowCaches` gives the same `attend` to B sequences
-decoded together. `PrefixPool` keeps the caches of finished sequences for prompts that share a prefix.
+decoded together. `prefix.PrefixPool` keeps the caches of finished sequences for prompts that share a prefix.
 
 Keys are cached after RoPE, so a cache only needs each slot's absolute position to build masks; the order of
 slots does not matter. That lets the sliding-window cache be a ring buffer whose memory never grows.
@@ -13,8 +13,6 @@ log-sum-exp, so the whole cache is never expanded at once.
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 
@@ -405,82 +403,3 @@ def make_caches(layers: tuple[LayerSpec, ...], batch: int, dtype: torch.dtype, d
         else:
             caches.append(FullCache(batch, spec.num_kv_heads, spec.head_dim, dtype, device, capacity, kv_type))
     return caches
-
-
-class PrefixPool:
-    """The caches of finished sequences, each under the key of the tokens they hold (token ids, media positions
-    replaced by the hash of their media), bounded by `max_bytes` (least recently used out first). A new prompt
-    takes the entry sharing its longest usable prefix, rewound to it; it prefills only the rest. An entry is taken
-    whole (its caches become the new sequence's, which comes back under its longer key when it ends), so no two
-    sequences ever share a cache."""
-
-    def __init__(self, max_bytes: int, max_entries: int | None = None):
-        self.max_bytes, self.max_entries = max_bytes, max_entries
-        self.entries: list[tuple[list[int], list, tuple | None]] = []  # (key, caches, end); most recently used last
-        self.hits = self.misses = self.reused_tokens = 0
-        self.lock = threading.Lock()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(cache_bytes(caches) + (end[1].nbytes if end is not None else 0) for _, caches, end in self.entries)
-
-    def take(self, key: list[int], blocks: torch.Tensor | None = None,
-             exact: bool = False) -> tuple[list, int, torch.Tensor | None] | None:
-        """(caches rewound to the longest usable common prefix of `key`, its length, None) or None. At least one
-        token of `key` is left to prefill (its logits start the reply), and a prefix never ends inside an image's
-        soft tokens (`blocks`: they attend to each other and are computed together). With `exact`, an entry whose
-        prompt was `key` itself comes back whole with the logits that prompt ended on (length len(key)): an
-        identical request computes nothing and samples from the very logits a cold run would."""
-        best = None
-        with self.lock:
-            for i, (held, caches, end) in enumerate(self.entries):
-                if exact and end is not None and end[0] == len(key) and _common(held, key, len(key)) == len(key):
-                    best = (i, len(key), end[1])
-                    break
-                n = _common(held, key, len(key) - 1)
-                while n > 0 and blocks is not None and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
-                    n -= 1
-                if n > 0 and n >= max(c.floor for c in caches) and (best is None or n > best[1]):
-                    best = (i, n, None)
-            if best is None:
-                self.misses += 1
-                return None
-            _, caches, _ = self.entries.pop(best[0])
-            self.hits += 1
-            self.reused_tokens += best[1]
-        with torch.inference_mode():  # the caches' tensors were made there
-            for c in caches:
-                c.trim(c.length - best[1])
-        return caches, best[1], best[2]
-
-    def put(self, key: list[int], caches: list, end: tuple[int, torch.Tensor] | None = None) -> None:
-        """Keep finished caches holding the tokens `key`; `end` is (prompt length, the logits it ended on). Too
-        large a set is dropped."""
-        if not caches or caches[0].length != len(key) or not key:
-            return
-        size = cache_bytes(caches) + (end[1].nbytes if end is not None else 0)
-        with self.lock:
-            if size > self.max_bytes:
-                return
-            self.entries.append((key, caches, end))
-            while self.nbytes > self.max_bytes or (self.max_entries and len(self.entries) > self.max_entries):
-                self.entries.pop(0)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.entries.clear()
-
-
-def cache_bytes(caches: list) -> int:
-    """Bytes held by one sequence's caches (layers that share KV count once)."""
-    return sum(c.nbytes for c in {id(c): c for c in caches}.values())
-
-
-def _common(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common prefix of a and b, at most `limit`."""
-    n = min(len(a), len(b), limit)
-    if n <= 0:
-        return 0
-    x, y = torch.tensor(a[:n]), torch.tensor(b[:n])
-    differ = (x != y).nonzero()
-    return int(differ[0]) if len(differ) else n

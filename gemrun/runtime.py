@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .cache import KV_TYPES, Q8_BLOCK, PrefixPool
+from .cache import KV_TYPES, Q8_BLOCK
 from .errors import ConfigError
 from .formats import ChatFormat, format_for
+from .prefix import PrefixPool
 from .processing.source import Sources
 from .prompt import PromptBuilder
 from .weights.load import Loaded, Progress, attach_tokenizer, load_checkpoint

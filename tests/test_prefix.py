@@ -11,8 +11,8 @@ import pytest
 from tiny import hf_mm_model, hf_model, save_mm_dir, write_gguf
 
 import gemrun
-from gemrun.cache import PrefixPool
 from gemrun.generate import Sequence, decode_step, stop_ids_for
+from gemrun.prefix import PrefixPool
 from gemrun.sampling import SamplingParams
 
 WORDS = "the sea is blue and deep a ship sails on the waves under grey sky birds fly over it".split()

@@ -109,8 +109,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     import statistics
 
     from ..api import load
-    from ..cache import PrefixPool
     from ..generate import Prompt, Stats, generate_ids
+    from ..prefix import PrefixPool
     from ..sampling import SamplingParams
 
     torch = torch_module()

@@ -2,7 +2,8 @@
 the input with weight = q * scale + min (fp16 scale and min per group); the products run through gemrun's AVX-512
 VNNI kernels (`native.py`, `q4q8.c`), or PyTorch's CPU kernels where those are missing. Symmetric formats (Q4_0,
 Q8_0, Q5_0, HF int4: min = -zero * scale with one integer zero per matrix) keep no minimum (`mins` is None): decode
-reads what the GGUF file holds, not 11% more.
+reads what the GGUF file holds, not 11% more. (Over 400 lines: one module per packed format kind, all sharing the
+kernel dispatch here.)
 
 - `Int4Linear`: q in 0..15. GGUF Q4_0 and Q4_1 map onto it exactly, Q4_K with its 6-bit sub-scales times the
   super-block scales rounded to fp16. PyTorch's fallback (`aten._weight_int4pack_mm_for_cpu`) rounds them to bf16.

@@ -1,4 +1,7 @@
-"""Build a model from a checkpoint path (GGUF file or HF directory): strict, tensor by tensor, with progress."""
+"""Build a model from a checkpoint path (GGUF file or HF directory): strict, tensor by tensor, with progress.
+
+(Over 400 lines because every source a model is built from passes the same `_fill` checks here: GGUF text,
+Gemma 4 mmproj and drafter, HF directories, quantize-at-load; the format readers themselves live beside it.)"""
 
 from __future__ import annotations
 
