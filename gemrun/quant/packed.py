@@ -127,7 +127,7 @@ class Int4Linear(Groups, nn.Module):
         if self.native:
             b = self.nibbles.reshape(n, k // 128, 64)
             stored = torch.cat([b & 15, b >> 4], dim=-1).reshape(n, k)  # lane order, as `pack_nibbles` wrote it
-            return stored[:, native.natural_order(k)], self.scales.float(), self.mins.float()
+            return stored[:, native.natural_order(k)], self.scales.float(), self.stored_mins().float()
         scales, zeros = self.scales_zeros.double().unbind(-1)  # PyTorch's weight = (q - 8) * scale + zero
         return _int4_unpack(self.packed, n, k), scales.T, (zeros - 8 * scales).T
 
@@ -221,7 +221,7 @@ class Int8Linear(Groups, nn.Module):
 
     def quants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inverse of `from_quants` (native layout): q (N, K) in 0..255 in element order, scales, mins."""
-        return self.qweight[:, native.natural_order(self.in_features)], self.scales.float(), self.mins.float()
+        return self.qweight[:, native.natural_order(self.in_features)], self.scales.float(), self.stored_mins().float()
 
     def narrow(self, dim: int, start: int, length: int) -> Int8Linear:
         """Output rows (dim 0) or input columns (dim 1, whole groups of 32) of the weight, as an `Int8Linear` of
