@@ -38,6 +38,8 @@ def _nested(path: str, value) -> dict:
     pytest.param({**OLD_STYLE, "rope_theta": float("nan")}, "config.json rope_theta = nan", id="theta-nan"),
     pytest.param({**OLD_STYLE, "rope_theta": 0}, "config.json rope_theta = 0", id="theta-0"),
     pytest.param({**OLD_STYLE, "rope_theta": -10000.0}, "config.json rope_theta = -10000.0", id="theta-neg"),
+    pytest.param({**OLD_STYLE, "rope_theta": 1e-45}, "config.json rope_theta = 1e-45", id="theta-1e-45"),
+    pytest.param({**OLD_STYLE, "query_pre_attn_scalar": 1e-45}, "query_pre_attn_scalar = 1e-45", id="qscale-tiny"),
     pytest.param({**OLD_STYLE, "rope_theta": "1e6"}, "config.json rope_theta = '1e6'", id="theta-str"),
     pytest.param({**OLD_STYLE, "rope_local_base_freq": float("inf")}, "rope_local_base_freq = inf", id="local-inf"),
     pytest.param({**OLD_STYLE, "rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor = 0",
