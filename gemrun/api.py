@@ -10,7 +10,7 @@ import torch
 
 from .errors import GemrunError
 from .generate import Prompt, Stats, prefill, stream
-from .runtime import Runtime, open_checkpoint
+from .runtime import Runtime, check_kv_type, open_checkpoint
 from .sampling import SamplingParams
 from .weights.embedded import default_model_path
 from .weights.load import Progress
@@ -21,8 +21,9 @@ __all__ = ["Model", "load", "default_model_path"]
 class Model(Runtime):
     """A loaded model with its tokenizer. Generation methods take SamplingParams or its fields as keywords."""
 
-    def __init__(self, loaded, tokenizer=None, max_context: int | None = None, image_dir: Path | None = None):
-        super().__init__(loaded, tokenizer, max_context, image_dir)
+    def __init__(self, loaded, tokenizer=None, max_context: int | None = None, image_dir: Path | None = None,
+                 kv_cache: str = "auto"):
+        super().__init__(loaded, tokenizer, max_context, image_dir, kv_cache=kv_cache)
         self.last_stats = Stats()
 
     def _params(self, params: SamplingParams | None, kw: dict[str, Any]) -> SamplingParams:
@@ -108,16 +109,19 @@ class Model(Runtime):
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
          max_context: int | None = None, progress: Progress | None = None, mmproj: str | Path | None = None,
          pan_and_scan: bool = False, packed: bool | None = None, quantize: str | None = None,
-         draft: str | Path | None = None, draft_tokens: int = 4) -> Model:
+         draft: str | Path | None = None, draft_tokens: int = 4, kv_cache: str = "auto") -> Model:
     """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M. A GGUF's
     vision encoder comes from a separate llama.cpp-style `mmproj` GGUF. Pan & Scan is off by default, as in
     the reference preprocessor. `packed` keeps a GGUF's quantized matrices low-bit for the CPU kernels.
     `quantize` ("q4" | "q8") quantizes a float HF checkpoint at load, tensor by tensor. On the CPU, dtype "auto"
     means float32 activations over packed weights where gemrun's native kernels run (near-exact and fast),
     "float32" alone the dense dequantized weights (exact), "bfloat16" packed weights with bf16 activations.
-    `draft` is a Gemma 4 MTP drafter (HF directory or GGUF): speculative decoding with `draft_tokens` per round."""
+    `draft` is a Gemma 4 MTP drafter (HF directory or GGUF): speculative decoding with `draft_tokens` per round.
+    `kv_cache` is the KV caches' precision: "auto" (the activations' dtype), "f32", "bf16" or "q8_0" (int8 blocks
+    with a scale per 32 values, as llama.cpp's `-ctk/-ctv q8_0`: about half of bf16's memory)."""
+    check_kv_type(kv_cache, ())  # a bad name fails before the weights are read
     loaded = open_checkpoint(path, device, dtype, progress, mmproj, pan_and_scan, packed, quantize, draft)
-    model = Model(loaded, loaded.tokenizer, max_context)
+    model = Model(loaded, loaded.tokenizer, max_context, kv_cache=kv_cache)
     if model.draft is not None:
         model.draft.k = model.draft.check_tokens(draft_tokens)
     return model

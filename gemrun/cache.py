@@ -1,10 +1,15 @@
-"""Per-layer KV caches with one small protocol: `update(k, v, positions) -> (k, v, kv_positions)`, `length`,
-`trim(n)`, `checkpoint()`, `floor`, `nbytes`, and `attend(q, k, v, positions, fn)`, what an attention layer calls:
-it stores k, v and runs `fn` over everything the cache then holds. `RowCaches` gives the same `attend` to B
-sequences decoded together. `PrefixPool` keeps the caches of finished sequences for prompts that share a prefix.
+"""Per-layer KV caches with one small protocol: `update(k, v, positions) -> parts`, `length`, `trim(n)`,
+`checkpoint()`, `floor`, `nbytes`, and `attend(q, k, v, positions, fn)`, what an attention layer calls: it stores
+k, v and runs `fn` over everything the cache then holds. `RowCaches` gives the same `attend` to B sequences
+decoded together. `PrefixPool` keeps the caches of finished sequences for prompts that share a prefix.
 
 Keys are cached after RoPE, so a cache only needs each slot's absolute position to build masks; the order of
 slots does not matter. That lets the sliding-window cache be a ring buffer whose memory never grows.
+
+K and V are stored in the cache's precision (`KV_TYPES`: the activations' dtype, float32, bfloat16, or q8_0
+blocks as llama.cpp's `-ctk/-ctv q8_0`). A cache in the activations' dtype hands attention its tensors as they are;
+any other is read in chunks of `CHUNK` positions converted on the fly, whose attention results are merged by their
+log-sum-exp, so the whole cache is never expanded at once.
 """
 
 from __future__ import annotations
@@ -15,17 +20,138 @@ import torch
 
 from .config import LayerSpec
 
+CHUNK = 1024  # positions converted at a time when the cache's precision is not the activations'
+KV_TYPES = ("auto", "f32", "bf16", "q8_0")
+Q8_BLOCK = 32  # values per q8_0 block (one fp16 scale each), along the head dimension
+VALUE_BYTES = {"f32": 4, "bf16": 2, "q8_0": 1 + 2 / Q8_BLOCK}  # bytes a cached value takes, by KV type
+
+
+class Plain:
+    """K or V storage (B, KV, S, D) as a tensor of one float dtype."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device):
+        self.t = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def size(self) -> int:
+        return self.t.shape[2]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.t.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.t.nbytes
+
+    def write(self, index, x: torch.Tensor) -> None:
+        self.t[:, :, index] = x.to(self.t.dtype)
+
+    def read(self, index, dtype: torch.dtype) -> torch.Tensor:
+        return self.t[:, :, index].to(dtype)
+
+    def move(self, dst: torch.Tensor, src: slice) -> None:
+        """Copy the stored positions `src` to `dst` as they are (no conversion)."""
+        self.t[:, :, dst] = self.t[:, :, src].clone()
+
+    def resize(self, n: int) -> None:
+        """Grow (with zeros) or cut to n positions."""
+        if n <= self.size:
+            self.t = self.t[:, :, :n].clone()
+        else:
+            grow = (*self.t.shape[:2], n - self.size, self.t.shape[3])
+            self.t = torch.cat([self.t, self.t.new_zeros(grow)], dim=2)
+
+
+class Q8(Plain):
+    """q8_0 storage: int8 values and one fp16 scale per block of 32 along D (x = q * scale, scale = max|x| / 127),
+    about 1.06 bytes a value."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device):
+        b, kv, n, d = shape
+        if d % Q8_BLOCK:
+            raise ValueError(f"q8_0 KV needs a head size that is a multiple of {Q8_BLOCK}, got {d}")
+        self.t = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.scale = torch.zeros(b, kv, n, d // Q8_BLOCK, dtype=torch.float16, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.t.nbytes + self.scale.nbytes
+
+    def write(self, index, x: torch.Tensor) -> None:
+        blocks = x.float().unflatten(-1, (-1, Q8_BLOCK))  # (B, KV, T, D/32, 32)
+        scale = (blocks.abs().amax(-1) / 127).to(torch.float16)
+        safe = torch.where(scale > 0, scale.float(), 1.0)[..., None]
+        self.t[:, :, index] = torch.round(blocks / safe).clamp(-127, 127).to(torch.int8).flatten(-2)
+        self.scale[:, :, index] = scale
+
+    def read(self, index, dtype: torch.dtype) -> torch.Tensor:
+        q = self.t[:, :, index].float().unflatten(-1, (-1, Q8_BLOCK))
+        return (q * self.scale[:, :, index].float()[..., None]).flatten(-2).to(dtype)
+
+    def move(self, dst: torch.Tensor, src: slice) -> None:
+        super().move(dst, src)
+        self.scale[:, :, dst] = self.scale[:, :, src].clone()
+
+    def resize(self, n: int) -> None:
+        old = self.size
+        super().resize(n)
+        if n <= old:
+            self.scale = self.scale[:, :, :n].clone()
+        else:
+            grow = (*self.scale.shape[:2], n - old, self.scale.shape[3])
+            self.scale = torch.cat([self.scale, self.scale.new_zeros(grow)], dim=2)
+
+
+def storage(kv_type: str, activations: torch.dtype):
+    """(storage class, its float dtype) of a KV type; "auto" stores the activations' dtype."""
+    if kv_type not in KV_TYPES:
+        raise ValueError(f"KV cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+    if kv_type == "q8_0":
+        return Q8, torch.float32
+    return Plain, {"auto": activations, "f32": torch.float32, "bf16": torch.bfloat16}[kv_type]
+
+
+class Parts:
+    """What attention reads of a cache: (k, v, kv_positions) pieces, each k, v (B, KV, S_i, D) in the activations'
+    dtype. One piece when the storage is that dtype (views, no copy); else chunks converted as they are read."""
+
+    def __init__(self, pieces: list, read=None):
+        self.pieces, self.read = pieces, read  # pieces: tuples, or (start, end, positions) ranges with `read`
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def __iter__(self):
+        for piece in self.pieces:
+            yield piece if self.read is None or len(piece) == 3 and torch.is_tensor(piece[0]) else self.read(*piece)
+
+    def single(self) -> tuple:
+        return next(iter(self))
+
+
+def merge(results: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention over several key sets -> attention over their union: each (out (B, H, T, D), lse (B, H, T, 1)),
+    weighted by exp(lse_i - logsumexp)."""
+    lse = torch.logsumexp(torch.cat([r[1] for r in results], dim=-1), dim=-1, keepdim=True)
+    weights = [torch.exp(r[1] - lse).nan_to_num(0.0) for r in results]
+    return sum(w * r[0].float() for w, r in zip(weights, results)).to(results[0][0].dtype)
+
 
 class Cache:
     """The `attend` every cache shares: store the new k, v (B, KV, T, D) at positions (T,) (k = v = None: a layer
-    reading another layer's K/V), then fn(q, k, v, positions, kv_positions) over the cached keys (B, KV, S, D)."""
+    reading another layer's K/V), then fn(q, k, v, positions, kv_positions) over the cached keys (B, KV, S, D) —
+    per chunk with `lse=True` (fn then gives (out, log-sum-exp)) when they come in several."""
 
-    def update(self, k, v, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(self, k, v, positions: torch.Tensor) -> Parts:
         raise NotImplementedError
 
     def attend(self, q: torch.Tensor, k, v, positions: torch.Tensor, fn) -> torch.Tensor:
-        keys, values, kv_positions = self.update(k, v, positions)
-        return fn(q, keys, values, positions, kv_positions)
+        parts = self.update(k, v, positions)
+        if len(parts) == 1:
+            keys, values, kv_positions = parts.single()
+            return fn(q, keys, values, positions, kv_positions)
+        return merge([fn(q, kc, vc, positions, pc, lse=True) for kc, vc, pc in parts])
 
 
 class _Cache(Cache):
@@ -42,49 +168,68 @@ class _Cache(Cache):
     def release(self) -> None:
         """Give up the checkpoint."""
 
-    def _shared(self, out: tuple) -> tuple:
+    def _shared(self, out: Parts) -> Parts:
         if self.shared:
             self.last = out
         return out
+
+    def _parts(self, used: int, positions: torch.Tensor, extra: tuple | None = None) -> Parts:
+        """Slots [0, used) with their positions, plus `extra` (k, v, positions) of new tokens not stored yet."""
+        positions = positions[:used]
+        if self.native:
+            k, v = self.k.t[:, :, :used], self.v.t[:, :, :used]
+            if extra is not None:
+                k, v, positions = (torch.cat([k, extra[0]], dim=2), torch.cat([v, extra[1]], dim=2),
+                                   torch.cat([positions, extra[2]]))
+            return Parts([(k, v, positions)])
+        pieces = [(a, min(a + CHUNK, used), positions[a:min(a + CHUNK, used)]) for a in range(0, used, CHUNK)]
+        return Parts(pieces + ([extra] if extra is not None else []), self._read)
+
+    def _read(self, a: int, b: int, positions: torch.Tensor) -> tuple:
+        return self.k.read(slice(a, b), self.dtype), self.v.read(slice(a, b), self.dtype), positions
+
+    def _store(self, kv_type: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+        cls, stored = storage(kv_type, dtype)
+        self.dtype = dtype  # the activations'
+        self.native = cls is Plain and stored == dtype
+        self.k, self.v = cls(shape, stored, device), cls(shape, stored, device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
 
 
 class FullCache(_Cache):
     """Keeps every position (global layers). Storage grows by doubling, or is preallocated with `capacity`."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
-                 capacity: int = 256):
-        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+                 capacity: int = 256, kv_type: str = "auto"):
+        self._store(kv_type, (batch, kv_heads, capacity, head_dim), dtype, device)
+        self.device = device
         self.length = 0
 
     def _reserve(self, needed: int) -> None:
-        cap = self.k.shape[2]
-        if needed <= cap:
-            return
-        new_cap = max(needed, 2 * cap)
-        grow = (self.k.shape[0], self.k.shape[1], new_cap - cap, self.k.shape[3])
-        self.k = torch.cat([self.k, self.k.new_zeros(grow)], dim=2)
-        self.v = torch.cat([self.v, self.v.new_zeros(grow)], dim=2)
+        if needed > self.k.size:
+            new = max(needed, 2 * self.k.size)
+            self.k.resize(new)
+            self.v.resize(new)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Parts:
         """k, v: (B, KV, T, D) for positions (T,), which continue the cache."""
         t = k.shape[2]
         self._reserve(self.length + t)
-        self.k[:, :, self.length:self.length + t] = k
-        self.v[:, :, self.length:self.length + t] = v
+        self.k.write(slice(self.length, self.length + t), k)
+        self.v.write(slice(self.length, self.length + t), v)
         self.length += t
-        return self._shared(self.view())
+        return self._shared(self._parts(self.length, torch.arange(self.length, device=k.device)))
 
     def view(self):
-        """(k, v, positions) of everything cached."""
-        return self.k[:, :, :self.length], self.v[:, :, :self.length], torch.arange(self.length, device=self.k.device)
+        """(k, v, positions) of everything cached, in the activations' dtype."""
+        return (self.k.read(slice(0, self.length), self.dtype), self.v.read(slice(0, self.length), self.dtype),
+                torch.arange(self.length, device=self.k.t.device))
 
     def trim(self, n: int) -> None:
         self.length -= min(n, self.length)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
 
 class SlidingCache(_Cache):
@@ -102,10 +247,9 @@ class SlidingCache(_Cache):
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, window: int, dtype: torch.dtype,
-                 device: torch.device | str, spare: int = 0):
+                 device: torch.device | str, spare: int = 0, kv_type: str = "auto"):
         self.window, self.ring = window, window + spare
-        self.k = torch.zeros(batch, kv_heads, self.ring, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self._store(kv_type, (batch, kv_heads, self.ring, head_dim), dtype, device)
         self.pos = torch.full((self.ring,), -1, dtype=torch.long, device=device)
         self.length = 0
         self.hold: int | None = None  # the checkpoint: positions from here on go after the ring
@@ -119,46 +263,46 @@ class SlidingCache(_Cache):
         return self.ring + (max(0, self.length - self.hold) if self.hold is not None else 0)
 
     def _reserve(self, needed: int) -> None:
-        cap = self.k.shape[2]
-        if needed <= cap:
+        size = self.k.size
+        if needed <= size:
             return
-        new_cap = max(needed, 2 * cap - self.ring)
-        grow = (self.k.shape[0], self.k.shape[1], new_cap - cap, self.k.shape[3])
-        self.k = torch.cat([self.k, self.k.new_zeros(grow)], dim=2)
-        self.v = torch.cat([self.v, self.v.new_zeros(grow)], dim=2)
-        self.pos = torch.cat([self.pos, self.pos.new_full((new_cap - cap,), -1)])
+        new = max(needed, 2 * size - self.ring)
+        self.k.resize(new)
+        self.v.resize(new)
+        self.pos = torch.cat([self.pos, self.pos.new_full((new - size,), -1)])
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Parts:
         t = k.shape[2]
         if self.hold is not None and self.length + t - self.hold > self.window:
             self.release()  # the appended part would outgrow the window: the checkpoint is given up
         if self.hold is not None:  # nothing is overwritten: write, then attend over everything kept
             self._reserve(self.ring + self.length + t - self.hold)
             slots = self._slots(positions)
-            self.k[:, :, slots], self.v[:, :, slots], self.pos[slots] = k, v, positions
+            self._write(slots, k, v, positions)
             self.length += t
-            return self._shared(self.view())
+            return self._shared(self._parts(self._used(), self.pos))
         if t == 1:
-            slot = int(positions[0]) % self.ring
-            self.k[:, :, slot] = k[:, :, 0]
-            self.v[:, :, slot] = v[:, :, 0]
-            self.pos[slot] = positions[0]
+            self._write(positions % self.ring, k, v, positions)
             self.length += 1
-            return self._shared(self.view())
-        k_all, v_all, p_all = self.view()
-        out = (torch.cat([k_all, k], dim=2), torch.cat([v_all, v], dim=2), torch.cat([p_all, positions]))
+            return self._shared(self._parts(self.ring, self.pos))
+        out = self._parts(self.ring, self.pos.clone(), extra=(k, v, positions))  # read before the ring is written
+        if not self.native:  # the chunks of the old ring must be read before the write below
+            out = Parts([(kc, vc, pc) for kc, vc, pc in out])
         keep = min(t, self.ring)
-        slots = positions[-keep:] % self.ring
-        self.k[:, :, slots] = k[:, :, -keep:]
-        self.v[:, :, slots] = v[:, :, -keep:]
-        self.pos[slots] = positions[-keep:]
+        self._write(positions[-keep:] % self.ring, k[:, :, -keep:], v[:, :, -keep:], positions[-keep:])
         self.length += t
         return self._shared(out)
 
+    def _write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        self.k.write(slots, k)
+        self.v.write(slots, v)
+        self.pos[slots] = positions
+
     def view(self):
-        """(k, v, positions) of every slot in use; empty ones have position -1 and are masked."""
+        """(k, v, positions) of every slot in use, in the activations' dtype; empty ones have position -1."""
         used = self._used()
-        return self.k[:, :, :used], self.v[:, :, :used], self.pos[:used]
+        return (self.k.read(slice(0, used), self.dtype), self.v.read(slice(0, used), self.dtype),
+                self.pos[:used])
 
     def checkpoint(self) -> None:
         """Keep from now on what rewinding to the current length needs."""
@@ -173,11 +317,11 @@ class SlidingCache(_Cache):
         used = self._used()
         if used > self.ring:
             tail = self.pos[self.ring:used].clone()
-            slots = tail % self.ring
-            self.k[:, :, slots] = self.k[:, :, self.ring:used].clone()
-            self.v[:, :, slots] = self.v[:, :, self.ring:used].clone()
-            self.pos[slots] = tail
-        self.k, self.v = self.k[:, :, :self.ring].clone(), self.v[:, :, :self.ring].clone()
+            self.k.move(tail % self.ring, slice(self.ring, used))
+            self.v.move(tail % self.ring, slice(self.ring, used))
+            self.pos[tail % self.ring] = tail
+        self.k.resize(self.ring)
+        self.v.resize(self.ring)
         self.pos, self.hold = self.pos[:self.ring].clone(), None
 
     @property
@@ -196,10 +340,6 @@ class SlidingCache(_Cache):
         self.pos[self.pos >= self.length] = -1
         if self.hold is not None and self.length < self.hold:
             self.hold = self.length  # the appended part is empty again; the ring slots of the rest are free
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
 
 class SharedCache(Cache):
@@ -252,17 +392,18 @@ def row_caches(sequences: list[list[Cache]]) -> list[RowCaches]:
 
 
 def make_caches(layers: tuple[LayerSpec, ...], batch: int, dtype: torch.dtype, device: torch.device | str,
-                capacity: int = 256, spare: int = 0) -> list:
-    """One cache per layer, following each layer's spec. A layer that shares KV (Gemma 4) reads its source
-    layer's cache through a `SharedCache`; nothing is stored twice."""
+                capacity: int = 256, spare: int = 0, kv_type: str = "auto") -> list:
+    """One cache per layer, following each layer's spec, K/V stored as `kv_type` says. A layer that shares KV
+    (Gemma 4) reads its source layer's cache through a `SharedCache`; nothing is stored twice."""
     caches: list = []
     for spec in layers:
         if spec.kv_source is not None:
             caches.append(SharedCache(caches[spec.kv_source]))
         elif spec.window is not None:
-            caches.append(SlidingCache(batch, spec.num_kv_heads, spec.head_dim, spec.window, dtype, device, spare))
+            caches.append(SlidingCache(batch, spec.num_kv_heads, spec.head_dim, spec.window, dtype, device, spare,
+                                       kv_type))
         else:
-            caches.append(FullCache(batch, spec.num_kv_heads, spec.head_dim, dtype, device, capacity))
+            caches.append(FullCache(batch, spec.num_kv_heads, spec.head_dim, dtype, device, capacity, kv_type))
     return caches
 
 

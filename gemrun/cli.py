@@ -64,9 +64,13 @@ QuantOpt = Annotated[str | None, typer.Option("--quantize", help="q4 | q8 | none
                                               "at load")]
 
 
+KvOpt = Annotated[str, typer.Option("--kv-cache", help="KV cache precision: auto (the activations' dtype) | f32 "
+                                    "| bf16 | q8_0 (about half of bf16's memory, as llama.cpp's -ctk/-ctv q8_0)")]
+
+
 def _load(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False,
           mmproj: str | None = None, pan_and_scan: bool = False, quantize: str | None = None,
-          packed: bool | None = None) -> Model:
+          packed: bool | None = None, kv_cache: str = "auto") -> Model:
     _torch()
     from .api import load
 
@@ -74,7 +78,7 @@ def _load(model: str | None, device: str, dtype: str, max_context: int | None = 
                   transient=True, disable=quiet) as bar:
         task = bar.add_task("load", total=None)
         m = load(model, device=device, dtype=dtype, max_context=max_context, mmproj=mmproj,
-                 pan_and_scan=pan_and_scan, quantize=quantize, packed=packed,
+                 pan_and_scan=pan_and_scan, quantize=quantize, packed=packed, kv_cache=kv_cache,
                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     return m
 
@@ -151,11 +155,11 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
              frequency_penalty: Freq = 0.0, seed: Seed = None, stop: Stop = None, device: DeviceOpt = "auto",
              dtype: DtypeOpt = "auto", max_context: MaxCtx = None,
              quantize: QuantOpt = None, packed: PackedOpt = None, draft: DraftOpt = None,
-             draft_tokens: DraftTokens = 4, mmproj: MmprojOpt = None) -> None:
+             draft_tokens: DraftTokens = 4, mmproj: MmprojOpt = None, kv_cache: KvOpt = "auto") -> None:
     """Continue PROMPT as raw text and stream the continuation only."""
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
-    m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed, mmproj=mmproj)
+    m = _load(model, device, dtype, max_context, quantize=quantize, packed=packed, mmproj=mmproj, kv_cache=kv_cache)
     _drafter(m, draft, draft_tokens)
     _clamp(params, m)
     _emit(m.generate(prompt, params, stream=True))
@@ -187,7 +191,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
                                                     "thoughts are shown dimmed, apart from the answer")] = None,
          image_tokens: Annotated[int | None, typer.Option("--image-tokens", help="Gemma 4 soft tokens per image: "
                                                           "70, 140, 280 (default), 560, 1120 (OCR)")] = None,
-         draft: DraftOpt = None, draft_tokens: DraftTokens = 4) -> None:
+         draft: DraftOpt = None, draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto") -> None:
     """Chat through the model's template. Interactive (like `ollama run`): /help lists the commands (/system,
     /image, /reset, /save FILE, /load FILE, /bye); end a line with \\ to continue it; Ctrl-C stops a reply."""
     from .repl import Conversation, Repl
@@ -195,7 +199,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                      frequency_penalty, seed, stop)
     m = _load(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize,
-              packed=packed)
+              packed=packed, kv_cache=kv_cache)
     _drafter(m, draft, draft_tokens)
     _clamp(params, m)
     kinds = m.prompts().media_kinds
@@ -249,7 +253,7 @@ def serve(model: ModelOpt = None,
           mmproj: MmprojOpt = None,
           quantize: QuantOpt = None,
           log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
-          draft: DraftOpt = None, draft_tokens: DraftTokens = 4) -> None:
+          draft: DraftOpt = None, draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto") -> None:
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs, batching concurrent requests."""
     import logging
 
@@ -292,7 +296,7 @@ def serve(model: ModelOpt = None,
         from .api import load
 
         return load(model, device=device, dtype=serve_dtype, max_context=max_context, mmproj=mmproj,
-                    quantize=quantize)
+                    quantize=quantize, kv_cache=kv_cache)
 
     app_ = create_app(loader, settings)
     err.print(f"[dim]gemrun serving on http://{host}:{port} (OpenAI: /v1, Ollama: /api)[/dim]")
@@ -394,7 +398,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
                                              "-d): prefill and decode at that depth")] = 0,
           device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
           packed: PackedOpt = None, quantize: QuantOpt = None, mmproj: MmprojOpt = None, draft: DraftOpt = None,
-          draft_tokens: DraftTokens = 4) -> None:
+          draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto") -> None:
     """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
     first token, and peak RSS, as JSON on stdout (medians over REPEAT runs); with --depth, after DEPTH tokens
     already in the KV cache (filled untimed before each run)."""
@@ -410,7 +414,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize, mmproj=mmproj, draft=draft,
-             draft_tokens=draft_tokens)
+             draft_tokens=draft_tokens, kv_cache=kv_cache)
     load_s = time.perf_counter() - t0
     if depth and m.draft is not None:
         raise GemrunError("--depth and --draft together are not supported (drafted runs take no cached prefix)")
@@ -441,7 +445,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
            "packed": type(w.layers[0].mlp.up_proj).__name__ != "Linear", "threads": torch.get_num_threads(),
-           "load_s": round(load_s, 2), "depth": depth, "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
+           "load_s": round(load_s, 2), "kv_cache": m.model.kv_type, "depth": depth, "prompt_tokens": len(ids),
+           "gen_tokens": gen_tokens,
            "prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
            "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
            "ttft_s": round(statistics.median(r[2] for r in runs), 3),
@@ -543,8 +548,9 @@ def info(model: Annotated[str | None, typer.Argument(help="GGUF file, HF directo
          = None,
          context: Annotated[int | None, typer.Option(help="context for the cache size (default: the model's)")]
          = None) -> None:
-    """Model facts, parameter count, KV bytes per token and the KV cache size at the full context (bf16 cache),
-    read from the file's metadata (no weights are loaded)."""
+    """Model facts, parameter count, KV bytes per token and the KV cache size at the full context (bf16 cache;
+    `kv_cache_by_type` for each --kv-cache), read from the file's metadata (no weights are loaded)."""
+    from .cache import VALUE_BYTES
     from .weights.embedded import default_model_path
     from .weights.inspect import describe
 
@@ -563,6 +569,9 @@ def info(model: Annotated[str | None, typer.Argument(help="GGUF file, HF directo
         "kv_cache_context": ctx, "kv_cache_bytes_bf16": cfg.kv_cache_bytes(ctx, 2),
         "kv_cache_bf16": _gib(cfg.kv_cache_bytes(ctx, 2)),
         "kv_cache_without_window_bf16": _gib(ctx * (per["global"] + per["sliding"])),
+        "kv_cache_by_type": {kind: {"bytes_per_token": sum(cfg.kv_bytes_per_token(size).values()),
+                                    "at_context": _gib(cfg.kv_cache_bytes(ctx, size))}
+                             for kind, size in VALUE_BYTES.items()},
     }
     glob = next((s for s in layers if not s.sliding), None)
     if glob is not None and (glob.head_dim, glob.num_kv_heads) != (cfg.head_dim, cfg.num_kv_heads):

@@ -152,22 +152,23 @@ class TextConfig:
         attention = 2 * e * self.num_heads * d + 2 * e * kv * d + 2 * d  # q, o, k, v; q and k norms
         return attention + 3 * e * self.intermediate_size + 4 * e  # gated MLP; the four block norms
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, int]:
+    def kv_bytes_per_token(self, dtype_bytes: float = 2) -> dict[str, int]:
         """K and V bytes one token adds to each kind of layer cache (layers that share KV store nothing)."""
         out = {"sliding": 0, "global": 0}
         for spec in self.layers:
             if spec.kv_source is None:
-                out["sliding" if spec.sliding else "global"] += 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
+                out["sliding" if spec.sliding else "global"] += round(2 * spec.num_kv_heads * spec.head_dim
+                                                                      * dtype_bytes)
         return out
 
-    def kv_cache_bytes(self, context: int, dtype_bytes: int = 2) -> int:
+    def kv_cache_bytes(self, context: int, dtype_bytes: float = 2) -> int:
         """Cache size holding `context` tokens: sliding layers keep at most `window` positions, global ones all."""
         total = 0
         for spec in self.layers:
             if spec.kv_source is not None:
                 continue
             kept = context if spec.window is None else min(context, spec.window)
-            total += kept * 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
+            total += round(kept * 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes)
         return total
 
 

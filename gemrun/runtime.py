@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import PrefixPool
+from .cache import KV_TYPES, Q8_BLOCK, PrefixPool
 from .errors import ConfigError
 from .formats import ChatFormat, format_for
 from .processing.source import Sources
@@ -75,13 +75,26 @@ def open_checkpoint(path: str | Path | None = None, device: str = "auto", dtype:
     return attach_tokenizer(loaded, pan_and_scan)
 
 
+def check_kv_type(kv_type: str, specs) -> str:
+    """A KV cache type the model's layers can store (q8_0 blocks need head sizes in multiples of 32)."""
+    if kv_type not in KV_TYPES:
+        raise ConfigError(f"KV cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+    if kv_type == "q8_0" and any(s.head_dim % Q8_BLOCK for s in specs):
+        raise ConfigError(f"q8_0 KV cache needs head sizes that are multiples of {Q8_BLOCK}; this model's are "
+                          f"{sorted({s.head_dim for s in specs})}")
+    return kv_type
+
+
 class Runtime:
     """A loaded checkpoint with its tokenizer and chat format, a context limit (default: the model's), and the
-    directory its local media paths must lie in (None: anywhere)."""
+    directory its local media paths must lie in (None: anywhere), and the KV caches' precision (`kv_cache`, one of
+    `cache.KV_TYPES`: "auto" is the activations' dtype)."""
 
     def __init__(self, loaded: Loaded, tokenizer=None, max_context: int | None = None,
-                 image_dir: Path | None = None, cache_ram: float = 1.0, cache_entries: int | None = 1):
+                 image_dir: Path | None = None, cache_ram: float = 1.0, cache_entries: int | None = 1,
+                 kv_cache: str = "auto"):
         self.loaded, self.model, self.config = loaded, loaded.model, loaded.config
+        self.model.kv_type = check_kv_type(kv_cache, self.model.specs)
         self.tokenizer = tokenizer or loaded.tokenizer
         self.vision, self.media, self.inputs = loaded.vision, loaded.media, loaded.inputs
         limit = self.config.max_position_embeddings

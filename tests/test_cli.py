@@ -65,6 +65,12 @@ def test_info(tiny_path):
     assert res["layers"] == 6 and res["global_layers"] == 1 and res["parameters"] > 0
     res = json.loads(gemrun("info", "gemma-3-12b").stdout)
     assert res["kv_cache_bytes_bf16"] == 8_925_478_912
+    by = res["kv_cache_by_type"]  # one entry per --kv-cache choice
+    assert set(by) == {"f32", "bf16", "q8_0"} and by["bf16"]["at_context"] == "8.31 GiB"
+    assert by["f32"]["bytes_per_token"] == 2 * by["bf16"]["bytes_per_token"]
+    assert by["q8_0"]["bytes_per_token"] == by["bf16"]["bytes_per_token"] * (1 + 2 / 32) / 2
+    bad = gemrun("generate", "hi", "--model", tiny_path, "--kv-cache", "q4")
+    assert bad.returncode == 2 and "not one of" in bad.stderr
 
 
 @pytest.mark.parametrize("args,message", [

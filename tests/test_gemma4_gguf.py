@@ -71,6 +71,12 @@ def test_trio_f32_logits_equal_the_hf_directory(trio):
     assert gg.config.suppress_token_ids == hf.config.suppress_token_ids == (505, 501)
     g = GGUFFile(d / "t.gguf").metadata
     assert g["general.architecture"] == "gemma4" and list(g["tokenizer.ggml.suppress_tokens"]) == [505, 501]
+    from gemrun.weights.inspect import describe  # `gemrun info`: the header alone gives the same cache shapes
+
+    def shapes(cfg):
+        return [(s.sliding, s.head_dim, s.num_kv_heads, s.window, s.kv_source, s.k_eq_v) for s in cfg.layers]
+
+    assert shapes(describe(d / "t.gguf").config) == shapes(gg.config)
 
 
 def test_kv_sharing_variant(tmp_path):

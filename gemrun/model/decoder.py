@@ -37,8 +37,10 @@ class Decoder(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
+    kv_type = "auto"  # the KV caches' precision (`cache.KV_TYPES`), set by the runtime
+
     def make_caches(self, batch: int = 1, capacity: int = 256, spare: int = 0) -> list:
-        return make_caches(self.specs, batch, self.dtype, self.device, capacity, spare)
+        return make_caches(self.specs, batch, self.dtype, self.device, capacity, spare, self.kv_type)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         # sqrt(E) is rounded to the weight dtype before the multiply (bf16: 62.0 for E=3840), as the reference.

@@ -40,10 +40,10 @@ class Attention(nn.Module):
         y = cache.attend(q, k, v, positions, partial(self.attend, blocks=blocks))  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
 
-    def attend(self, q, k, v, positions, kv_positions, blocks):
+    def attend(self, q, k, v, positions, kv_positions, blocks, lse=False):
         """q (B, H, T, D) over the cached k, v (B, KV, S, D), masked by absolute positions (T,) and (S,)."""
         mask = attention_mask(positions, kv_positions, self.spec.window, blocks)
-        return attend(q, k, v, mask, self.scale, self.softcap)
+        return attend(q, k, v, mask, self.scale, self.softcap, lse)
 
 
 class Block(nn.Module):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import Cache
+from ..cache import Cache, Parts
 from ..config import Gemma4TextConfig, LayerSpec
 from .decoder import Decoder
 from .layers import GatedMLP, apply_rope, attend, attention_mask
@@ -73,10 +73,10 @@ class Attention(nn.Module):
         y = cache.attend(q, k, v, positions, partial(self.attend, blocks=blocks))  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
 
-    def attend(self, q, k, v, positions, kv_positions, blocks):
+    def attend(self, q, k, v, positions, kv_positions, blocks, lse=False):
         """q (B, H, T, D) over the cached k, v (B, KV, S, D), masked by absolute positions (T,) and (S,)."""
         mask = attention_mask(positions, kv_positions, self.spec.window, blocks, self.block_in_window)
-        return attend(q, k, v, mask, 1.0)  # Gemma 4 attends unscaled: the Q/K norms set the scale
+        return attend(q, k, v, mask, 1.0, lse=lse)  # Gemma 4 attends unscaled: the Q/K norms set the scale
 
 
 class Block(nn.Module):
@@ -114,7 +114,7 @@ class TargetKV(Cache):
     """A drafter layer's "cache": the target's K/V of its last layer of the same type, read as is."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        self.kv = (k, v, positions)
+        self.kv = Parts([(k, v, positions)])
 
     def update(self, k, v, positions):
         return self.kv

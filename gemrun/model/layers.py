@@ -81,7 +81,7 @@ def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None
     layers only keys with kv > q - window (a query sees `window` keys, itself included; masking_utils.py).
 
     `blocks` (T,) gives the new tokens' image block ids (-1 for text): tokens of one image also see each other's
-    later tokens. The new tokens are the last T keys. By default the window still bounds sliding layers
+    later tokens, wherever their keys sit among the cached ones. By default the window still bounds sliding layers
     ((causal | block) & window, as `create_masks_for_vision_model` in modeling_gemma3.py); `block_in_window=False`
     is (causal & window) | block (Gemma 4's `masking_utils.py:create_masks_for_generate` with block ids)."""
     q, kv = q_pos[:, None], kv_pos[None, :]
@@ -89,17 +89,33 @@ def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None
     if window is not None:
         mask &= kv > q - window
     if blocks is not None and len(q_pos) > 1:
-        t = len(q_pos)
-        same = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+        rel = kv - q_pos[0]  # a key of one of the new tokens (positions q_pos[0] ..) has its token's block
+        new = (rel >= 0) & (rel < len(q_pos))
+        key_blocks = torch.where(new, blocks[rel.clamp(0, len(q_pos) - 1)], -2)
+        same = (blocks[:, None] == key_blocks) & (blocks[:, None] >= 0)
         if window is not None and block_in_window:
-            same &= kv[:, -t:] > q - window
-        mask[:, -t:] |= same
+            same &= kv > q - window
+        mask |= same
     return mask
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-           softcap: float | None = None) -> torch.Tensor:
-    """q: (B, H, T, D), k/v: (B, KV, S, D), mask: (T, S) -> (B, H, T, D). Grouped-query attention."""
+           softcap: float | None = None, lse: bool = False):
+    """q: (B, H, T, D), k/v: (B, KV, S, D), mask: (T, S) -> (B, H, T, D). Grouped-query attention. With `lse`,
+    also the log-sum-exp of each query's scores (B, H, T, 1), so that results over parts of the keys can be merged
+    (`cache.merge`); a query that sees none of these keys gets 0 and -inf."""
+    if lse:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        top = scores.amax(-1, keepdim=True)
+        weights = torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0))
+        total = weights.sum(-1, keepdim=True)
+        out = (weights @ v.float()) / total.clamp(min=1e-30)
+        return out.to(q.dtype), torch.where(total > 0, top + torch.log(total), float("-inf"))
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])

@@ -27,7 +27,7 @@ from ..config import Gemma4TextConfig, check_field
 from ..errors import ConfigError, WeightsError
 from ..model.gemma4 import MediaConfig
 from .gguf import GGUFFile, check_tokenizer_metadata
-from .gguf_config import DRAFTER_ARCHS, Meta, drafter_config, gemma4_config, partial_from_rope_freqs
+from .gguf_config import DRAFTER_ARCHS, Meta, drafter_config, gemma4_config, keys_are_values, partial_from_rope_freqs
 from .names import GEMMA4_MMPROJ, ROPE_FREQS, drafter_gguf_to_gemrun, gemma4_gguf_to_gemrun
 
 # Tokens llama.cpp's converter types USER_DEFINED so that its detokenizer prints them; for gemrun they are
@@ -77,20 +77,12 @@ def text_layout(g: GGUFFile) -> tuple[Gemma4TextConfig, dict[str, str]]:
             unknown.append(name)
     if unknown:
         raise _unknown("Gemma 4 text model", unknown)
-    m = Meta(meta, "gemma4")
-    n = m.get("num_layers", "block_count")
-    flags = m.flags("attention.sliding_window_pattern", n) or [True] * n
-    stores = n - m.get("num_kv_shared_layers", "attention.shared_kv_layers", 0)
-    has_v = {f"blk.{i}.attn_v.weight" in g.tensors for i in range(min(n, max(stores, 0))) if not flags[i]}
-    if len(has_v) > 1:
-        raise WeightsError("some global layers have attn_v and others not: keys double as values on every global "
-                           "layer or on none")
-    partial = _partial(g, m.get("global_head_dim", "attention.key_length"))
+    partial = _partial(g, Meta(meta, "gemma4").get("global_head_dim", "attention.key_length"))
     rows = _rows(g, "token_embd.weight")
     tokens = meta.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list) and len(tokens) != rows:  # llama.cpp requires it too; a larger vocabulary would
         raise WeightsError(f"GGUF has {len(tokens)} tokens but token_embd.weight {rows} rows")  # index past it
-    cfg = gemma4_config(meta, "gemma4", partial, k_eq_v=has_v == {False}, vocab_size=rows)
+    cfg = gemma4_config(meta, "gemma4", partial, k_eq_v=keys_are_values(meta, g.tensors), vocab_size=rows)
     return cfg, names
 
 

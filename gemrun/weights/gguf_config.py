@@ -15,12 +15,13 @@ its partial factor in), and keys doubling as values is the absence of `attn_v` o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from ..config import Gemma4TextConfig, Rope, TextConfig, check_field
-from ..errors import ConfigError
+from ..errors import ConfigError, WeightsError
 
 GEMMA4_ARCHS = ("gemma4",)
 DRAFTER_ARCHS = ("gemma4-assistant", "gemma4-mtp", "gemma4_assistant")  # the last two: published variants
@@ -95,15 +96,31 @@ def _token_ids(m: Meta, stops: tuple[int, ...]) -> dict[str, Any]:
     return kw
 
 
-def config_from_gguf(meta: dict[str, Any]) -> TextConfig:
-    """The text config a GGUF describes: a Gemma 3 or a Gemma 4 model (the Gemma 4 drafter: `drafter_config`)."""
+def config_from_gguf(meta: dict[str, Any], tensors: Iterable[str] = ()) -> TextConfig:
+    """The text config a GGUF describes: a Gemma 3 or a Gemma 4 model (the Gemma 4 drafter: `drafter_config`).
+    A Gemma 4 file's tensor names tell whether keys double as values (RoPE's partial factor is left out: it needs
+    a tensor's values, `gemma4_gguf.text_layout`)."""
     arch = meta.get("general.architecture")
     if arch == "gemma3":
         return gemma3_config(meta)
     if arch in GEMMA4_ARCHS:
-        return gemma4_config(meta, arch)
+        return gemma4_config(meta, arch, k_eq_v=keys_are_values(meta, tensors))
     raise ConfigError(f"GGUF architecture {str(arch)[:40]!r} is not supported (expected 'gemma3' or 'gemma4'; "
                       f"a Gemma 4 drafter goes with --draft)")
+
+
+def keys_are_values(meta: dict[str, Any], tensors: Iterable[str]) -> bool:
+    """Whether a Gemma 4 GGUF's global layers (those that store K/V) lack `attn_v`: their keys double as values."""
+    m = Meta(meta, "gemma4")
+    n = m.get("num_layers", "block_count")
+    flags = m.flags("attention.sliding_window_pattern", n) or [True] * n
+    stores = n - m.get("num_kv_shared_layers", "attention.shared_kv_layers", 0)
+    names = set(tensors)
+    has_v = {f"blk.{i}.attn_v.weight" in names for i in range(min(n, max(stores, 0))) if not flags[i]}
+    if len(has_v) > 1:
+        raise WeightsError("some global layers have attn_v and others not: keys double as values on every global "
+                           "layer or on none")
+    return has_v == {False}
 
 
 def _period_types(n: int, period: int) -> tuple[str, ...]:

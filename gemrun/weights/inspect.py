@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PRESETS, TextConfig, from_gguf_metadata, from_hf_config
+from ..config import PRESETS, TextConfig, from_hf_config
 from ..errors import WeightsError
 from ..files import config_json
 
@@ -28,9 +28,10 @@ def describe(name: str | Path) -> Description:
     path = Path(name).expanduser()
     if path.is_file():
         from .gguf import GGUFFile
+        from .gguf_config import config_from_gguf
 
         g = GGUFFile(path)
-        cfg = from_gguf_metadata(g.metadata)
+        cfg = config_from_gguf(g.metadata, g.tensors)
         embed = g.tensors.get("token_embd.weight")
         if embed is not None:
             cfg = cfg.replace(vocab_size=int(embed.shape[0]))
