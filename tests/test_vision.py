@@ -273,6 +273,8 @@ def mm_gguf_pair(tmp_path_factory):
     ("clip.vision.projector.scale_factor", 0, "clip.vision.projector.scale_factor = 0"),
     ("clip.vision.attention.layer_norm_epsilon", -1.0, "layer_norm_epsilon = -1.0: must be a finite number"),
     ("clip.vision.attention.layer_norm_epsilon", float("nan"), "layer_norm_epsilon = nan"),
+    # unused by the mmproj loader, but typed as in a text GGUF (before: any value loaded)
+    ("tokenizer.ggml.tokens", [1, 2, 3], "tokenizer.ggml.tokens is missing or not an array of strings"),
 ])
 def test_mmproj_metadata_is_type_and_range_checked(mm_gguf_pair, tmp_path, key, value, match):
     """Each key of a Gemma 3 mmproj is checked for type and range, the error naming it. Before (found by the mmproj
