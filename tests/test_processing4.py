@@ -259,6 +259,14 @@ def test_audio_samples_past_any_pcm_scale_are_refused():
     assert bool(torch.isfinite(process_audio(encode_audio(wave, 48_000, "WAV", "FLOAT")).features).all())
 
 
+def test_audio_shorter_than_one_16k_sample_is_refused():
+    """One sample at 48 kHz resamples to none at 16 kHz: before, it gave (0, 640) frames, an audio clip of no soft
+    tokens (found by the FLAC fuzz of benchmarks/hardening_pass.py); two samples still give one frame."""
+    with pytest.raises(InputError, match="1 sample.* at 48000 Hz is shorter than one sample at 16 kHz"):
+        process_audio(encode_audio(np.full((1, 1), 0.5, np.float32), 48_000, "FLAC", "PCM_16"))
+    assert process_audio(encode_audio(np.full((2, 1), 0.5, np.float32), 48_000, "FLAC", "PCM_16")).num_tokens == 1
+
+
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
 def test_audio_mutants_never_crash(fmt):
     good = encode_audio(stereo(0.3, 22_050), 22_050, fmt)

@@ -102,9 +102,12 @@ def waveform_frames(wave: np.ndarray, rate: int, limits: AudioLimits = AudioLimi
     if peak > MAX_SAMPLE:
         raise InputError(f"audio samples reach {peak:.3g}, past any PCM scale ({MAX_SAMPLE:.3g}): a corrupt file")
     if rate != SAMPLE_RATE:
+        samples = wave.size
         wave = soxr.resample(wave, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
         # the length was checked at the source rate; resampling may round it up by a sample past the cap
         wave = wave[: int(limits.max_seconds * SAMPLE_RATE)]
+        if wave.size == 0:  # one sample at 48 kHz is none at 16 kHz: no frame, no soft token to hold the audio
+            raise InputError(f"audio of {samples} sample(s) at {rate} Hz is shorter than one sample at 16 kHz")
     n = -(-wave.size // SAMPLES_PER_TOKEN)
     padded = np.zeros(n * SAMPLES_PER_TOKEN, dtype=np.float32)
     padded[: wave.size] = wave
