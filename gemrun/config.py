@@ -24,11 +24,13 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "sliding_window": (1, 1 << 22), "sliding_window_pattern": (1, 1024), "max_position_embeddings": (2, 1 << 22),
     "pad_token_id": (0, MAX_VOCAB - 1), "eos_token_id": (0, MAX_VOCAB - 1), "bos_token_id": (0, MAX_VOCAB - 1),
     "global_head_dim": (1, 4096), "num_global_kv_heads": (1, 1024), "num_kv_shared_layers": (0, 1023),
+    "image_size": (1, 1 << 14), "patch_size": (1, 1 << 10), "pooling": (1, 1 << 10),
 }
-# low < value <= high (finite: NaN and infinities fail the comparison)
+# low < value <= high (finite: NaN and infinities fail the comparison). A RoPE base at or below 1, a tiny scaling
+# factor or attention scalar overflow float32 (a base of 1e-45 makes the frequencies infinite): refused too.
 FLOAT_RANGES: dict[str, tuple[float, float]] = {
-    "rms_norm_eps": (0.0, 0.1), "query_pre_attn_scalar": (0.0, 1e6), "final_logit_softcapping": (0.0, 1e6),
-    "attn_logit_softcapping": (0.0, 1e6), "theta": (0.0, 1e12), "factor": (0.0, 1e4), "partial": (0.0, 1.0),
+    "rms_norm_eps": (0.0, 0.1), "query_pre_attn_scalar": (1e-3, 1e6), "final_logit_softcapping": (0.0, 1e6),
+    "attn_logit_softcapping": (0.0, 1e6), "theta": (1.0, 1e12), "factor": (1e-3, 1e4), "partial": (0.0, 1.0),
 }
 OPTIONAL = {"final_logit_softcapping", "attn_logit_softcapping", "num_global_kv_heads"}  # None: off / as local
 

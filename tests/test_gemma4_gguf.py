@@ -345,6 +345,12 @@ def test_strict_loading(trio, tmp_path):
         load(d / "t.gguf", mmproj=mm)
     with pytest.raises(ConfigError, match="not a Gemma 4 drafter"):
         load(d / "t.gguf", draft=d / "t.gguf")
+    # tokenizer arrays in an mmproj or a drafter go unused, but are typed as in the text model (before: any loaded)
+    bad_tokens = {"tokenizer.ggml.tokens": [1, 2, 3]}
+    for kind, src in (("mmproj", "mm.gguf"), ("draft", "d.gguf")):
+        path = rewrite(d / src, tmp_path / f"tokens-{src}", meta=bad_tokens)
+        with pytest.raises(WeightsError, match="tokenizer.ggml.tokens is missing or not an array of strings"):
+            load(d / "t.gguf", **{kind: path})
     with pytest.raises(ConfigError, match="Gemma 4 model"):
         gemrun.load(None, draft=d / "d.gguf")
 

@@ -161,6 +161,37 @@ def test_bad_tensor_entries(tiny_gguf):
     other_off = struct.unpack_from("<Q", data, other["offset"])[0]
     with pytest.raises(WeightsError, match="overlap"):
         _load(patched(f["offset"], "<Q", other_off))
+    # re-typed to fewer bytes (Q8_0 -> Q4_0): a gap before the next tensor, where llama.cpp refuses the file; before,
+    # the Q4_0 blocks read their float16 scales from Q8_0 bytes and loaded (NaN logits: found by the GGUF fuzz)
+    with pytest.raises(WeightsError, match="not at .* where the tensor before it ends"):
+        _load(patched(f["type"], "<I", Q.Q4_0.value))
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    """A NaN or an infinity in the weights (a float value, or the float16 scale of a quantized block) makes every
+    logit NaN; refused on load, dense or packed, naming the tensor. Before, such files loaded."""
+    bad = hf_model(seed=7, query_pre_attn_scalar=16)
+    with torch.no_grad():
+        bad.model.layers[1].self_attn.q_proj.weight[3, 5] = float("nan")
+    write_gguf(tmp_path / "nan-q8.gguf", bad, Q.Q8_0, Q.Q8_0)  # the block's scale is NaN
+    for dtype in ("float32", "bfloat16"):  # dense, and packed low-bit
+        with pytest.raises(WeightsError, match="'blk.1.attn_q.weight' holds non-finite values"):
+            gemrun.load(tmp_path / "nan-q8.gguf", device="cpu", dtype=dtype)
+    bad = hf_model(seed=7, query_pre_attn_scalar=16)
+    with torch.no_grad():
+        bad.model.norm.weight[0] = float("inf")
+    for qtype in (None, Q.F16):
+        write_gguf(tmp_path / "inf.gguf", bad, qtype, qtype)
+        with pytest.raises(WeightsError, match="'output_norm.weight' holds non-finite values"):
+            gemrun.load(tmp_path / "inf.gguf", device="cpu")
+
+
+def test_more_tokens_than_embedding_rows_is_refused(tmp_path):
+    """A tokenizer of 512 tokens over an embedding of 500 rows loaded, and every prompt with one of the last 12 ids
+    failed in the embedding lookup."""
+    write_gguf(tmp_path / "short.gguf", hf_model(seed=1, vocab_size=500, query_pre_attn_scalar=16))
+    with pytest.raises(WeightsError, match="512 tokens, more than the 500 rows"):
+        gemrun.load(tmp_path / "short.gguf", device="cpu")
 
 
 def test_unsupported_type_and_tokenizer_arrays(tmp_path):
@@ -203,6 +234,9 @@ BAD_METADATA = [
     _bad("theta-nan", "gemma3.rope.freq_base", float("nan"), _T.FLOAT32, "freq_base = nan: must be a finite number"),
     _bad("theta-0", "gemma3.rope.freq_base", 0.0, _T.FLOAT32, "gemma3.rope.freq_base = 0.0"),
     _bad("theta-neg", "gemma3.rope.freq_base", -1e6, _T.FLOAT32, "gemma3.rope.freq_base = -1000000.0"),
+    _bad("theta-1e-45", "gemma3.rope.freq_base", 1e-45, _T.FLOAT32, "gemma3.rope.freq_base = 1.4"),  # NaN logits
+    _bad("theta-1", "gemma3.rope.freq_base", 1.0, _T.FLOAT32, "gemma3.rope.freq_base = 1.0"),
+    _bad("factor-1e-45", "gemma3.rope.scaling.factor", 1e-45, _T.FLOAT32, "rope.scaling.factor = 1.4"),
     _bad("eps-inf", EPS, float("inf"), _T.FLOAT32, "layer_norm_rms_epsilon = inf"),
     _bad("eps-1e30", EPS, 1e30, _T.FLOAT32, "layer_norm_rms_epsilon = 1.000"),
     _bad("eps-bool", EPS, True, _T.BOOL, "layer_norm_rms_epsilon = True"),

@@ -38,6 +38,8 @@ def _nested(path: str, value) -> dict:
     pytest.param({**OLD_STYLE, "rope_theta": float("nan")}, "config.json rope_theta = nan", id="theta-nan"),
     pytest.param({**OLD_STYLE, "rope_theta": 0}, "config.json rope_theta = 0", id="theta-0"),
     pytest.param({**OLD_STYLE, "rope_theta": -10000.0}, "config.json rope_theta = -10000.0", id="theta-neg"),
+    pytest.param({**OLD_STYLE, "rope_theta": 1e-45}, "config.json rope_theta = 1e-45", id="theta-1e-45"),
+    pytest.param({**OLD_STYLE, "query_pre_attn_scalar": 1e-45}, "query_pre_attn_scalar = 1e-45", id="qscale-tiny"),
     pytest.param({**OLD_STYLE, "rope_theta": "1e6"}, "config.json rope_theta = '1e6'", id="theta-str"),
     pytest.param({**OLD_STYLE, "rope_local_base_freq": float("inf")}, "rope_local_base_freq = inf", id="local-inf"),
     pytest.param({**OLD_STYLE, "rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor = 0",
@@ -214,3 +216,40 @@ def test_thinking_split_is_linear_in_stray_markers():
     cost(1000)
     small, large = cost(20_000), cost(160_000)
     assert large < 20 * max(small, 0.01)  # 8x the input: linear, not 64x
+
+
+CHILD = '''import os, signal, sys, time, json
+from fuzz import fuzz, main_args
+args, start, progress = main_args(sys.argv[1:])
+def check(m):
+    if m < 0.1:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if m < 0.2:  # a hang the alarm cannot break (as inside C code)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+        time.sleep(600)
+    if m < 0.3:
+        raise ValueError("a crash")
+    if m < 0.4:
+        return "a silent accept"
+    if m < 0.7:
+        raise LookupError("a clean refusal")
+print(json.dumps(fuzz(int(args[0]), 7, lambda rng: rng.random(), check, LookupError, 1, start, progress)))
+'''
+
+
+def test_fuzz_supervisor_counts_what_kills_or_hangs_the_child(tmp_path):
+    """tests/fuzz.py: a mutant that segfaults the child or hangs it where the alarm cannot reach is counted (crash,
+    hang) and the child restarted past it; every other outcome comes from the child's own lines."""
+    from fuzz import rng_for, supervise
+
+    (tmp_path / "child.py").write_text(CHILD)
+    values = [rng_for(7, i).random() for i in range(30)]
+    expected = {"crashes": sum(v < 0.1 or 0.2 <= v < 0.3 for v in values), "hangs": sum(0.1 <= v < 0.2 for v in values),
+                "silent": sum(0.3 <= v < 0.4 for v in values), "rejected": sum(0.4 <= v < 0.7 for v in values),
+                "accepted": sum(v >= 0.7 for v in values)}
+    assert sum(v < 0.1 for v in values) and expected["hangs"]  # segfaults and unbreakable hangs both occur
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    stats = supervise([sys.executable, str(tmp_path / "child.py"), "30"], 30, env, stall=3, setup=60)
+    assert stats["mutants"] == 30 and stats["oom"] == 0
+    assert {k: stats[k] for k in expected} == expected
+    assert any("child died (-11)" in e for e in stats["examples"])  # the supervisor, not the child, counted it

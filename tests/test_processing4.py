@@ -19,6 +19,7 @@ av = pytest.importorskip("av")
 sf = pytest.importorskip("soundfile")
 soxr = pytest.importorskip("soxr")
 
+from media_samples import encode_audio, make_video, stereo  # noqa: E402
 from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import (  # noqa: E402
     Gemma4UnifiedAudioFeatureExtractor,
 )
@@ -152,18 +153,6 @@ def audio_ref():
     return Gemma4UnifiedAudioFeatureExtractor()
 
 
-def _stereo(seconds: float, rate: int) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    noise = np.random.default_rng(0).standard_normal(t.size)
-    return (0.5 * np.stack([np.sin(2 * np.pi * 440 * t), 0.3 * noise], axis=1)).astype(np.float32)
-
-
-def _encode(wave: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, wave, rate, format=fmt, subtype=subtype)
-    return buf.getvalue()
-
-
 def _reference_frames(audio_ref, data: bytes) -> torch.Tensor:
     """The reference feature extractor fed the same 16 kHz mono array (mixdown and soxr are our choice)."""
     x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
@@ -178,7 +167,7 @@ def _reference_frames(audio_ref, data: bytes) -> torch.Tensor:
 @pytest.mark.parametrize("fmt,subtype", [("WAV", "FLOAT"), ("WAV", "PCM_16"), ("FLAC", "PCM_24"), ("OGG", "VORBIS"),
                                          ("MP3", None)])
 def test_audio_44k_stereo_matches_reference(audio_ref, fmt, subtype):
-    data = _encode(_stereo(1.37, 44_100), 44_100, fmt, subtype)
+    data = encode_audio(stereo(1.37, 44_100), 44_100, fmt, subtype)
     ours = process_audio(data)
     ref = _reference_frames(audio_ref, data)
     assert ours.features.shape == ref.shape and ours.num_tokens == ref.shape[0]
@@ -187,8 +176,8 @@ def test_audio_44k_stereo_matches_reference(audio_ref, fmt, subtype):
 
 
 def test_audio_16k_mono_is_framed_without_resampling(audio_ref, tmp_path):
-    wave = _stereo(0.5, 16_000)[:, 0]  # 8000 samples: 12.5 frames -> 13, the last zero-padded
-    data = _encode(wave, 16_000, "WAV", "FLOAT")
+    wave = stereo(0.5, 16_000)[:, 0]  # 8000 samples: 12.5 frames -> 13, the last zero-padded
+    data = encode_audio(wave, 16_000, "WAV", "FLOAT")
     ours = process_audio(data)
     ref = audio_ref(wave, return_tensors="pt")["input_features"][0]
     assert ours.num_tokens == 13 and torch.equal(ours.features, ref)
@@ -203,13 +192,14 @@ def test_audio_16k_mono_is_framed_without_resampling(audio_ref, tmp_path):
 
 
 def test_audio_duration_cap():
-    exact = process_audio(_encode(np.zeros(30 * 16_000, np.float32), 16_000, "WAV"))
+    exact = process_audio(encode_audio(np.zeros(30 * 16_000, np.float32), 16_000, "WAV"))
     assert exact.num_tokens == 750 == AudioLimits().max_tokens  # the processor's audio_seq_length
     with pytest.raises(InputError, match="30 s"):
-        process_audio(_encode(np.zeros(30 * 16_000 + 1, np.float32), 16_000, "WAV"))
+        process_audio(encode_audio(np.zeros(30 * 16_000 + 1, np.float32), 16_000, "WAV"))
     with pytest.raises(InputError, match="longer than the limit of 1 s"):
-        process_audio(_encode(_stereo(1.37, 44_100), 44_100, "FLAC"), AudioLimits(max_seconds=1))
-    assert process_audio(_encode(_stereo(1.37, 44_100), 44_100, "OGG"), AudioLimits(max_seconds=1.5)).num_tokens == 35
+        process_audio(encode_audio(stereo(1.37, 44_100), 44_100, "FLAC"), AudioLimits(max_seconds=1))
+    ogg = encode_audio(stereo(1.37, 44_100), 44_100, "OGG")
+    assert process_audio(ogg, AudioLimits(max_seconds=1.5)).num_tokens == 35
 
 
 def _wav_header(channels: int, rate: int, data_bytes: int, bits: int = 16) -> bytes:
@@ -220,15 +210,15 @@ def _wav_header(channels: int, rate: int, data_bytes: int, bits: int = 16) -> by
 
 
 def test_bad_audio_is_refused():
-    good = _encode(_stereo(0.5, 44_100), 44_100, "WAV", "PCM_16")
+    good = encode_audio(stereo(0.5, 44_100), 44_100, "WAV", "PCM_16")
     bad = {
         "random bytes": b"\x00\x01garbage" * 50,
         "truncated header": good[:30],
-        "zero length": _encode(np.zeros((0, 1), np.float32), 16_000, "WAV"),
+        "zero length": encode_audio(np.zeros((0, 1), np.float32), 16_000, "WAV"),
         "zero channels": _wav_header(0, 16_000, 64) + bytes(64),
         "zero rate": _wav_header(1, 0, 64) + bytes(64),
         "empty": b"",
-        "not a format we take": _encode(np.zeros(100, np.float32), 16_000, "AIFF"),
+        "not a format we take": encode_audio(np.zeros(100, np.float32), 16_000, "AIFF"),
     }
     for name, data in bad.items():
         with pytest.raises(InputError):
@@ -248,19 +238,38 @@ def test_lying_and_truncated_audio():
     # a header declaring 4 GB of samples over 64 real bytes: decoded as what is there, never allocated from the claim
     assert process_audio(_wav_header(1, 16_000, 0xFFFFFF00) + bytes(64)).num_tokens == 1
     # a file cut mid-data gives the samples that are there
-    good = _encode(_stereo(1.0, 16_000), 16_000, "WAV", "PCM_16")
+    good = encode_audio(stereo(1.0, 16_000), 16_000, "WAV", "PCM_16")
     cut = process_audio(good[: len(good) // 2])
     assert 0 < cut.num_tokens < process_audio(good).num_tokens
     # NaN and infinite samples become 0, so one bad sample cannot poison a frame
     wave = np.ones(1280, np.float32)
     wave[[5, 700]] = [np.nan, np.inf]
-    out = process_audio(_encode(wave, 16_000, "WAV", "FLOAT"))
+    out = process_audio(encode_audio(wave, 16_000, "WAV", "FLOAT"))
     assert bool(torch.isfinite(out.features).all()) and out.features[0, 5] == 0 and out.features[1, 60] == 0
+
+
+def test_audio_samples_past_any_pcm_scale_are_refused():
+    """Float samples of a corrupt file (3e38) overflowed the resampler into NaN frames (found by the WAV fuzz of
+    benchmarks/hardening_pass.py); loud samples within int32 PCM's scale still give finite frames."""
+    wave = stereo(0.2, 48_000)
+    wave[100, 0] = 3e38
+    with pytest.raises(InputError, match="past any PCM scale"):
+        process_audio(encode_audio(wave, 48_000, "WAV", "FLOAT"))
+    wave[100, 0] = 2e9
+    assert bool(torch.isfinite(process_audio(encode_audio(wave, 48_000, "WAV", "FLOAT")).features).all())
+
+
+def test_audio_shorter_than_one_16k_sample_is_refused():
+    """One sample at 48 kHz resamples to none at 16 kHz: before, it gave (0, 640) frames, an audio clip of no soft
+    tokens (found by the FLAC fuzz of benchmarks/hardening_pass.py); two samples still give one frame."""
+    with pytest.raises(InputError, match="1 sample.* at 48000 Hz is shorter than one sample at 16 kHz"):
+        process_audio(encode_audio(np.full((1, 1), 0.5, np.float32), 48_000, "FLAC", "PCM_16"))
+    assert process_audio(encode_audio(np.full((2, 1), 0.5, np.float32), 48_000, "FLAC", "PCM_16")).num_tokens == 1
 
 
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
 def test_audio_mutants_never_crash(fmt):
-    good = _encode(_stereo(0.3, 22_050), 22_050, fmt)
+    good = encode_audio(stereo(0.3, 22_050), 22_050, fmt)
     rng = np.random.default_rng(1)
     outcomes = set()
     for i in range(40):
@@ -279,38 +288,6 @@ def test_audio_mutants_never_crash(fmt):
 
 
 # ----------------------------------------------------------------------------------------------------------- video
-def make_video(n: int = 40, fps: int = 10, width: int = 64, height: int = 48, container: str = "mp4",
-               codec: str = "libx264", audio_rate: int | None = 44_100) -> bytes:
-    """A small video of a moving square, with a stereo tone track when `audio_rate` is set."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=container) as c:
-        video = c.add_stream(codec, rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        if audio_rate:
-            track = c.add_stream("aac", rate=audio_rate)
-            track.layout = "stereo"
-        for i in range(n):
-            img = np.zeros((height, width, 3), np.uint8)
-            img[..., 2] = 40
-            x = (i * 3) % (width - 12)
-            img[10:22, x:x + 12] = (255, 200, 30)
-            for p in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in video.encode():
-            c.mux(p)
-        if audio_rate:
-            wave = _stereo(n / fps, audio_rate).T.copy()
-            for s in range(0, wave.shape[1], 1024):
-                f = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, s:s + 1024]), format="fltp",
-                                               layout="stereo")
-                f.sample_rate, f.pts = audio_rate, s
-                for p in track.encode(f):
-                    c.mux(p)
-            for p in track.encode():
-                c.mux(p)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def video_ref():
     return Gemma4UnifiedVideoProcessor()
@@ -422,6 +399,22 @@ def test_bad_video_is_refused(tmp_path):
         process_video(tmp_path / "v.mp4", sources=Sources(root=tmp_path / "elsewhere"))
 
 
+def test_undecodable_codecs_are_refused():
+    """A sample entry naming a codec FFmpeg has no decoder for leaves the stream without a codec context; before,
+    an AttributeError escaped process_video (found by the MP4 fuzz of benchmarks/hardening_pass.py)."""
+    data = make_video(n=8)
+    video = data.find(b"avc1", data.find(b"stsd"))
+    with pytest.raises(InputError, match="codec cannot be decoded"):
+        process_video(data[:video] + b"zzzz" + data[video + 4:])
+    no_audio_codec = data
+    for box in (b"mp4a", b"esds"):  # the sample entry and the descriptor FFmpeg would also guess AAC from
+        at = no_audio_codec.find(box, data.find(b"stsd", video))
+        no_audio_codec = no_audio_codec[:at] + b"zzzz" + no_audio_codec[at + 4:]
+    with pytest.raises(InputError, match="audio track's codec cannot be decoded"):
+        process_video(no_audio_codec)
+    assert process_video(no_audio_codec, audio=False).num_frames == 8
+
+
 def test_video_mutants_never_crash():
     good = make_video(n=12, audio_rate=None)
     rng = np.random.default_rng(2)
@@ -458,8 +451,8 @@ def test_expand_prompt_matches_reference(image_ref, audio_ref, video_ref):
     ref = _reference_processor()
     img_a, img_b = _noise_image(40, 64), _noise_image(300, 100, seed=5)
     images = [process_image(img_a, 70), process_image(img_b, 70)]
-    wave = _stereo(0.3, 16_000)[:, 0]
-    audios = [process_audio(_encode(wave, 16_000, "WAV", "FLOAT"))]
+    wave = stereo(0.3, 16_000)[:, 0]
+    audios = [process_audio(encode_audio(wave, 16_000, "WAV", "FLOAT"))]
     data = make_video(n=40, audio_rate=None)
     videos = [process_video(data)]
 

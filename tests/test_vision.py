@@ -229,26 +229,15 @@ def test_gguf_text_plus_mmproj(tmp_path):
     """A text GGUF with a llama.cpp-style mmproj GGUF gives the same model as the HF directory (the projection is
     F16 in llama.cpp's f16 mmproj files; rounded here so that any mmproj type compares alike)."""
     from gguf import GGUFReader
-    from tiny import write_gguf
+    from tiny import write_mm_gguf
 
     from gemrun.errors import WeightsError
-    from gemrun.model.vision import vision_from_hf_config
-    from gemrun.weights.mmproj import write_mmproj
-    from gemrun.weights.names import hf_vision_to_gemrun
 
     ref = hf_mm_model(seed=4)
     with torch.no_grad():
         ref.model.multi_modal_projector.mm_input_projection_weight.copy_(
             ref.model.multi_modal_projector.mm_input_projection_weight.half().float())
-    ref.config.text_config.query_pre_attn_scalar = 16
-    text_only = type("T", (), {})()
-    text_only.config = ref.config.text_config
-    text_only.state_dict = lambda: {k.replace("model.language_model.", "model."): v
-                                    for k, v in ref.state_dict().items() if "language_model" in k}
-    write_gguf(tmp_path / "text.gguf", text_only)
-    state = {hf_vision_to_gemrun(k): v.float() for k, v in ref.state_dict().items() if hf_vision_to_gemrun(k)}
-    write_mmproj(tmp_path / "mmproj.gguf", vision_from_hf_config(ref.config.to_dict()),
-                 {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, quant="f32")
+    write_mm_gguf(ref, tmp_path / "text.gguf", tmp_path / "mmproj.gguf")
     r = GGUFReader(tmp_path / "mmproj.gguf")
     assert r.fields["general.architecture"].contents() == "clip"
     m = gemrun.load(tmp_path / "text.gguf", device="cpu", mmproj=tmp_path / "mmproj.gguf")
@@ -267,6 +256,38 @@ def test_gguf_text_plus_mmproj(tmp_path):
     assert (expected - got).abs().max().item() <= 1e-4
     with pytest.raises(WeightsError, match="clip"):
         gemrun.load(tmp_path / "text.gguf", device="cpu", mmproj=tmp_path / "text.gguf")
+
+
+@pytest.fixture(scope="module")
+def mm_gguf_pair(tmp_path_factory):
+    from tiny import write_mm_gguf
+
+    d = tmp_path_factory.mktemp("mmproj")
+    write_mm_gguf(hf_mm_model(seed=4), d / "text.gguf", d / "mmproj.gguf", quant="f16")
+    return d / "text.gguf", d / "mmproj.gguf"
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("clip.vision.patch_size", 0, "clip.vision.patch_size = 0: must be an integer"),
+    ("clip.vision.embedding_length", 2**32 - 32, "clip.vision.embedding_length = 4294967264"),
+    ("clip.vision.projector.scale_factor", 0, "clip.vision.projector.scale_factor = 0"),
+    ("clip.vision.attention.layer_norm_epsilon", -1.0, "layer_norm_epsilon = -1.0: must be a finite number"),
+    ("clip.vision.attention.layer_norm_epsilon", float("nan"), "layer_norm_epsilon = nan"),
+    # unused by the mmproj loader, but typed as in a text GGUF (before: any value loaded)
+    ("tokenizer.ggml.tokens", [1, 2, 3], "tokenizer.ggml.tokens is missing or not an array of strings"),
+])
+def test_mmproj_metadata_is_type_and_range_checked(mm_gguf_pair, tmp_path, key, value, match):
+    """Each key of a Gemma 3 mmproj is checked for type and range, the error naming it. Before (found by the mmproj
+    fuzz of benchmarks/hardening_pass.py): a patch size or scale factor of 0 escaped as ZeroDivisionError, a 2^32
+    width as torch's RuntimeError, and a negative or NaN epsilon loaded (NaN image embeddings)."""
+    from gguf_edit import rewrite
+
+    from gemrun.errors import ConfigError, WeightsError
+
+    text, mmproj = mm_gguf_pair
+    bad = rewrite(mmproj, tmp_path / "bad.gguf", meta={key: value})
+    with pytest.raises((ConfigError, WeightsError), match=match):
+        gemrun.load(text, device="cpu", mmproj=bad)
 
 
 @pytest.mark.parametrize("pas", [False, True])

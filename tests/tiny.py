@@ -176,3 +176,34 @@ def save_mm_dir(model, root) -> None:
     tokens, types = tiny_vocab()
     build_backend(tokens, types).save(str(root / "tokenizer.json"))
 
+
+
+def write_hf_dir(root, seed: int = 3):
+    """The tiny reference as an HF directory gemrun loads whole: config, safetensors, a tokenizer.json."""
+    from pathlib import Path
+
+    from gemrun.tokenizer import build_backend
+
+    root = Path(root)
+    hf_model(seed=seed).save_pretrained(root)
+    tokens, types = tiny_vocab()
+    build_backend(tokens, types).save(str(root / "tokenizer.json"))
+    return root
+
+
+def write_mm_gguf(ref, text_path, mmproj_path, quant: str = "f32") -> None:
+    """A tiny Gemma3ForConditionalGeneration as llama.cpp's pair: its text model as a GGUF, its vision tower as an
+    mmproj GGUF (GGUF has no query_pre_attn_scalar: the text config's is set to head_dim, 16)."""
+    from gemrun.model.vision import vision_from_hf_config
+    from gemrun.weights.mmproj import write_mmproj
+    from gemrun.weights.names import hf_vision_to_gemrun
+
+    ref.config.text_config.query_pre_attn_scalar = 16
+    text_only = type("T", (), {})()
+    text_only.config = ref.config.text_config
+    text_only.state_dict = lambda: {k.replace("model.language_model.", "model."): v
+                                    for k, v in ref.state_dict().items() if "language_model" in k}
+    write_gguf(text_path, text_only)
+    state = {hf_vision_to_gemrun(k): v.float() for k, v in ref.state_dict().items() if hf_vision_to_gemrun(k)}
+    write_mmproj(mmproj_path, vision_from_hf_config(ref.config.to_dict()),
+                 {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, quant=quant)

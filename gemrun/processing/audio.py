@@ -22,6 +22,7 @@ __all__ = ["AudioLimits", "ProcessedAudio", "decode_audio", "waveform_frames", "
 SAMPLE_RATE = 16_000
 SAMPLES_PER_TOKEN = 640  # 40 ms at 16 kHz
 FORMATS = ("WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3")  # soundfile's names; anything else libsndfile reads is refused
+MAX_SAMPLE = float(2**31)  # the largest magnitude a sample may have (int32 PCM's scale; float audio is within 1)
 _BLOCK = 1 << 16  # frames decoded at a time, so memory follows the real length, never a header's claim
 
 
@@ -89,17 +90,24 @@ def decode_audio(data: bytes, limits: AudioLimits = AudioLimits()) -> tuple[np.n
 def waveform_frames(wave: np.ndarray, rate: int, limits: AudioLimits = AudioLimits()) -> ProcessedAudio:
     """Frames of a mono waveform at `rate` Hz: resampled to 16 kHz (soxr 'HQ'), zero-padded to a multiple of 640 and
     reshaped to (n, 640), as `Gemma4UnifiedAudioFeatureExtractor` does with a 16 kHz array. Non-finite samples
-    become 0 (one NaN would otherwise poison the frame's RMSNorm)."""
+    become 0 (one NaN would otherwise poison the frame's RMSNorm); samples past any PCM scale (2^31: float data of a
+    corrupt file, up to 3e38) are refused, as resampling and the RMSNorm would overflow on them."""
     wave = np.asarray(wave, dtype=np.float32).reshape(-1)
     if wave.size == 0:
         raise InputError("audio has no samples")
     if wave.size > limits.max_seconds * rate:
         raise InputError(f"audio of {wave.size / rate:.1f} s is longer than the limit of {limits.max_seconds:g} s")
     wave = np.nan_to_num(wave, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(np.abs(wave).max())
+    if peak > MAX_SAMPLE:
+        raise InputError(f"audio samples reach {peak:.3g}, past any PCM scale ({MAX_SAMPLE:.3g}): a corrupt file")
     if rate != SAMPLE_RATE:
+        samples = wave.size
         wave = soxr.resample(wave, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
         # the length was checked at the source rate; resampling may round it up by a sample past the cap
         wave = wave[: int(limits.max_seconds * SAMPLE_RATE)]
+        if wave.size == 0:  # one sample at 48 kHz is none at 16 kHz: no frame, no soft token to hold the audio
+            raise InputError(f"audio of {samples} sample(s) at {rate} Hz is shorter than one sample at 16 kHz")
     n = -(-wave.size // SAMPLES_PER_TOKEN)
     padded = np.zeros(n * SAMPLES_PER_TOKEN, dtype=np.float32)
     padded[: wave.size] = wave

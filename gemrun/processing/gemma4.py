@@ -180,6 +180,8 @@ def _video_audio(data: bytes, fmt: str, limits: AudioLimits) -> ProcessedAudio |
         if not c.streams.audio:
             return None
         stream = c.streams.audio[0]
+        if stream.codec_context is None:
+            raise InputError("video audio track's codec cannot be decoded; pass audio=False to use only the frames")
         resampler = av.AudioResampler(format="fltp")  # planar float32; layout and rate kept, mixed down below
         chunks, n, rate = [], 0, 0
         for frame in c.decode(stream):
@@ -218,6 +220,8 @@ def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio
             stream = c.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
+            if stream.codec_context is None:  # a codec id FFmpeg has no decoder for
+                raise InputError("video stream's codec cannot be decoded")
             width, height = stream.codec_context.width, stream.codec_context.height
             if not 0 < fps <= limits.max_fps:
                 raise InputError(f"video frame rate {fps:g} is outside (0, {limits.max_fps:g}]")

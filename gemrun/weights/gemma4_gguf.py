@@ -26,7 +26,7 @@ from .. import tokenizer as tok
 from ..config import Gemma4TextConfig, check_field
 from ..errors import ConfigError, WeightsError
 from ..model.gemma4 import MediaConfig
-from .gguf import GGUFFile
+from .gguf import GGUFFile, check_tokenizer_metadata
 from .gguf_config import DRAFTER_ARCHS, Meta, drafter_config, gemma4_config, keys_are_values, partial_from_rope_freqs
 from .names import GEMMA4_MMPROJ, ROPE_FREQS, drafter_gguf_to_gemrun, gemma4_gguf_to_gemrun
 
@@ -173,6 +173,7 @@ class MediaLayout:
 
 
 def mmproj_layout(g: GGUFFile, text: Gemma4TextConfig) -> MediaLayout:
+    check_tokenizer_metadata(g.metadata, required=False)
     cfg = media_config(g.metadata, text, g)
     names, unknown = {}, []
     for name in g.tensors:
@@ -198,6 +199,7 @@ class DrafterLayout:
 
 def drafter_layout(g: GGUFFile) -> DrafterLayout:
     meta = g.metadata
+    check_tokenizer_metadata(meta, required=False)  # unused (the target's tokenizer serves), but typed
     arch = meta.get("general.architecture")
     if arch not in DRAFTER_ARCHS:
         raise ConfigError(f"GGUF architecture {str(arch)[:40]!r} is not a Gemma 4 drafter "

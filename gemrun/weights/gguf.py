@@ -33,6 +33,12 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
           12: "<f8"}
 UINT32, STRING, ARRAY = 4, 8, 9
+# Non-finite values: the exponent bits of float tensors, and the byte range of each quantized block's float16
+# scales (d, and dmin or m where there is one): a block's values are finite exactly when these are (its other
+# fields are small integers).
+_EXPONENT = {"F32": (np.uint32, 0x7F800000), "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
+_SCALES = {"Q4_0": (0, 2), "Q4_1": (0, 4), "Q5_0": (0, 2), "Q5_1": (0, 4), "Q8_0": (0, 2), "Q2_K": (80, 84),
+           "Q3_K": (108, 110), "Q4_K": (0, 4), "Q5_K": (0, 4), "Q6_K": (208, 210)}
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,15 @@ class GGUFFile:
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
             if start < end:
                 raise WeightsError(f"GGUF corrupt: tensors {a!r} and {b!r} overlap")
+        # llama.cpp reads tensor data in one layout only (gguf.cpp: each tensor where the one before it in the table
+        # ends, padded to the alignment): a file laid out otherwise (gaps: a tensor's type or shape changed to fewer
+        # bytes than written) is refused there and here
+        expected = 0
+        for name, _, _, rel in raw:
+            if rel != expected:
+                raise WeightsError(f"GGUF corrupt: tensor {name!r} data is at offset {rel}, not at {expected} where "
+                                   f"the tensor before it ends (padded to {align} bytes)")
+            expected += -(-self.tensors[name].nbytes // align) * align
 
     def release(self, name: str) -> None:
         """Let the kernel drop the pages of a tensor already converted (they count as resident memory while
@@ -235,12 +250,36 @@ class GGUFFile:
         rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
         return np.frombuffer(self._buf, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(rows, -1)
 
+    def check_finite(self, name: str) -> None:
+        """WeightsError unless every value of the tensor is finite, read from its bytes (float values, or the
+        float16 scales of quantized blocks) a few MiB at a time: a NaN or an infinity in the weights makes every
+        logit NaN."""
+        info = self.tensors[name]
+        data = self.raw(name)
+        kind = info.qtype.name
+        step = max(1, (16 << 20) // max(1, data.shape[1]))
+        for r in range(0, data.shape[0], step):
+            chunk = data[r:r + step]
+            if kind in _EXPONENT:
+                dtype, mask = _EXPONENT[kind]
+                bits = chunk.reshape(-1).view(dtype)
+            elif kind in _SCALES:
+                a, b = _SCALES[kind]
+                blocks = chunk.reshape(-1, GGML_QUANT_SIZES[info.qtype][1])
+                bits, mask = np.ascontiguousarray(blocks[:, a:b]).view(np.uint16), 0x7C00
+            else:
+                return
+            if ((bits & mask) == mask).any():
+                raise WeightsError(f"tensor {name!r} holds non-finite values (NaN or infinity)")
+
     def load(self, name: str) -> np.ndarray:
-        """The tensor dequantized to float32, in torch order (slowest dimension first)."""
+        """The tensor dequantized to float32, in torch order (slowest dimension first); non-finite values are
+        refused."""
         info = self.tensors[name]
         if info.qtype not in SUPPORTED:
             raise WeightsError(f"tensor {name!r} has type {info.qtype.name}, which gemrun does not support "
                                f"(supported: {', '.join(sorted(t.name for t in SUPPORTED))})")
+        self.check_finite(name)
         data = self.raw(name)
         if info.qtype == GGMLQuantizationType.F32:
             out = data.view(np.float32).copy()
@@ -251,10 +290,13 @@ class GGUFFile:
         return out.reshape(info.shape).astype(np.float32, copy=False)
 
 
-def check_tokenizer_metadata(meta: dict[str, Any]) -> None:
+def check_tokenizer_metadata(meta: dict[str, Any], required: bool = True) -> None:
     """Tokenizer metadata typed and consistent: tokens strings (at most MAX_VOCAB), scores f32 and types i32 of
-    the tokens' length, special ids inside the vocabulary, flags booleans, the template a string."""
+    the tokens' length, special ids inside the vocabulary, flags booleans, the template a string. Not `required`
+    (files whose tokenizer goes unused, a drafter's): checked only where the file has tokens."""
     tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None and not required:
+        return
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise WeightsError("GGUF tokenizer.ggml.tokens is missing or not an array of strings")
     n = len(tokens)

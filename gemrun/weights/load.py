@@ -170,6 +170,7 @@ def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
         info = g.tensors[names[ours]]
         if info.qtype.name in ("F32", "F16", "BF16"):
             return None
+        g.check_finite(info.name)
         raw = g.raw(info.name)
         if ours.endswith("embed_tokens.weight"):
             step = 8192  # dequantize in slices: the float table is never whole in memory
@@ -204,6 +205,10 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
             raise WeightsError("GGUF has no token_embd.weight")
         config = config.replace(vocab_size=g.tensors[names["text.embed_tokens.weight"]].shape[0])
 
+    tokens = len(g.metadata["tokenizer.ggml.tokens"])
+    if tokens > config.vocab_size:
+        raise WeightsError(f"GGUF tokenizer has {tokens} tokens, more than the {config.vocab_size} rows of the token "
+                           "embedding")
     pack = None
     if packed and any(t.qtype.name not in ("F32", "F16", "BF16") for t in g.tensors.values()):
         if device.type != "cpu":

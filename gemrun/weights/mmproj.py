@@ -16,7 +16,8 @@ from gguf import GGMLQuantizationType as Q
 from ..config import TextConfig
 from ..errors import ConfigError, WeightsError
 from ..model.vision import Gemma3Vision, VisionConfig
-from .gguf import GGUFFile
+from .gguf import GGUFFile, check_tokenizer_metadata
+from .gguf_config import Meta
 from .gguf_write import declare_tensor, write_encoded
 
 MMPROJ_GLOBAL = {
@@ -117,25 +118,24 @@ def write_mmproj(path: Path, cfg: VisionConfig, shapes: dict[str, tuple[int, ...
 
 
 def vision_config_from_mmproj(meta: dict, text: TextConfig) -> VisionConfig:
+    """The vision config an mmproj describes, each key checked for type and range (the error names it)."""
     if meta.get("general.architecture") != "clip" or meta.get("clip.projector_type") != "gemma3":
         raise WeightsError("mmproj GGUF must have general.architecture 'clip' and clip.projector_type 'gemma3', "
-                           f"got {meta.get('general.architecture')!r} / {meta.get('clip.projector_type')!r}")
-
-    def get(key: str, default=None):
-        value = meta.get(f"clip.vision.{key}", default)
-        if value is None:
-            raise WeightsError(f"mmproj GGUF is missing clip.vision.{key}")
-        return value
-
-    image, patch = int(get("image_size")), int(get("patch_size"))
-    scale = int(meta.get("clip.vision.projector.scale_factor", 4))  # 4x4 pooling unless stated
-    if int(get("projection_dim")) != text.hidden_size:
-        raise WeightsError(f"mmproj projects to {get('projection_dim')} but the text model is {text.hidden_size} wide")
-    side = image // patch // max(scale, 1)
-    return VisionConfig(hidden_size=int(get("embedding_length")), intermediate_size=int(get("feed_forward_length")),
-                        num_layers=int(get("block_count")), num_heads=int(get("attention.head_count")),
+                           f"got {str(meta.get('general.architecture'))[:40]!r} / "
+                           f"{str(meta.get('clip.projector_type'))[:40]!r}")
+    m = Meta(meta, "clip")
+    image, patch = m.get("image_size", "vision.image_size"), m.get("patch_size", "vision.patch_size")
+    scale = m.get("pooling", "vision.projector.scale_factor", 4)  # 4x4 pooling unless stated
+    if m.get("hidden_size", "vision.projection_dim") != text.hidden_size:
+        raise WeightsError(f"mmproj projects to {meta['clip.vision.projection_dim']} but the text model is "
+                           f"{text.hidden_size} wide")
+    side = image // patch // scale
+    return VisionConfig(hidden_size=m.get("hidden_size", "vision.embedding_length"),
+                        intermediate_size=m.get("intermediate_size", "vision.feed_forward_length"),
+                        num_layers=m.get("num_layers", "vision.block_count"),
+                        num_heads=m.get("num_heads", "vision.attention.head_count"),
                         image_size=image, patch_size=patch,
-                        layer_norm_eps=float(get("attention.layer_norm_epsilon", 1e-6)),
+                        layer_norm_eps=m.get("rms_norm_eps", "vision.attention.layer_norm_epsilon", 1e-6),
                         mm_tokens_per_image=side * side, text_hidden_size=text.hidden_size)
 
 
@@ -144,6 +144,7 @@ def open_mmproj(path: Path, text: TextConfig) -> tuple[GGUFFile, VisionConfig, d
     if not path.is_file():
         raise WeightsError(f"mmproj file {path} does not exist")
     g = GGUFFile(path)
+    check_tokenizer_metadata(g.metadata, required=False)
     cfg = vision_config_from_mmproj(g.metadata, text)
     names = {}
     for name in g.tensors:
