@@ -35,7 +35,8 @@ class PrefixPool:
         best = None
         with self.lock:
             for i, (held, caches, end) in enumerate(self.entries):
-                if exact and end is not None and end[0] == len(key) and _common(held, key, len(key)) == len(key):
+                whole = exact and end is not None and end[0] == len(key) and len(key) >= max(c.floor for c in caches)
+                if whole and _common(held, key, len(key)) == len(key):
                     best = (i, len(key), end[1])
                     break
                 n = _common(held, key, len(key) - 1)
