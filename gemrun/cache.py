@@ -403,3 +403,8 @@ def make_caches(layers: tuple[LayerSpec, ...], batch: int, dtype: torch.dtype, d
         else:
             caches.append(FullCache(batch, spec.num_kv_heads, spec.head_dim, dtype, device, capacity, kv_type))
     return caches
+
+
+def cache_bytes(caches: list) -> int:
+    """Bytes held by one sequence's caches (layers that share KV count once)."""
+    return sum(c.nbytes for c in {id(c): c for c in caches}.values())

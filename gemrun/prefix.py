@@ -7,6 +7,8 @@ import threading
 
 import torch
 
+from .cache import cache_bytes
+
 
 class PrefixPool:
     """The caches of finished sequences, each under the key of the tokens they hold (token ids, media positions
@@ -71,11 +73,6 @@ class PrefixPool:
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
-
-
-def cache_bytes(caches: list) -> int:
-    """Bytes held by one sequence's caches (layers that share KV count once)."""
-    return sum(c.nbytes for c in {id(c): c for c in caches}.values())
 
 
 def _common(a: list[int], b: list[int], limit: int) -> int:
