@@ -40,14 +40,16 @@ def gguf_path() -> Path:
     return default_model_path()
 
 
-@pytest.fixture(scope="session")
+# Models are module-scoped: a float32 270M (and the reference's) is 1 GB each, and held for the whole session
+# they stacked under every later module's own models (the suite's peak RSS).
+@pytest.fixture(scope="module")
 def model_270m(gguf_path):
     import gemrun
 
     return gemrun.load(gguf_path, device="cpu", dtype="float32")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hf_270m(gguf_path):
     from transformers import AutoModelForCausalLM
 
