@@ -1,6 +1,7 @@
 """Decode speed when other processes want the cores: `gemrun bench` on the embedded 270M with 1 and 2 threads,
-beside 0, 1 and 2 busy background processes (pure-Python spin loops), with OpenMP's wait policy as gemrun sets it
-(passive) and as OpenMP's default (spinning), each in a fresh process. Run it on an otherwise quiet machine.
+beside 0, 1 and 2 busy background processes (pure-Python spin loops), with OpenMP's wait policy as gemrun chooses it
+(auto: spinning on an idle machine, sleeping when others keep the cores busy), forced passive and forced active,
+each in a fresh process. Run it on an otherwise quiet machine.
 
     python benchmarks/threads_under_load.py [--gen 64] [--model M]
 """
@@ -17,7 +18,9 @@ BUSY = "while True:\n    pass\n"
 
 
 def bench(threads: int, gen: int, model: str | None, policy: str) -> float:
-    env = {**os.environ, "OMP_WAIT_POLICY": policy}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy != "auto":  # auto: what gemrun chooses at import (gemrun._wait_policy)
+        env["OMP_WAIT_POLICY"] = policy
     cmd = [sys.executable, "-m", "gemrun.cli", "--threads", str(threads), "bench", "--prompt-tokens", "32",
            "--gen-tokens", str(gen), "--repeat", "1"] + (["--model", model] if model else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -35,7 +38,7 @@ def main() -> None:
         try:
             for threads in (1, 2):
                 row = {"busy_processes": busy, "threads": threads}
-                for policy in ("PASSIVE", "ACTIVE"):
+                for policy in ("auto", "PASSIVE", "ACTIVE"):
                     row[f"decode_tok_s_{policy.lower()}"] = bench(threads, args.gen, args.model, policy)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
