@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# The suite runs servers, clients and child processes beside each other on 2 cores: OpenMP threads sleep between
+# kernels here (and in every child, which inherits it) rather than spin (gemrun chooses by the load it sees at
+# import; tests/test_threads.py checks that choice). Set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
