@@ -6,6 +6,7 @@ torch."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,7 @@ def _wait_policy() -> str:
     return "PASSIVE" if busy is None or busy >= 0.5 else "ACTIVE"
 
 
-if "OMP_WAIT_POLICY" not in os.environ:
+if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:  # once torch is loaded, it is too late
     os.environ["OMP_WAIT_POLICY"] = _wait_policy()
 __version__ = "0.1.0"
 

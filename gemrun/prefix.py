@@ -25,7 +25,7 @@ class PrefixPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(cache_bytes(caches) + (end[1].nbytes if end is not None else 0) for _, caches, end in self.entries)
+        return sum(_size(caches, end) for _, caches, end in self.entries)
 
     def take(self, key: list[int], blocks: torch.Tensor | None = None,
              exact: bool = False) -> tuple[list, int, torch.Tensor | None] | None:
@@ -37,14 +37,15 @@ class PrefixPool:
         best = None
         with self.lock:
             for i, (held, caches, end) in enumerate(self.entries):
-                whole = exact and end is not None and end[0] == len(key) and len(key) >= max(c.floor for c in caches)
+                floor = max(c.floor for c in caches)  # the shortest length these caches can be rewound to
+                whole = exact and end is not None and end[0] == len(key) and len(key) >= floor
                 if whole and _common(held, key, len(key)) == len(key):
                     best = (i, len(key), end[1])
                     break
                 n = _common(held, key, len(key) - 1)
                 while n > 0 and blocks is not None and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
                     n -= 1
-                if n > 0 and n >= max(c.floor for c in caches) and (best is None or n > best[1]):
+                if n > 0 and n >= floor and (best is None or n > best[1]):
                     best = (i, n, None)
             if best is None:
                 self.misses += 1
@@ -62,9 +63,8 @@ class PrefixPool:
         large a set is dropped."""
         if not caches or caches[0].length != len(key) or not key:
             return
-        size = cache_bytes(caches) + (end[1].nbytes if end is not None else 0)
         with self.lock:
-            if size > self.max_bytes:
+            if _size(caches, end) > self.max_bytes:
                 return
             self.entries.append((key, caches, end))
             while self.nbytes > self.max_bytes or (self.max_entries and len(self.entries) > self.max_entries):
@@ -73,6 +73,11 @@ class PrefixPool:
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
+
+
+def _size(caches: list, end: tuple[int, torch.Tensor] | None) -> int:
+    """Bytes of one entry: its caches and the logits its prompt ended on."""
+    return cache_bytes(caches) + (end[1].nbytes if end is not None else 0)
 
 
 def _common(a: list[int], b: list[int], limit: int) -> int:

@@ -6,6 +6,23 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+# (name, help, attribute) of the engine's counters and the prefix pool's, in the order /metrics lists them
+ENGINE_COUNTERS = (("gemrun_prompt_tokens", "Prompt tokens prefilled", "prompt_tokens"),
+                   ("gemrun_generated_tokens", "Tokens generated", "generated_tokens"),
+                   ("gemrun_draft_tokens", "Speculative decoding: tokens drafted", "drafted_tokens"),
+                   ("gemrun_draft_accepted_tokens", "Speculative decoding: drafted tokens accepted", "accepted_tokens"))
+POOL_COUNTERS = (("gemrun_prefix_cache_hits", "Requests that reused cached KV of a prefix", "hits"),
+                 ("gemrun_prefix_cache_misses", "Requests that found no reusable prefix", "misses"),
+                 ("gemrun_prefix_cache_reused_tokens", "Prompt tokens not prefilled again", "reused_tokens"))
+
+
+def _counter(name: str, text: str, source, attr: str) -> CounterMetricFamily:
+    return CounterMetricFamily(name, text, value=getattr(source, attr) if source else 0)
+
+
+def _gauge(name: str, text: str, source, attr: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=getattr(source, attr) if source else 0)
+
 
 class Metrics:
     """Prometheus metrics: HTTP counts by status and latency here; engine figures read at scrape time."""
@@ -22,35 +39,22 @@ class Metrics:
         service = getattr(self.state, "service", None)
         engine = service.engine if service else None
         c = engine.counters if engine else None
-        yield CounterMetricFamily("gemrun_requests", "Generation requests accepted", value=c.requests if c else 0)
+        yield _counter("gemrun_requests", "Generation requests accepted", c, "requests")
         done = CounterMetricFamily("gemrun_requests_finished", "Requests finished, by reason", labels=["reason"])
         for reason, count in (c.finished.items() if c else ()):
             done.add_metric([reason], count)
         yield done
-        yield CounterMetricFamily("gemrun_prompt_tokens", "Prompt tokens prefilled", value=c.prompt_tokens if c else 0)
-        yield CounterMetricFamily("gemrun_generated_tokens", "Tokens generated",
-                                  value=c.generated_tokens if c else 0)
-        yield CounterMetricFamily("gemrun_draft_tokens", "Speculative decoding: tokens drafted",
-                                  value=c.drafted_tokens if c else 0)
-        yield CounterMetricFamily("gemrun_draft_accepted_tokens", "Speculative decoding: drafted tokens accepted",
-                                  value=c.accepted_tokens if c else 0)
+        for name, text, attr in ENGINE_COUNTERS:
+            yield _counter(name, text, c, attr)
         rate = c.accepted_tokens / c.drafted_tokens if c and c.drafted_tokens else 0.0
         yield GaugeMetricFamily("gemrun_draft_acceptance_rate", "Accepted / drafted tokens since start", value=rate)
-        yield GaugeMetricFamily("gemrun_requests_running", "Sequences in the batch",
-                                value=engine.running if engine else 0)
-        yield GaugeMetricFamily("gemrun_queue_depth", "Requests waiting for a batch slot",
-                                value=engine.queue_depth if engine else 0)
+        yield _gauge("gemrun_requests_running", "Sequences in the batch", engine, "running")
+        yield _gauge("gemrun_queue_depth", "Requests waiting for a batch slot", engine, "queue_depth")
         pool = engine.pool if engine else None
-        yield CounterMetricFamily("gemrun_prefix_cache_hits", "Requests that reused cached KV of a prefix",
-                                  value=pool.hits if pool else 0)
-        yield CounterMetricFamily("gemrun_prefix_cache_misses", "Requests that found no reusable prefix",
-                                  value=pool.misses if pool else 0)
-        yield CounterMetricFamily("gemrun_prefix_cache_reused_tokens", "Prompt tokens not prefilled again",
-                                  value=pool.reused_tokens if pool else 0)
-        yield GaugeMetricFamily("gemrun_prefix_cache_bytes", "KV cache bytes kept for prefix reuse",
-                                value=pool.nbytes if pool else 0)
-        yield GaugeMetricFamily("gemrun_kv_cache_bytes", "KV cache bytes held by sequences in flight",
-                                value=engine.cache_bytes if engine else 0)
+        for name, text, attr in POOL_COUNTERS:
+            yield _counter(name, text, pool, attr)
+        yield _gauge("gemrun_prefix_cache_bytes", "KV cache bytes kept for prefix reuse", pool, "nbytes")
+        yield _gauge("gemrun_kv_cache_bytes", "KV cache bytes held by sequences in flight", engine, "cache_bytes")
         tps = c.generated_tokens / c.busy_seconds if c and c.busy_seconds else 0.0
         yield GaugeMetricFamily("gemrun_tokens_per_second", "Generated tokens per second of engine work", value=tps)
         yield from self.vllm_gauges(service)
