@@ -112,10 +112,12 @@ def storage(kv_type: str, activations: torch.dtype):
 
 class Parts:
     """What attention reads of a cache: (k, v, kv_positions) pieces, each k, v (B, KV, S_i, D) in the activations'
-    dtype. One piece when the storage is that dtype (views, no copy); else chunks converted as they are read."""
+    dtype. One piece when the storage is that dtype (views, no copy); else chunks converted as they are read, and
+    `stored`: the whole (k, v, kv_positions) as stored (another float dtype), for a kernel that reads it as is."""
 
-    def __init__(self, pieces: list, read=None):
+    def __init__(self, pieces: list, read=None, stored: tuple | None = None):
         self.pieces, self.read = pieces, read  # pieces: tuples, or (start, end, positions) ranges with `read`
+        self.stored = stored
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -139,13 +141,19 @@ def merge(results: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 class Cache:
     """The `attend` every cache shares: store the new k, v (B, KV, T, D) at positions (T,) (k = v = None: a layer
     reading another layer's K/V), then fn(q, k, v, positions, kv_positions) over the cached keys (B, KV, S, D) —
-    per chunk with `lse=True` (fn then gives (out, log-sum-exp)) when they come in several."""
+    per chunk with `lse=True` (fn then gives (out, log-sum-exp)) when they come in several. A cache stored in another
+    float dtype (bf16 under float32 activations) first offers fn its tensors as stored (`stored=True`: fn gives None
+    where it cannot read them as they are)."""
 
     def update(self, k, v, positions: torch.Tensor) -> Parts:
         raise NotImplementedError
 
     def attend(self, q: torch.Tensor, k, v, positions: torch.Tensor, fn) -> torch.Tensor:
         parts = self.update(k, v, positions)
+        if parts.stored is not None:
+            keys, values, kv_positions = parts.stored
+            if (out := fn(q, keys, values, positions, kv_positions, stored=True)) is not None:
+                return out
         if len(parts) == 1:
             keys, values, kv_positions = parts.single()
             return fn(q, keys, values, positions, kv_positions)
@@ -181,7 +189,8 @@ class _Cache(Cache):
                                    torch.cat([positions, extra[2]]))
             return Parts([(k, v, positions)])
         pieces = [(a, min(a + CHUNK, used), positions[a:min(a + CHUNK, used)]) for a in range(0, used, CHUNK)]
-        return Parts(pieces + ([extra] if extra is not None else []), self._read)
+        stored = (self.k.t[:, :, :used], self.v.t[:, :, :used], positions) if extra is None and self.plain else None
+        return Parts(pieces + ([extra] if extra is not None else []), self._read, stored)
 
     def _read(self, a: int, b: int, positions: torch.Tensor) -> tuple:
         return self.k.read(slice(a, b), self.dtype), self.v.read(slice(a, b), self.dtype), positions
@@ -190,6 +199,7 @@ class _Cache(Cache):
         cls, stored = storage(kv_type, dtype)
         self.dtype = dtype  # the activations'
         self.native = cls is Plain and stored == dtype
+        self.plain = cls is Plain  # a float dtype: readable as stored
         self.k, self.v = cls(shape, stored, device), cls(shape, stored, device)
 
     @property

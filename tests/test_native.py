@@ -105,6 +105,31 @@ def test_q4_0_reads_the_files_bytes():
     assert lin.mins is None and sum(b.nbytes for b in lin.buffers()) == raw.nbytes
 
 
+@pytest.mark.parametrize("qtype_name, k", [("Q4_0", 128), ("Q4_0", 640), ("Q4_0", 1152), ("Q8_0", 640),
+                                           ("Q8_0", 3840)])
+def test_repacking_the_files_blocks_equals_the_reference_packing(qtype_name, k):
+    """Q4_0 / Q8_0 blocks repacked in one native pass hold the same bytes as the numpy unpacking followed by the
+    lane-order packing (every chunk size: 4, 8 and 16 groups), and refuse a non-finite scale."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    qtype = Q[qtype_name]
+    raw = quantize(np.random.default_rng(k).standard_normal((70, k)).astype(np.float32), qtype)
+    fast = packed.pack_gguf(raw, qtype, (70, k))
+    cls = packed.Int4Linear if qtype == Q.Q4_0 else packed.Int8Linear
+    blocks = packed.q4_blocks if qtype == Q.Q4_0 else packed.int8_blocks
+    slow = cls.from_quants(*blocks(raw, qtype, 70, k))
+    assert fast.zero == slow.zero and fast.mins is None and slow.mins is None
+    for name in ("nibbles", "qweight", "scales"):
+        if hasattr(slow, name):
+            assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    bad = raw.copy()
+    bad[3, 0:2] = np.array([np.inf], dtype=np.float16).view(np.uint8)
+    with pytest.raises(ValueError, match="non-finite"):
+        packed.pack_gguf(bad, qtype, (70, k))
+
+
 def test_embedding_slices_of_mixed_kinds_keep_minimums():
     """An embedding made of slices, some symmetric and some not, stores mins for all of them."""
     w = torch.randn(64, 128)
@@ -181,3 +206,38 @@ def test_one_token_attention_matches_the_masked_reference(window, softcap, kv_he
     full = attend_positions(q, k[:, :, :6], v[:, :, :6], pos, kv_pos[:6], window, 0.125, softcap)  # a view
     assert torch.allclose(full, attend(q, k[:, :, :6], v[:, :, :6], attention_mask(pos, kv_pos[:6], window), 0.125,
                                        softcap), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads, window", [(1, None), (2, 5), (4, None)])
+def test_one_token_attention_reads_a_bf16_cache_as_stored(kv_heads, window):
+    """A bfloat16 cache is read by the fused kernel as it is stored (no float copy) and gives the attention over its
+    values widened to float32; shapes the kernel cannot take are declined (None), so the cache is read in chunks."""
+    from gemrun.model.layers import attend, attend_positions, attention_mask
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 8, 1, 64, generator=g)
+    k = torch.randn(1, kv_heads, 300, 64, generator=g).bfloat16()
+    v = torch.randn(1, kv_heads, 300, 64, generator=g).bfloat16()
+    kv_pos = torch.randperm(300, generator=g)
+    kv_pos[::17] = -1
+    pos = torch.tensor([250])
+    got = attend_positions(q, k, v, pos, kv_pos, window, 0.125, None, stored=True)
+    want = attend(q, k.float(), v.float(), attention_mask(pos, kv_pos, window), 0.125)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert attend_positions(q[..., :24], k[..., :24], v[..., :24], pos, kv_pos, window, 0.125, stored=True) is None
+
+
+def test_a_bf16_cache_is_decoded_without_a_float_copy(monkeypatch):
+    """Decoding over a bf16 cache hands the kernel the stored bf16 tensors (the depth cost is their bytes)."""
+    from tiny import hf_model, ours_from
+
+    m = ours_from(hf_model(seed=3, head_dim=32))
+    m.kv_type = "bf16"
+    seen = []
+    real = native.attend1
+    monkeypatch.setattr(native, "attend1", lambda q, k, *a: seen.append(k.dtype) or real(q, k, *a))
+    caches = m.make_caches()
+    with torch.no_grad():
+        m(torch.randint(0, 512, (1, 12)), caches)
+        m(torch.tensor([[5]]), caches)
+    assert seen and set(seen) == {torch.bfloat16}

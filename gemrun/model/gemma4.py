@@ -80,11 +80,11 @@ class Attention(nn.Module):
         y = cache.attend(q, k, v, positions, partial(self.attend, blocks=blocks))  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
 
-    def attend(self, q, k, v, positions, kv_positions, blocks, lse=False):
+    def attend(self, q, k, v, positions, kv_positions, blocks, lse=False, stored=False):
         """q (B, H, T, D) over the cached k, v (B, KV, S, D), masked by absolute positions (T,) and (S,)."""
         # Gemma 4 attends unscaled: the Q/K norms set the scale
         return attend_positions(q, k, v, positions, kv_positions, self.spec.window, 1.0, None, blocks,
-                                self.block_in_window, lse)
+                                self.block_in_window, lse, stored)
 
 
 class Block(nn.Module):

@@ -123,14 +123,18 @@ def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None
 
 def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      kv_positions: torch.Tensor, window: int | None, scale: float, softcap: float | None = None,
-                     blocks: torch.Tensor | None = None, block_in_window: bool = True, lse: bool = False):
+                     blocks: torch.Tensor | None = None, block_in_window: bool = True, lse: bool = False,
+                     stored: bool = False):
     """`attend` under `attention_mask(positions, kv_positions, window, blocks, block_in_window)`. One new token on
-    the CPU runs a fused kernel that reads only the slots it may see (empty ring slots cost nothing); with `lse`
-    (a part of a chunked cache) the unfused path also returns the log-sum-exp."""
-    if q.shape[2] == 1 and not lse and native.fits(q, k, v):
+    the CPU runs a fused kernel that reads only the slots it may see (empty ring slots cost nothing) and reads a
+    bfloat16 cache as it is; with `lse` (a part of a chunked cache) the unfused path also returns the log-sum-exp.
+    `stored`: k, v are a cache in its own dtype, which only the fused kernel takes (else None: ask for chunks)."""
+    if q.shape[2] == 1 and not lse and native.fits(q) and k.device.type == "cpu":
         out = native.attend1(q, k, v, positions, kv_positions, window, scale, softcap)
         if out is not None:
             return out
+    if stored:
+        return None
     mask = attention_mask(positions, kv_positions, window, blocks, block_in_window)
     return attend(q, k, v, mask, scale, softcap, lse)
 

@@ -16,6 +16,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger("gemrun")
@@ -88,10 +89,12 @@ def _build() -> ctypes.CDLL | None:
     lib.gemrun_mm.argtypes = [p, i64, i64, i32, ctypes.POINTER(Matrix), p, p, p, p, i32]
     lib.gemrun_q4_dequant.argtypes = lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, i64, p, i32]
     lib.gemrun_mm.restype = lib.gemrun_q4_dequant.restype = lib.gemrun_q8_dequant.restype = None
+    lib.gemrun_from_q4_0.argtypes = lib.gemrun_from_q8_0.argtypes = [p, i64, i64, p, p, i32]
+    lib.gemrun_from_q4_0.restype = lib.gemrun_from_q8_0.restype = i64
     f32 = ctypes.c_float
     lib.gemrun_rms_norm.argtypes = [p, i64, i64, p, f32, f32, p]
     lib.gemrun_norm_rope.argtypes = [p, i64, i64, i64, p, f32, f32, p, p, i64, p]
-    lib.gemrun_attend1.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, i64, f32, f32, p, p, i32]
+    lib.gemrun_attend1.argtypes = [p, i64, i64, p, p, i32, i64, i64, i64, p, p, i64, f32, f32, p, p, i32]
     lib.gemrun_rms_norm.restype = lib.gemrun_norm_rope.restype = lib.gemrun_attend1.restype = None
     return lib
 
@@ -233,6 +236,19 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
+def from_gguf(raw: np.ndarray, kind: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF Q4_0 or Q8_0 matrix's bytes (n rows of k / 32 blocks) -> (nibbles (n, k/2) or q (n, k) in lane
+    order, fp16 scales (n, k/32)) in one native pass: weight = (q - 8) * scale, or (q - 128) * scale. ValueError
+    where a scale is not finite."""
+    raw = np.ascontiguousarray(raw)
+    q = torch.empty(n, k // 2 if kind == "Q4_0" else k, dtype=torch.uint8)
+    scales = torch.empty(n, k // GROUP, dtype=torch.float16)
+    fn = library().gemrun_from_q4_0 if kind == "Q4_0" else library().gemrun_from_q8_0
+    if fn(raw.ctypes.data, n, k, q.data_ptr(), scales.data_ptr(), torch.get_num_threads()):
+        raise ValueError("non-finite scales (NaN or infinity)")
+    return q, scales
+
+
 # The fused float32 operations of one decode step (ops.c). Callers check `fits` first; the PyTorch code they replace
 # stays the reference (model/layers.py).
 
@@ -272,17 +288,21 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, offset: float, eps: 
 def attend1(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
             kv_positions: torch.Tensor, window: int | None, scale: float, softcap: float | None
             ) -> torch.Tensor | None:
-    """One new token's attention over a cache: q (1, H, 1, D), k and v (1, KV, S, D) views of one layout,
-    positions (1,), kv_positions (S,) (-1: empty slot) -> (1, H, 1, D); None when the shapes do not fit."""
+    """One new token's attention over a cache: q (1, H, 1, D) float32, k and v (1, KV, S, D) views of one layout in
+    float32 or bfloat16 (read as they are stored), positions (1,), kv_positions (S,) (-1: empty slot) ->
+    (1, H, 1, D); None when the shapes or types do not fit."""
     _, h, _, d = q.shape
     kvh, s = k.shape[1], k.shape[2]
-    if (q.shape[0] != 1 or k.shape[0] != 1 or d % 16 or d > 512 or h % kvh or k.stride() != v.stride()
-            or k.stride(-1) != 1 or k.stride(-2) != d or kv_positions.dtype != torch.int64):
+    if (q.shape[0] != 1 or k.shape[0] != 1 or d % 16 or d > 512 or h % kvh or h // kvh > 16
+            or k.stride() != v.stride()
+            or k.stride(-1) != 1 or k.stride(-2) != d or kv_positions.dtype != torch.int64
+            or k.dtype not in (torch.float32, torch.bfloat16) or v.dtype != k.dtype or q.dtype != torch.float32):
         return None
     q, kv_positions, positions = q.contiguous(), kv_positions.contiguous(), positions.contiguous()
     out = torch.empty_like(q)
-    scratch = torch.empty(h * s, dtype=torch.float32)
-    library().gemrun_attend1(q.data_ptr(), h, d, k.data_ptr(), v.data_ptr(), kvh, k.stride(1), s,
-                             kv_positions.data_ptr(), positions.data_ptr(), window or 0, scale, softcap or 0.0,
-                             out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    threads = torch.get_num_threads()
+    scratch = torch.empty(h * s + threads * h * (d + 2), dtype=torch.float32)
+    library().gemrun_attend1(q.data_ptr(), h, d, k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), kvh,
+                             k.stride(1), s, kv_positions.data_ptr(), positions.data_ptr(), window or 0, scale,
+                             softcap or 0.0, out.data_ptr(), scratch.data_ptr(), threads)
     return out

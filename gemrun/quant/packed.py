@@ -395,9 +395,37 @@ INT8_DIRECT = {Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q5_K}
 INT8_REQUANT = {Q.Q6_K}  # 16-value sub-blocks with their own scales: an 8-bit fit per group of 32
 
 
+REPACKED = {Q.Q4_0: (4, 8), Q.Q8_0: (8, 128)}  # formats the kernels take straight from the file: bits, zero
+
+
+def repackable(qtype: Q, k: int, bits: int) -> bool:
+    """Whether `repacked` takes a matrix of this type, row length and module width (it checks the scales)."""
+    return qtype in REPACKED and REPACKED[qtype][0] == bits and k % GROUP == 0 and native.supports(k)
+
+
+def repacked(raw: np.ndarray, qtype: Q, shape: tuple[int, int], cls):
+    """`cls` (an `Int4Linear` for Q4_0, an `Int8Linear` for Q8_0) made from the file's blocks in one native pass
+    (a 12B loads in seconds), or None where that does not apply. ValueError for non-finite scales."""
+    n, k = shape
+    if not repackable(qtype, k, cls.bits):
+        return None
+    if raw.size != n * (k // GROUP) * (18 if qtype == Q.Q4_0 else 34):
+        raise ValueError(f"{qtype.name} matrix {shape} holds {raw.size} bytes")
+    q, scales = native.from_gguf(raw, qtype.name, n, k)
+    m = cls(k, n)
+    if cls.bits == 4:
+        m.nibbles = q
+    else:
+        m.qweight = q
+    m.set_groups(scales, None, REPACKED[qtype][1])
+    return m
+
+
 def int8_module(raw: np.ndarray, qtype: Q, shape: tuple[int, int], cls=Int8Linear) -> Int8Linear:
     """An 8-bit module (`cls`) for any quantized GGUF matrix: exact where the block format allows."""
     n, k = shape
+    if (m := repacked(raw, qtype, shape, cls)) is not None:
+        return m
     if qtype in INT8_DIRECT | INT4_DIRECT and k % GROUP == 0:
         return cls.from_quants(*int8_blocks(raw, qtype, n, k))
     w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))
@@ -409,6 +437,8 @@ def int8_module(raw: np.ndarray, qtype: Q, shape: tuple[int, int], cls=Int8Linea
 def pack_gguf(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> nn.Module | None:
     """A packed module for a GGUF matrix (N, K), or None for float types (kept dense)."""
     n, k = shape
+    if (m := repacked(raw, qtype, shape, Int4Linear if qtype == Q.Q4_0 else Int8Linear)) is not None:
+        return m
     if qtype in INT4_DIRECT and k % GROUP == 0:
         return Int4Linear.from_quants(*q4_blocks(raw, qtype, n, k))
     if qtype in INT4_REQUANT and k % GROUP == 0:

@@ -255,3 +255,77 @@ void gemrun_q8_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t 
         }
     }
 }
+
+// GGUF Q4_0 / Q8_0 blocks (N rows of K/32 blocks: fp16 scale, then 16 nibble bytes or 32 int8) -> this file's
+// layouts, exactly: Q4_0 q = nibble (weight = (q - 8) s), Q8_0 q = int8 + 128 (weight = (q - 128) s); the fp16
+// scales are copied as they are. One pass over the file's bytes, rows shared among the threads, 4 values (one lane's
+// bytes) at a time. Returns the count of non-finite scales (the caller refuses the file).
+static inline int64_t nonfinite(const uint16_t *s, int64_t count) {
+    int64_t bad = 0;
+    for (int64_t i = 0; i < count; i++) bad += (s[i] & 0x7C00) == 0x7C00;
+    return bad;
+}
+
+// Stored offset, within its chunk of cg groups, of values 4 slot .. 4 slot + 3 of group gg (quantize_rows' map).
+static inline int64_t slot_position(int cg, int gg, int slot) {
+    int per = 16 / cg;
+    return (slot / per) * 64 + ((slot % per) * cg + gg) * 4;
+}
+
+// One row of K/32 blocks of `size` bytes (fp16 scale first) -> its values in lane order and its scales; the 8 slots
+// of 4 values of a block come from `values(block, slot)`.
+#define FROM_BLOCKS(size, values)                                                                       \
+    for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {                                               \
+        int cg = chunk_groups(G, c);                                                                    \
+        for (int gg = 0; gg < cg; gg++) {                                                               \
+            const uint8_t *b = row + (c + gg) * (size);                                                 \
+            memcpy(scales + n * G + c + gg, b, 2);                                                      \
+            for (int slot = 0; slot < 8; slot++) {                                                      \
+                uint32_t v = values(b + 2, slot);                                                       \
+                memcpy(stored + c * QK + slot_position(cg, gg, slot), &v, 4);                           \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
+static inline uint32_t q4_0_slot(const uint8_t *qs, int slot) {  // values 0..15: low nibbles, 16..31: high
+    uint32_t v;
+    memcpy(&v, qs + 4 * (slot % 4), 4);
+    return (slot < 4 ? v : v >> 4) & 0x0F0F0F0Fu;
+}
+
+static inline uint32_t q8_0_slot(const uint8_t *qs, int slot) {  // int8 + 128
+    uint32_t v;
+    memcpy(&v, qs + 4 * slot, 4);
+    return v ^ 0x80808080u;
+}
+
+int64_t gemrun_from_q4_0(const uint8_t *raw, int64_t N, int64_t K, uint8_t *nibbles, uint16_t *scales,
+                         int nthreads) {
+    int64_t G = K / QK, bad = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : bad)
+    {
+        uint8_t stored[K];
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *row = raw + n * G * 18;
+            FROM_BLOCKS(18, q4_0_slot)
+            uint8_t *out = nibbles + n * (K / 2);
+            for (int64_t p = 0; p < K / 128; p++)
+                for (int i = 0; i < 64; i++) out[p * 64 + i] = stored[p * 128 + i] | stored[p * 128 + 64 + i] << 4;
+            bad += nonfinite(scales + n * G, G);
+        }
+    }
+    return bad;
+}
+
+int64_t gemrun_from_q8_0(const uint8_t *raw, int64_t N, int64_t K, uint8_t *q, uint16_t *scales, int nthreads) {
+    int64_t G = K / QK, bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : bad)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = raw + n * G * 34;
+        uint8_t *stored = q + n * K;
+        FROM_BLOCKS(34, q8_0_slot)
+        bad += nonfinite(scales + n * G, G);
+    }
+    return bad;
+}

@@ -164,23 +164,29 @@ def _check_loaded(model: nn.Module) -> None:
 def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
     """Quantized GGUF matrices stay low-bit: repacked for the CPU int4/int8 kernels (`quant/packed.py`), the
     embedding as int8 rows; float tensors (norms) stay dense."""
-    from ..quant.packed import Int8Embedding, int8_module, pack_gguf
+    from ..quant.packed import Int8Embedding, int8_module, pack_gguf, repackable
 
     def pack(ours: str, get: Getter) -> nn.Module | None:
         info = g.tensors[names[ours]]
         if info.qtype.name in ("F32", "F16", "BF16"):
             return None
-        g.check_finite(info.name)
+        embedding = ours.endswith("embed_tokens.weight")
+        if not repackable(info.qtype, info.shape[-1], 8 if embedding or info.qtype.name != "Q4_0" else 4):
+            g.check_finite(info.name)  # else checked as it is repacked
         raw = g.raw(info.name)
-        if ours.endswith("embed_tokens.weight"):
-            step = 8192  # dequantize in slices: the float table is never whole in memory
-            n, k = info.shape
-            module = Int8Embedding.from_parts(n, k, (int8_module(raw[r:r + step], info.qtype, (min(step, n - r), k))
-                                                     for r in range(0, n, step)))
-        elif len(info.shape) == 2 and ours.endswith(("proj.weight", "_projection.weight")):
-            module = pack_gguf(raw, info.qtype, info.shape)
-        else:
-            return None
+        try:
+            if embedding:
+                step = 8192  # dequantize in slices: the float table is never whole in memory
+                n, k = info.shape
+                module = Int8Embedding.from_parts(n, k, (int8_module(raw[r:r + step], info.qtype,
+                                                                     (min(step, n - r), k))
+                                                         for r in range(0, n, step)))
+            elif len(info.shape) == 2 and ours.endswith(("proj.weight", "_projection.weight")):
+                module = pack_gguf(raw, info.qtype, info.shape)
+            else:
+                return None
+        except ValueError as e:  # non-finite scales found while repacking
+            raise WeightsError(f"tensor {info.name!r}: {e}") from None
         g.release(info.name)
         return module
 
@@ -188,7 +194,9 @@ def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
 
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Progress | None = None,
-              packed: bool = False, shard=None) -> Loaded:
+              packed: bool = False, shard=None, image_token: bool = False) -> Loaded:
+    """A GGUF text model, and its tokenizer (built first: once the weights' parallel kernels have run, their
+    OpenMP threads may spin on a core the tokenizer's parsing would use). `image_token`: Gemma 3 with an mmproj."""
     g = GGUFFile(path)
     check_tokenizer_metadata(g.metadata)
     gemma4 = gemma4_gguf.is_gemma4(g.metadata)
@@ -209,6 +217,8 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
     if tokens > config.vocab_size:
         raise WeightsError(f"GGUF tokenizer has {tokens} tokens, more than the {config.vocab_size} rows of the token "
                            "embedding")
+    tokenizer = (gemma4_gguf.tokenizer(g.metadata) if gemma4
+                 else tok.from_gguf_metadata(g.metadata, image_token=image_token))
     pack = None
     if packed and any(t.qtype.name not in ("F32", "F16", "BF16") for t in g.tensors.values()):
         if device.type != "cpu":
@@ -226,7 +236,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
     provided = {ours: g.tensors[name].shape for ours, name in names.items()}
     tensors = ((ours, getter(name)) for ours, name in names.items())
     parts = _build(config, None, provided, tensors, dtype, device, progress, pack, shard=shard)
-    return Loaded(parts["text"], config, path, "gguf", gguf=g, packed=pack is not None)
+    return Loaded(parts["text"], config, path, "gguf", gguf=g, packed=pack is not None, tokenizer=tokenizer)
 
 
 def load_gemma4_mmproj(path: Path, text: Gemma4TextConfig, dtype: torch.dtype, device: torch.device) -> Gemma4Media:
@@ -395,7 +405,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device,
             raise WeightsError(f"{p}: pickled checkpoints are never loaded; use safetensors or GGUF")
         if quantize:
             raise WeightsError("--quantize is for float HF checkpoints; a GGUF keeps its own quantization")
-        loaded = load_gguf(p, dtype, device, progress, packed, shard)
+        loaded = load_gguf(p, dtype, device, progress, packed, shard, image_token=mmproj is not None)
         if mmproj is not None and isinstance(loaded.config, Gemma4TextConfig):
             loaded.media = load_gemma4_mmproj(Path(mmproj).expanduser(), loaded.config, dtype, device)
         elif mmproj is not None:
@@ -410,11 +420,11 @@ def attach_tokenizer(loaded: Loaded, pan_and_scan: bool = False) -> Loaded:
     """Give loaded weights their tokenizer (the GGUF's metadata or the directory's files) and, for multimodal
     checkpoints, the media input that feeds them (`pan_and_scan`: Gemma 3's default for large images)."""
     if loaded.gguf is not None and gemma4_gguf.is_gemma4(loaded.gguf.metadata):
-        loaded.tokenizer = gemma4_gguf.tokenizer(loaded.gguf.metadata)
+        loaded.tokenizer = loaded.tokenizer or gemma4_gguf.tokenizer(loaded.gguf.metadata)
         if loaded.media is not None:  # an mmproj names no token ids: they are the tokenizer's
             ids = gemma4_gguf.media_token_ids(loaded.tokenizer)
             loaded.media.config = dataclasses.replace(loaded.media.config, **ids)
-    elif loaded.gguf is not None:
+    elif loaded.gguf is not None and loaded.tokenizer is None:
         loaded.tokenizer = tok.from_gguf_metadata(loaded.gguf.metadata, image_token=loaded.vision is not None)
     if loaded.gguf is not None:  # the tokenizer holds them now: ~800k Python strings for a Gemma 4 vocabulary
         for key in ("tokens", "scores", "token_type", "merges"):
