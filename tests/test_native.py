@@ -208,14 +208,15 @@ def test_one_token_attention_matches_the_masked_reference(window, softcap, kv_he
                                        softcap), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv_heads, window", [(1, None), (2, 5), (4, None)])
-def test_one_token_attention_reads_a_bf16_cache_as_stored(kv_heads, window):
+@pytest.mark.parametrize("heads, kv_heads, window", [(8, 1, None), (8, 2, 5), (8, 4, None), (12, 4, 9), (16, 1, 5),
+                                                     (8, 8, None)])
+def test_one_token_attention_reads_a_bf16_cache_as_stored(heads, kv_heads, window):
     """A bfloat16 cache is read by the fused kernel as it is stored (no float copy) and gives the attention over its
     values widened to float32; shapes the kernel cannot take are declined (None), so the cache is read in chunks."""
     from gemrun.model.layers import attend, attend_positions, attention_mask
 
     g = torch.Generator().manual_seed(7)
-    q = torch.randn(1, 8, 1, 64, generator=g)
+    q = torch.randn(1, heads, 1, 64, generator=g)
     k = torch.randn(1, kv_heads, 300, 64, generator=g).bfloat16()
     v = torch.randn(1, kv_heads, 300, 64, generator=g).bfloat16()
     kv_pos = torch.randperm(300, generator=g)

@@ -293,8 +293,7 @@ def attend1(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
     (1, H, 1, D); None when the shapes or types do not fit."""
     _, h, _, d = q.shape
     kvh, s = k.shape[1], k.shape[2]
-    if (q.shape[0] != 1 or k.shape[0] != 1 or d % 16 or d > 512 or h % kvh or h // kvh > 16
-            or k.stride() != v.stride()
+    if (q.shape[0] != 1 or k.shape[0] != 1 or d % 16 or d > 512 or h % kvh or k.stride() != v.stride()
             or k.stride(-1) != 1 or k.stride(-2) != d or kv_positions.dtype != torch.int64
             or k.dtype not in (torch.float32, torch.bfloat16) or v.dtype != k.dtype or q.dtype != torch.float32):
         return None

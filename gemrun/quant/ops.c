@@ -89,8 +89,109 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-#define MAX_GROUP 16  // query heads per KV head the kernel takes
-#define KEYS 32       // keys per block of the value pass (their rows stay in L1 while every head reads them)
+#define KEYS 32  // cache rows per block: read from memory once (widened to float32 once), then used by every head
+#define ALWAYS static inline __attribute__((always_inline))
+
+// Rows b0..b1 of one KV head (d values each at src + (base + s * d)) as float32: the rows themselves for a float32
+// cache, else widened into buf (KEYS * d floats). Returns the address of row b0.
+static inline const float *rows_f32(const void *src, int bf16, int64_t base, int64_t b0, int64_t b1, int64_t d,
+                                    float *buf) {
+    if (!bf16) return (const float *)src + base + b0 * d;
+    for (int64_t i = 0; i < (b1 - b0) * d; i += 16) _mm512_storeu_ps(buf + i, load16(src, bf16, base + b0 * d + i));
+    return buf;
+}
+
+// The scores of G query heads (q: G rows of d) against nb key rows: sc[g * S + s] = q_g . row_s * scale (soft-capped),
+// -inf where mark[s] is -inf (a masked slot). Each row is loaded once for the G heads; U = 4 / G independent sums per
+// head keep the multiply-adds from waiting on each other. G is a constant at every call (the loops unroll into
+// registers).
+ALWAYS void block_scores(const int G, const float *q, int64_t d, const float *rows, int64_t nb, float *sc, int64_t S,
+                         float scale, float softcap) {
+    const int U = G >= 4 ? 1 : 4 / G;
+    for (int64_t s = 0; s < nb; s++) {
+        if (sc[s] == -INFINITY) {
+            for (int g = 1; g < G; g++) sc[g * S + s] = -INFINITY;
+            continue;
+        }
+        __m512 acc[G][U];
+        for (int g = 0; g < G; g++)
+            for (int u = 0; u < U; u++) acc[g][u] = _mm512_setzero_ps();
+        const float *row = rows + s * d;
+        int64_t i = 0;
+        for (; i + 16 * U <= d; i += 16 * U)
+            for (int u = 0; u < U; u++) {
+                __m512 kv = _mm512_loadu_ps(row + i + 16 * u);
+                for (int g = 0; g < G; g++)
+                    acc[g][u] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + i + 16 * u), kv, acc[g][u]);
+            }
+        for (; i < d; i += 16) {
+            __m512 kv = _mm512_loadu_ps(row + i);
+            for (int g = 0; g < G; g++) acc[g][0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + i), kv, acc[g][0]);
+        }
+        for (int g = 0; g < G; g++) {
+            for (int u = 1; u < U; u++) acc[g][0] = _mm512_add_ps(acc[g][0], acc[g][u]);
+            float x = _mm512_reduce_add_ps(acc[g][0]) * scale;
+            if (softcap > 0) x = softcap * tanhf(x / softcap);
+            sc[g * S + s] = x;
+        }
+    }
+}
+
+// acc_g (d floats each, `width` apart) += sum over nb rows of e[g * S + s] * row_s, for G heads: a tile of J vectors
+// of every head's sums stays in registers while the rows go by (J * G <= 16 accumulators). Rows with e == 0 in the
+// first head (masked slots) are skipped.
+ALWAYS void block_values(const int G, const float *e, int64_t S, const float *rows, int64_t nb, int64_t d,
+                         float *acc_out, int64_t width) {
+    const int J = G >= 16 ? 1 : 16 / G;
+    int64_t nv = d / 16, j0 = 0;
+    for (; j0 + J <= nv; j0 += J) {
+        __m512 acc[G][J];
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < J; j++) acc[g][j] = _mm512_loadu_ps(acc_out + g * width + 16 * (j0 + j));
+        for (int64_t s = 0; s < nb; s++) {
+            if (e[s] == 0.f) continue;
+            for (int j = 0; j < J; j++) {
+                __m512 vv = _mm512_loadu_ps(rows + s * d + 16 * (j0 + j));
+                for (int g = 0; g < G; g++) acc[g][j] = _mm512_fmadd_ps(_mm512_set1_ps(e[g * S + s]), vv, acc[g][j]);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < J; j++) _mm512_storeu_ps(acc_out + g * width + 16 * (j0 + j), acc[g][j]);
+    }
+    for (; j0 < nv; j0++)  // the vectors left over (d / 16 not a multiple of J)
+        for (int g = 0; g < G; g++) {
+            __m512 a = _mm512_loadu_ps(acc_out + g * width + 16 * j0);
+            for (int64_t s = 0; s < nb; s++)
+                a = _mm512_fmadd_ps(_mm512_set1_ps(e[g * S + s]), _mm512_loadu_ps(rows + s * d + 16 * j0), a);
+            _mm512_storeu_ps(acc_out + g * width + 16 * j0, a);
+        }
+}
+
+// The G-specialized kernels for one KV head's group of heads (the sizes Gemma uses get their own unrolled copies;
+// any other group goes one head at a time).
+static void group_scores(int64_t group, const float *q, int64_t d, const float *rows, int64_t nb, float *sc,
+                         int64_t S, float scale, float softcap) {
+    switch (group) {
+        case 1: block_scores(1, q, d, rows, nb, sc, S, scale, softcap); return;
+        case 2: block_scores(2, q, d, rows, nb, sc, S, scale, softcap); return;
+        case 4: block_scores(4, q, d, rows, nb, sc, S, scale, softcap); return;
+        case 8: block_scores(8, q, d, rows, nb, sc, S, scale, softcap); return;
+    }
+    for (int64_t g = 1; g < group; g++)  // every head's row gets the first one's marks of masked slots
+        for (int64_t s = 0; s < nb; s++) sc[g * S + s] = sc[s];
+    for (int64_t g = 0; g < group; g++) block_scores(1, q + g * d, d, rows, nb, sc + g * S, S, scale, softcap);
+}
+
+static void group_values(int64_t group, const float *e, int64_t S, const float *rows, int64_t nb, int64_t d,
+                         float *acc, int64_t width) {
+    switch (group) {
+        case 1: block_values(1, e, S, rows, nb, d, acc, width); return;
+        case 2: block_values(2, e, S, rows, nb, d, acc, width); return;
+        case 4: block_values(4, e, S, rows, nb, d, acc, width); return;
+        case 8: block_values(8, e, S, rows, nb, d, acc, width); return;
+    }
+    for (int64_t g = 0; g < group; g++) block_values(1, e + g * S, S, rows, nb, d, acc + g * width, width);
+}
 
 // Attention of one new token over a KV cache: q (heads, d); k, v: kv_heads x S slots of d values (float32, or
 // bfloat16 with kv_bf16), head h reading kv head h / (heads / kv_heads) at k + kv * kv_stride + slot * d. A slot
@@ -98,12 +199,11 @@ static inline __m512 exp16(__m512 x) {
 // > qpos - window; masked slots are never read (an empty sliding-window ring costs nothing). scores = q.k * scale
 // (soft-capped: cap * tanh(s / cap)), softmax, out (heads, d) = sum p v.
 //
-// Decoding at depth is a read of the whole cache, so it is read once: the threads split the slots (not the heads),
-// each key row serves every query head of its group at once (independent accumulators), exponentials are taken 16
-// at a time, and values are summed a block of KEYS rows at a time with each head's sum in registers. The threads'
-// partial results (max score, sum of exponentials, weighted values) are merged at the end by their log-sum-exp.
-// d a multiple of 16, at most 512; heads / kv_heads at most MAX_GROUP; scratch: heads * S + nthreads * heads *
-// (d + 2) floats.
+// Decoding at depth is a read of the whole cache, so it is read once: the threads split the slots (not the heads)
+// and take them KEYS rows at a time, which every query head of the group uses while they are in L1 (each row
+// loaded once for all the heads, the heads' sums in registers); the exponentials are taken 16 at a time. The
+// threads' partial results (max score, sum of exponentials, weighted values) are merged at the end by their
+// log-sum-exp. d a multiple of 16, at most 512; scratch: heads * S + nthreads * heads * (d + 2) floats.
 void gemrun_attend1(const float *q, int64_t heads, int64_t d, const void *k, const void *v, int kv_bf16,
                     int64_t kv_heads, int64_t kv_stride, int64_t S, const int64_t *kv_pos, const int64_t *q_pos,
                     int64_t window, float scale, float softcap, float *out, float *scratch, int nthreads) {
@@ -116,63 +216,53 @@ void gemrun_attend1(const float *q, int64_t heads, int64_t d, const void *k, con
 #pragma omp single
         used = T;
         int64_t s0 = S * t / T, s1 = S * (t + 1) / T;
+        float buf[KEYS * d];
         for (int64_t kh = 0; kh < kv_heads; kh++) {
             int64_t h0 = kh * group, base = kh * kv_stride;
             float *sc = scratch + h0 * S;  // head h0 + g: sc[g * S + s]
-            float top[MAX_GROUP];
-            for (int64_t g = 0; g < group; g++) top[g] = -INFINITY;
-            for (int64_t s = s0; s < s1; s++) {
-                int64_t p = kv_pos[s];
-                if (p < 0 || p > qp || (window > 0 && p <= qp - window)) {
-                    for (int64_t g = 0; g < group; g++) sc[g * S + s] = -INFINITY;
+            for (int64_t b0 = s0; b0 < s1; b0 += KEYS) {  // scores
+                int64_t b1 = b0 + KEYS < s1 ? b0 + KEYS : s1;
+                int any = 0;
+                for (int64_t s = b0; s < b1; s++) {
+                    int64_t p = kv_pos[s];
+                    int seen = p >= 0 && p <= qp && !(window > 0 && p <= qp - window);
+                    sc[s] = seen ? 0.f : -INFINITY;  // the first head's row marks the visible slots for all
+                    any |= seen;
+                }
+                if (!any) {
+                    for (int64_t g = 1; g < group; g++)
+                        for (int64_t s = b0; s < b1; s++) sc[g * S + s] = -INFINITY;
                     continue;
                 }
-                __m512 acc[MAX_GROUP];
-                for (int64_t g = 0; g < group; g++) acc[g] = _mm512_setzero_ps();
-                for (int64_t i = 0; i < d; i += 16) {
-                    __m512 kv = load16(k, kv_bf16, base + s * d + i);
-                    for (int64_t g = 0; g < group; g++)
-                        acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (h0 + g) * d + i), kv, acc[g]);
-                }
-                for (int64_t g = 0; g < group; g++) {
-                    float x = _mm512_reduce_add_ps(acc[g]) * scale;
-                    if (softcap > 0) x = softcap * tanhf(x / softcap);
-                    sc[g * S + s] = x;
-                    top[g] = x > top[g] ? x : top[g];
-                }
+                const float *rows = rows_f32(k, kv_bf16, base, b0, b1, d, buf);
+                group_scores(group, q + h0 * d, d, rows, b1 - b0, sc + b0, S, scale, softcap);
             }
             for (int64_t g = 0; g < group; g++) {  // scores -> exp(score - top), and their sum
                 float *row = sc + g * S, *part = partial + (t * heads + h0 + g) * width;
-                __m512 m = _mm512_set1_ps(top[g]), sum = _mm512_setzero_ps();
+                float top = -INFINITY;
+                for (int64_t s = s0; s < s1; s++) top = row[s] > top ? row[s] : top;
+                __m512 m = _mm512_set1_ps(top), sum = _mm512_setzero_ps();
                 int64_t s = s0;
-                for (; s + 16 <= s1 && top[g] > -INFINITY; s += 16) {
+                for (; s + 16 <= s1 && top > -INFINITY; s += 16) {
                     __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + s), m));
                     _mm512_storeu_ps(row + s, e);
                     sum = _mm512_add_ps(sum, e);
                 }
                 float total = _mm512_reduce_add_ps(sum);
                 for (; s < s1; s++) {
-                    row[s] = top[g] > -INFINITY && row[s] > -INFINITY ? expf(row[s] - top[g]) : 0.f;
+                    row[s] = top > -INFINITY && row[s] > -INFINITY ? expf(row[s] - top) : 0.f;
                     total += row[s];
                 }
-                part[0] = top[g], part[1] = total;
+                part[0] = top, part[1] = total;
                 for (int64_t j = 0; j < d; j++) part[2 + j] = 0.f;
             }
-            for (int64_t b0 = s0; b0 < s1; b0 += KEYS) {  // values: a block of rows, every head in turn
+            for (int64_t b0 = s0; b0 < s1; b0 += KEYS) {  // values
                 int64_t b1 = b0 + KEYS < s1 ? b0 + KEYS : s1;
-                for (int64_t g = 0; g < group; g++) {
-                    const float *e = sc + g * S;
-                    float *part = partial + (t * heads + h0 + g) * width + 2;
-                    __m512 acc[32];  // d <= 512
-                    for (int64_t j = 0; j < nv; j++) acc[j] = _mm512_loadu_ps(part + 16 * j);
-                    for (int64_t s = b0; s < b1; s++) {
-                        if (e[s] == 0.f) continue;
-                        __m512 w = _mm512_set1_ps(e[s]);
-                        for (int64_t j = 0; j < nv; j++)
-                            acc[j] = _mm512_fmadd_ps(w, load16(v, kv_bf16, base + s * d + 16 * j), acc[j]);
-                    }
-                    for (int64_t j = 0; j < nv; j++) _mm512_storeu_ps(part + 16 * j, acc[j]);
-                }
+                int any = 0;
+                for (int64_t s = b0; s < b1 && !any; s++) any = sc[s] != 0.f;
+                if (!any) continue;
+                const float *rows = rows_f32(v, kv_bf16, base, b0, b1, d, buf);
+                group_values(group, sc + b0, S, rows, b1 - b0, d, partial + (t * heads + h0) * width + 2, width);
             }
         }
 #pragma omp barrier
