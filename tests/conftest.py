@@ -39,6 +39,22 @@ _torchvision_ops()
 os.environ.setdefault("GEMRUN_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "gemrun"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _hand_memory_back():
+    """After each module: its models are unreferenced, so collect them and hand glibc's freed heap back to the
+    OS (freed blocks of up to 32 MB stay in the heap otherwise, and each module's would stack under the next's:
+    the suite's peak RSS)."""
+    yield
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 @pytest.fixture(scope="session")
 def gguf_path() -> Path:
     from gemrun.weights.embedded import default_model_path
@@ -55,12 +71,54 @@ def model_270m(gguf_path):
     return gemrun.load(gguf_path, device="cpu", dtype="float32")
 
 
+HF_270M_FROM_GGUF = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[3])
+import conftest  # noqa: F401 (the torchvision op schemas transformers' import needs)
+from pathlib import Path
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+gguf, out = Path(sys.argv[1]), Path(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+out.mkdir(parents=True)
+model.config.save_pretrained(out)  # (save_pretrained refuses a model its GGUF loader made: written piece by piece)
+config = json.loads((out / "config.json").read_text())
+config.pop("quantization_config", None)  # the weights are float32 now
+(out / "config.json").write_text(json.dumps(config, indent=2))
+model.generation_config.save_pretrained(out)
+state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
+save_file(state, str(out / "model.safetensors"))
+"""
+
+
+@pytest.fixture(scope="session")
+def hf_270m_dir(gguf_path) -> Path:
+    """transformers' own reading of the GGUF (its GGUF loader dequantizes every tensor) as an HF directory of
+    float32 safetensors, kept in the checkout's .cache: that loader peaks at ~3 GB of RSS, so it runs once, in a
+    child process."""
+    import shutil
+    import subprocess
+    import sys
+
+    stat = gguf_path.stat()
+    out = Path(__file__).resolve().parent.parent / ".cache" / f"hf-{gguf_path.stem}-{stat.st_size}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-c", HF_270M_FROM_GGUF, str(gguf_path), str(tmp),
+                        str(Path(__file__).parent)], check=True)
+        try:
+            tmp.replace(out)
+        except OSError:  # another run wrote it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 @pytest.fixture(scope="module")
-def hf_270m(gguf_path):
+def hf_270m(hf_270m_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(hf_270m_dir), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
