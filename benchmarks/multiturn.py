@@ -102,7 +102,7 @@ def new_tokens_only(args, depth: int, n: int) -> float:
     """Seconds to prefill n tokens with `depth` already cached (gemrun bench --depth)."""
     out = subprocess.run([sys.executable, "-m", "gemrun.cli", "--threads", str(args.threads), "bench", "--model",
                           args.model, "--depth", str(depth), "--prompt-tokens", str(n), "--gen-tokens", "1",
-                          "--repeat", "1", "--dtype", "bfloat16"], capture_output=True, text=True, check=True)
+                          "--repeat", "1"], capture_output=True, text=True, check=True)  # the server's dtype
     return n / json.loads(out.stdout)["prefill_tok_s"]
 
 

@@ -134,9 +134,11 @@ def native_commands(args) -> dict[str, list[str]]:
     depth = args.depth if args.llama_depth is None else args.llama_depth
     if depth:
         llama += ["-d", str(depth)]
+    if args.llama_kv:
+        llama += ["-ctk", args.llama_kv, "-ctv", args.llama_kv]
     gem = [sys.executable, "-m", "gemrun.cli", "bench", "--model", args.model, "--threads", str(args.threads),
            "--prompt-tokens", str(args.prompt), "--gen-tokens", str(args.decode), "--repeat", str(args.reps),
-           "--dtype", args.dtype, "--depth", str(args.depth)]
+           "--dtype", args.dtype, "--depth", str(args.depth), "--kv-cache", args.kv_cache]
     return {"llama.cpp": llama, "gemrun": gem}
 
 
@@ -181,6 +183,7 @@ def native(args) -> None:
     probe = bandwidth(mon, args) if args.bandwidth else None
     summary = {"model": args.model, "threads": args.threads, "prompt": args.prompt, "decode": args.decode,
                "depth": args.depth, "llama_depth": args.depth if args.llama_depth is None else args.llama_depth,
+               "kv_cache": {"gemrun": args.kv_cache, "llama.cpp": args.llama_kv or "f16"},
                "reps": args.reps, "discarded": discarded,
                "clean": {e: {k: len(v) for k, v in clean[e].items()} for e in cmds}}
     med = {e: {k: statistics.median(v) if v else float("nan") for k, v in clean[e].items()} for e in cmds}
@@ -230,6 +233,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="native mode: timed repetitions per process (-r)")
     ap.add_argument("--depth", type=int, default=0, help="native mode: llama-bench -d (context before the test)")
     ap.add_argument("--llama-depth", type=int, help="native mode: llama-bench -d alone (default: --depth)")
+    ap.add_argument("--kv-cache", default="auto", help="native mode: gemrun's --kv-cache (auto: the activations' "
+                    "float32; bf16 takes the bytes of llama.cpp's default f16)")
+    ap.add_argument("--llama-kv", help="native mode: llama-bench -ctk/-ctv (default: its own, f16)")
     ap.add_argument("--max-tries", type=int, default=10, help="native mode: processes per engine at most")
     ap.add_argument("--bandwidth", action="store_true", help="native mode: also run the read-bandwidth probe")
     ap.add_argument("--quiet", type=float, default=0.15, help="native mode: start a process only when other "

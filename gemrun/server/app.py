@@ -45,8 +45,9 @@ def create_app(loader: Callable[[], Runtime], settings: Settings | None = None) 
         app.state.status = "loading"
 
         def load():
+            nonlocal loader
             try:
-                runtime = loader()
+                runtime, loader = loader(), None  # used once: the app keeps no path to the weights but its service
                 if isinstance(settings.draft, Speculator):
                     runtime.draft = settings.draft
                 elif settings.draft is not None:
@@ -69,6 +70,8 @@ def create_app(loader: Callable[[], Runtime], settings: Settings | None = None) 
         service = getattr(app.state, "service", None)
         if service is not None:
             await asyncio.to_thread(service.engine.stop, settings.shutdown_deadline)
+        # A stopped app lets its weights go (FastAPI keeps its routes' functions, and so this app, in a cache)
+        app.state.service = None
 
     app = FastAPI(title="gemrun", version=version(), lifespan=lifespan)
     app.state.service = None

@@ -9,7 +9,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -17,6 +17,9 @@ from gguf.quants import dequantize
 
 from ..config import MAX_VOCAB
 from ..errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -235,14 +238,17 @@ class GGUFFile:
                                    f"the tensor before it ends (padded to {align} bytes)")
             expected += -(-self.tensors[name].nbytes // align) * align
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, start: int = 0, end: int | None = None) -> None:
         """Let the kernel drop the pages of a tensor already converted (they count as resident memory while
-        mapped); a later read simply faults them in again."""
+        mapped), or of its bytes start..end; a later read simply faults them in again."""
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         info = self.tensors[name]
-        start = info.offset - info.offset % mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        first = info.offset + start
+        first -= first % mmap.PAGESIZE
+        last = info.offset + (info.nbytes if end is None else min(end, info.nbytes))
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes, (rows, bytes per row), without copying."""
@@ -276,18 +282,41 @@ class GGUFFile:
         """The tensor dequantized to float32, in torch order (slowest dimension first); non-finite values are
         refused."""
         info = self.tensors[name]
+        self._check_loadable(name)
+        return self._dequantize(self.raw(name), info.qtype).reshape(info.shape)
+
+    def load_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor dequantized into a tensor of `dtype`, a slice of rows at a time: a bfloat16 copy of a large
+        quantized matrix never has its whole float32 form beside it."""
+        import torch  # here: reading metadata (`gemrun info`) needs no torch
+
+        info = self.tensors[name]
+        if dtype == torch.float32 or len(info.shape) != 2:
+            return torch.from_numpy(self.load(name)).to(dtype)
+        self._check_loadable(name)
+        data, out = self.raw(name), torch.empty(info.shape, dtype=dtype)
+        step = max(1, (32 << 20) // (4 * info.shape[1]))
+        for r in range(0, info.shape[0], step):
+            rows = self._dequantize(data[r:r + step], info.qtype).reshape(-1, info.shape[1])
+            out[r:r + step] = torch.from_numpy(rows)
+        return out
+
+    def _check_loadable(self, name: str) -> None:
+        info = self.tensors[name]
         if info.qtype not in SUPPORTED:
             raise WeightsError(f"tensor {name!r} has type {info.qtype.name}, which gemrun does not support "
                                f"(supported: {', '.join(sorted(t.name for t in SUPPORTED))})")
         self.check_finite(name)
-        data = self.raw(name)
-        if info.qtype == GGMLQuantizationType.F32:
+
+    @staticmethod
+    def _dequantize(data: np.ndarray, qtype) -> np.ndarray:
+        if qtype == GGMLQuantizationType.F32:
             out = data.view(np.float32).copy()
-        elif info.qtype == GGMLQuantizationType.F16:
+        elif qtype == GGMLQuantizationType.F16:
             out = data.view(np.float16).astype(np.float32)
         else:
-            out = dequantize(data, info.qtype)
-        return out.reshape(info.shape).astype(np.float32, copy=False)
+            out = dequantize(data, qtype)
+        return out.astype(np.float32, copy=False)
 
 
 def check_tokenizer_metadata(meta: dict[str, Any], required: bool = True) -> None:

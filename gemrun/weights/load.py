@@ -120,9 +120,17 @@ def _fill(root: nn.Module, provided: dict[str, tuple[int, ...]], tensors: Iterat
     return root.to(device).eval().requires_grad_(False)
 
 
+def _drop_vocabulary(meta: dict) -> None:
+    """The tokenizer holds the vocabulary once built: drop the metadata's copy (~800k Python strings for a Gemma 4
+    vocabulary, ~55 MB for Gemma 3's)."""
+    for key in ("tokens", "scores", "token_type", "merges"):
+        meta.pop(f"tokenizer.ggml.{key}", None)
+
+
 def _trim() -> None:
     """Hand freed heap memory back to the OS: converting tensor after tensor leaves glibc holding the freed
-    temporaries (a 12B's Q4_0 packing: 2 GB of resident memory beside 7.4 GB of weights)."""
+    temporaries (a 12B's Q4_0 packing: 2 GB of resident memory beside 7.4 GB of weights), and so does building a
+    tokenizer."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -177,10 +185,14 @@ def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
         try:
             if embedding:
                 step = 8192  # dequantize in slices: the float table is never whole in memory
+
+                def part(r: int, n: int, k: int) -> nn.Module:  # a slice of rows; the file's pages then let go
+                    module = int8_module(raw[r:r + step], info.qtype, (min(step, n - r), k))
+                    g.release(info.name, r * raw.shape[1], (r + step) * raw.shape[1])
+                    return module
+
                 n, k = info.shape
-                module = Int8Embedding.from_parts(n, k, (int8_module(raw[r:r + step], info.qtype,
-                                                                     (min(step, n - r), k))
-                                                         for r in range(0, n, step)))
+                module = Int8Embedding.from_parts(n, k, (part(r, n, k) for r in range(0, n, step)))
             elif len(info.shape) == 2 and ours.endswith(("proj.weight", "_projection.weight")):
                 module = pack_gguf(raw, info.qtype, info.shape)
             else:
@@ -219,6 +231,8 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
                            "embedding")
     tokenizer = (gemma4_gguf.tokenizer(g.metadata) if gemma4
                  else tok.from_gguf_metadata(g.metadata, image_token=image_token))
+    _drop_vocabulary(g.metadata)
+    _trim()  # parsing a 262k vocabulary leaves ~200 MB of freed heap behind
     pack = None
     if packed and any(t.qtype.name not in ("F32", "F16", "BF16") for t in g.tensors.values()):
         if device.type != "cpu":
@@ -227,10 +241,11 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: Pr
 
     def getter(name: str) -> Getter:
         def get() -> torch.Tensor:
-            t = torch.from_numpy(g.load(name))
+            norm = is_gemma_norm(name) and not gemma4  # llama.cpp stores Gemma 3 norms as 1 + w; Gemma 4's as w
+            t = torch.from_numpy(g.load(name)) - 1 if norm else g.load_as(name, dtype if shard is None else
+                                                                           torch.float32)
             g.release(name)
-            # llama.cpp stores Gemma 3 norms as 1 + w; Gemma 4's (w) as they are
-            return t - 1 if is_gemma_norm(name) and not gemma4 else t
+            return t
         return get
 
     provided = {ours: g.tensors[name].shape for ours, name in names.items()}
@@ -426,9 +441,8 @@ def attach_tokenizer(loaded: Loaded, pan_and_scan: bool = False) -> Loaded:
             loaded.media.config = dataclasses.replace(loaded.media.config, **ids)
     elif loaded.gguf is not None and loaded.tokenizer is None:
         loaded.tokenizer = tok.from_gguf_metadata(loaded.gguf.metadata, image_token=loaded.vision is not None)
-    if loaded.gguf is not None:  # the tokenizer holds them now: ~800k Python strings for a Gemma 4 vocabulary
-        for key in ("tokens", "scores", "token_type", "merges"):
-            loaded.gguf.metadata.pop(f"tokenizer.ggml.{key}", None)
+    if loaded.gguf is not None:
+        _drop_vocabulary(loaded.gguf.metadata)
         if loaded.vision is not None:  # an mmproj file names no token ids: they are the tokenizer's
             ids = {f: loaded.tokenizer.token_to_id(t) for f, t in (("boi_token_id", "<start_of_image>"),
                                                                    ("eoi_token_id", "<end_of_image>"),
@@ -446,4 +460,5 @@ def attach_tokenizer(loaded: Loaded, pan_and_scan: bool = False) -> Loaded:
         loaded.inputs = Gemma3Images(loaded.vision, ImageConfig(pan_and_scan=pan_and_scan))
     elif loaded.media is not None:
         loaded.inputs = Gemma4Inputs(loaded.media)
+    _trim()  # the tokenizer metadata just dropped, or a tokenizer parsed here
     return loaded
