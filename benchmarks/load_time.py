@@ -7,8 +7,8 @@ gemrun: `gemrun.load(FILE, mmproj=, draft=)` in a fresh Python process; reported
 process's wall time (imports included) and peak RSS. llama.cpp: `llama-simple -m FILE -n 1` (the text model
 only: llama-simple takes no mmproj or drafter), its process wall time and its own "load time" line. Each process
 starts on a quiet machine (`quiet.py`: others < 0.15 cores for 2 s) and runs disturbed by others (> 0.2 cores)
-are discarded and counted. The file is read once before the first run, so every run finds it in the page cache
-(a cold read is the disk's speed, the same for both).
+are discarded and counted. The files are read before every run, so each run finds them in the page cache (a cold
+read is the disk's speed, the same for both).
 """
 
 from __future__ import annotations
@@ -48,9 +48,6 @@ def main() -> None:
     ap.add_argument("--max-tries", type=int, default=8)
     ap.add_argument("--llama-simple", default=None)
     a = ap.parse_args()
-    for f in (a.model, a.mmproj, a.draft):
-        if f:
-            warm(f)
     mon = Monitor()
     mon.start()
     env_threads = ["env", f"OMP_NUM_THREADS={a.threads}"]
@@ -63,6 +60,9 @@ def main() -> None:
         for name, cmd in engines.items():
             if len(got[name]) >= a.runs:
                 continue
+            for f in (a.model, a.mmproj, a.draft):  # back into the page cache (the other engine's run may have
+                if f:  # pushed it out: llama.cpp's repacked copy and the file do not both fit in 24 GB)
+                    warm(f)
             mon.wait_quiet()
             child = mon.run_child(cmd)
             if child.returncode != 0:
