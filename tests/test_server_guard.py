@@ -143,3 +143,21 @@ def test_one_request_cannot_take_every_batch_slot(model):
         assert any(c.seq is None for c in choices)
     finally:
         eng.stop(1)
+
+
+def test_a_stopped_app_lets_its_weights_go():
+    """After shutdown an app holds no path to its model (FastAPI keeps route functions in a cache for the process's
+    life, and their closures reach the app): the weights are freed once the caller drops them."""
+    import gc
+    import weakref
+
+    held = [gemrun.load()]
+    ref = weakref.ref(held[0])
+    with LiveServer(lambda: held[0], cache_ram=0) as s:
+        name = httpx.get(s.url + "/v1/models", timeout=600).json()["data"][0]["id"]
+        assert httpx.post(s.url + "/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 2},
+                          timeout=600).status_code == 200
+    held.clear()
+    del s
+    gc.collect()
+    assert ref() is None
