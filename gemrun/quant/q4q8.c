@@ -31,6 +31,12 @@ static inline int chunk_groups(int64_t G, int64_t c) {
     return left >= 16 ? 16 : left >= 8 ? 8 : 4;
 }
 
+// Stored offset, within its chunk of cg groups, of values 4 slot .. 4 slot + 3 of group gg (the lane layout above).
+static inline int64_t slot_position(int cg, int gg, int slot) {
+    int per = 16 / cg;
+    return (slot / per) * 64 + ((slot % per) * cg + gg) * 4;
+}
+
 // x (M, K) fp32 -> hi levels xq[m*K ..], lo levels xq[M*K + m*K ..] in lane order; d (M, K/32) = block scale / 128
 // (the integer dots come out scaled by 128); s (M, K/32) = block sums of the quantized values, unscaled by 128.
 // Called inside a parallel region: the rows are shared out among its threads.
@@ -54,10 +60,7 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, floa
                     int l = (int)nearbyintf((t - (float)h) * 128.f);
                     l = l > 127 ? 127 : l < -127 ? -127 : l;
                     sum += (float)h + (float)l * (1.f / 128.f);
-                    // element e of group gg -> vector r, lane l, byte j
-                    int j = e % 4, slot = e / 4, per = 16 / cg;
-                    int r = slot / per, lane = (slot % per) * cg + gg;
-                    int64_t at = c * QK + r * 64 + lane * 4 + j;
+                    int64_t at = c * QK + slot_position(cg, gg, e / 4) + e % 4;  // element e of group gg
                     hi[at] = (int8_t)h, lo[at] = (int8_t)l;
                 }
                 d[m * G + g] = dd / 128.f;
@@ -264,12 +267,6 @@ static inline int64_t nonfinite(const uint16_t *s, int64_t count) {
     int64_t bad = 0;
     for (int64_t i = 0; i < count; i++) bad += (s[i] & 0x7C00) == 0x7C00;
     return bad;
-}
-
-// Stored offset, within its chunk of cg groups, of values 4 slot .. 4 slot + 3 of group gg (quantize_rows' map).
-static inline int64_t slot_position(int cg, int gg, int slot) {
-    int per = 16 / cg;
-    return (slot / per) * 64 + ((slot % per) * cg + gg) * 4;
 }
 
 // One row of K/32 blocks of `size` bytes (fp16 scale first) -> its values in lane order and its scales; the 8 slots
