@@ -206,12 +206,22 @@ def test_repl_ctrl_c_stops_a_reply_and_keeps_the_conversation(tmp_path):
     child.expect(">>> ")
     history = json.loads(saved.read_text())["messages"]
     assert len(history) == 2 and history[1]["role"] == "assistant" and history[1]["content"]
-    child.sendintr()
-    child.expect("again")
-    child.sendintr()
-    child.expect(pytest.importorskip("pexpect").EOF)
+    _interrupt_at_prompt(child, "again")
+    _interrupt_at_prompt(child, pytest.importorskip("pexpect").EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def _interrupt_at_prompt(child, expected) -> None:
+    """Ctrl-C at an idle prompt until `expected` shows. CPython's input() loses a SIGINT that lands between
+    readline printing the prompt and its select() (the flag is set, select is not woken: about 1 in 300 at once
+    after the prompt on a loaded machine); a user's second press, like this retry, gets through."""
+    pexpect = pytest.importorskip("pexpect")
+    for _ in range(5):
+        child.sendintr()
+        if child.expect([expected, pexpect.TIMEOUT], timeout=10) == 0:
+            return
+    raise AssertionError(f"no {expected!r} after five Ctrl-C at the prompt: {child.before!r}")
 
 
 def test_small_things(tiny_path):
