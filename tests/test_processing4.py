@@ -490,3 +490,15 @@ def test_mm_token_type_ids_match_reference():
     assert out[1].tolist() == expected[::-1]
     assert mm_token_type_ids([1, 502, 506, 503], image_token_id=502, video_token_id=506, audio_token_id=503) == \
         [0, 1, 2, 3]
+
+
+def test_media_decoders_load_only_when_media_come():
+    """FFmpeg (PyAV), libsndfile and soxr cost a text-only process ~17 MB of RSS: loading a model must not map
+    them (they are imported where audio or video is decoded)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gemrun.api, gemrun.server.app, gemrun.cli.run\n"
+            "print(sorted(m for m in ('av', 'soundfile', 'soxr') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

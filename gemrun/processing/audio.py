@@ -9,8 +9,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 
 from ..errors import InputError
@@ -60,6 +58,8 @@ class ProcessedAudio:
 def decode_audio(data: bytes, limits: AudioLimits = AudioLimits()) -> tuple[np.ndarray, int]:
     """(mono float32 waveform, sample rate) of encoded WAV/FLAC/OGG/MP3 bytes; channels are averaged. The declared
     and the decoded lengths are both checked against `limits.max_seconds`."""
+    import soundfile as sf  # here, not at the top: a text-only process need not map libsndfile
+
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             if f.format not in FORMATS:
@@ -102,6 +102,8 @@ def waveform_frames(wave: np.ndarray, rate: int, limits: AudioLimits = AudioLimi
     if peak > MAX_SAMPLE:
         raise InputError(f"audio samples reach {peak:.3g}, past any PCM scale ({MAX_SAMPLE:.3g}): a corrupt file")
     if rate != SAMPLE_RATE:
+        import soxr
+
         samples = wave.size
         wave = soxr.resample(wave, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
         # the length was checked at the source rate; resampling may round it up by a sample past the cap

@@ -10,7 +10,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import av
 import numpy as np
 import torch
 
@@ -176,6 +175,8 @@ def _sniff_container(data: bytes) -> str:
 
 
 def _video_audio(data: bytes, fmt: str, limits: AudioLimits) -> ProcessedAudio | None:
+    import av
+
     with av.open(io.BytesIO(data), format=fmt) as c:
         if not c.streams.audio:
             return None
@@ -213,6 +214,8 @@ def process_video(source, num_frames: int = 32, max_soft_tokens: int = 70, audio
     target_size(patch * pool, patch * pool, max_soft_tokens, patch, pool)  # validates the budget before decoding
     data = read_source(source, "video", limits.max_bytes, sources)
     fmt = _sniff_container(data)
+    import av  # here, not at the top: FFmpeg's libraries cost every process ~16 MB of RSS, most never see a video
+
     try:
         with av.open(io.BytesIO(data), format=fmt) as c:
             if not c.streams.video:
