@@ -19,7 +19,7 @@ BUSY = "while True:\n    pass\n"
 
 def bench(threads: int, gen: int, model: str | None, policy: str) -> float:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy != "auto":  # auto: what gemrun chooses at import (gemrun._wait_policy)
+    if policy != "auto":  # auto: what gemrun chooses at import (gemrun.openmp_settings)
         env["OMP_WAIT_POLICY"] = policy
     cmd = [sys.executable, "-m", "gemrun.cli", "--threads", str(threads), "bench", "--prompt-tokens", "32",
            "--gen-tokens", str(gen), "--repeat", "1"] + (["--model", model] if model else [])

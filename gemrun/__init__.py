@@ -39,18 +39,24 @@ def _others_busy(seconds: float = 0.05) -> float | None:
     return max(0, (busy1 - busy0) - (own1 - own0)) / os.sysconf("SC_CLK_TCK") / (t1 - t0)
 
 
-def _wait_policy() -> str:
-    """OpenMP's wait policy for torch's and the native kernels' threads, chosen before torch loads (each OpenMP
-    runtime reads it once). Spinning (ACTIVE) on an idle machine: on 2 cores, 2-thread decode of the 270M is 43
-    tok/s spinning vs 28 sleeping. Sleeping (PASSIVE) when other processes already use half a core or more: beside
-    one busy process, 24 vs 14 tok/s (and 2.5 with OpenMP's default, a long spin then sleep). A user's own
-    OMP_WAIT_POLICY wins."""
-    busy = _others_busy()
-    return "PASSIVE" if busy is None or busy >= 0.5 else "ACTIVE"
+def openmp_settings(environ, busy: float | None) -> dict[str, str]:
+    """The OpenMP variables to set before torch loads (each OpenMP runtime reads them once), given the environment
+    and other processes' load (`_others_busy`). Spinning (ACTIVE) on an idle machine: on 2 cores, 2-thread decode of
+    the 270M is 43 tok/s spinning vs 28 sleeping. Sleeping (PASSIVE) when other processes already use half a core
+    or more: beside one busy process, 24 vs 14 tok/s (and 2.5 with OpenMP's default, a long spin then sleep).
+    ACTIVE alone spins for minutes after the last parallel region (libgomp: 3e10 spins), so an idle server or chat
+    kept a core at 100% for 5 minutes after every reply: GOMP_SPINCOUNT bounds it to ~0.1 s, which still covers the
+    gaps between kernels and between tokens (same decode speed). A user's own OMP_WAIT_POLICY wins."""
+    if "OMP_WAIT_POLICY" in environ:
+        return {}
+    if busy is None or busy >= 0.5:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"OMP_WAIT_POLICY": "ACTIVE", **({} if "GOMP_SPINCOUNT" in environ else {"GOMP_SPINCOUNT": "10000000"})}
 
 
 if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:  # once torch is loaded, it is too late
-    os.environ["OMP_WAIT_POLICY"] = _wait_policy()
+    os.environ.update(openmp_settings(os.environ, _others_busy()))
+
 __version__ = "0.1.0"
 
 

@@ -30,3 +30,29 @@ def test_a_users_policy_wins():
         out = subprocess.run([sys.executable, "-c", POLICY], env={**os.environ, "OMP_WAIT_POLICY": policy},
                              capture_output=True, text=True, check=True)
         assert out.stdout.strip() == policy
+
+
+IDLE = """
+import os, time, torch
+torch.set_num_threads(2)
+a = torch.randn(512, 512)
+for _ in range(20):
+    a @ a  # a parallel region: OpenMP's worker threads exist from here on
+time.sleep(1.0)
+t0 = os.times()
+time.sleep(1.0)
+t1 = os.times()
+print((t1.user - t0.user) + (t1.system - t0.system))
+"""
+
+
+def test_spinning_threads_go_to_sleep_when_work_stops():
+    """On an idle machine gemrun lets OpenMP's threads spin (fast decode), but only for a moment: an idle server
+    or chat must not keep a core busy for minutes after a reply (ACTIVE alone spins ~5 minutes)."""
+    assert gemrun.openmp_settings({}, busy=1.0) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert gemrun.openmp_settings({"OMP_WAIT_POLICY": "ACTIVE"}, busy=0.0) == {}
+    chosen = gemrun.openmp_settings({}, busy=0.0)
+    assert chosen["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | chosen
+    out = subprocess.run([sys.executable, "-c", IDLE], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 0.3, f"{out.stdout.strip()} s of CPU in 1 s of idling"
