@@ -102,7 +102,8 @@ def new_tokens_only(args, depth: int, n: int) -> float:
     """Seconds to prefill n tokens with `depth` already cached (gemrun bench --depth)."""
     out = subprocess.run([sys.executable, "-m", "gemrun.cli", "--threads", str(args.threads), "bench", "--model",
                           args.model, "--depth", str(depth), "--prompt-tokens", str(n), "--gen-tokens", "1",
-                          "--repeat", "1"], capture_output=True, text=True, check=True)  # the server's dtype
+                          "--repeat", "1", "--kv-cache", "bf16"], capture_output=True, text=True,
+                         check=True)  # the server's defaults: float32 activations over packed weights, bf16 KV
     return n / json.loads(out.stdout)["prefill_tok_s"]
 
 

@@ -45,8 +45,9 @@ def test_batched_decode_matches_each_sequence_alone(tiny):
             assert (rows[i] - alone[i][step]).abs().max() < 1e-4
 
 
-def test_packed_batching_is_exact_on_the_real_270m():
-    m = gemrun.load(dtype="bfloat16")
+@pytest.mark.parametrize("dtype, kv", [("bfloat16", "auto"), ("auto", "bf16")])  # the latter: serve's default
+def test_packed_batching_is_exact_on_the_real_270m(dtype, kv):
+    m = gemrun.load(dtype=dtype, kv_cache=kv)
     net = m.model
     prompts = [m.tokenizer.encode(t, bos=True) for t in ("The sea is", "def add(a, b):", "One two three")]
     seqs = [Sequence(net, p, SamplingParams(temperature=0, max_tokens=12), set(), 256, 262144) for p in prompts]
