@@ -54,8 +54,15 @@ def openmp_settings(environ, busy: float | None) -> dict[str, str]:
     return {"OMP_WAIT_POLICY": "ACTIVE", **({} if "GOMP_SPINCOUNT" in environ else {"GOMP_SPINCOUNT": "10000000"})}
 
 
+def _steady_load() -> float | None:
+    """Other processes' load, the lower of two short samples: a burst (a shell prompt, a health check creating its
+    HTTP client) must not look like a busy machine and cost this whole process the spinning threads."""
+    first = _others_busy()
+    return first if first is None or first < 0.5 else _others_busy()
+
+
 if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:  # once torch is loaded, it is too late
-    os.environ.update(openmp_settings(os.environ, _others_busy()))
+    os.environ.update(openmp_settings(os.environ, _steady_load()))
 
 __version__ = "0.1.0"
 
