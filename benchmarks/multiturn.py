@@ -44,36 +44,30 @@ def wait(url: str, proc: subprocess.Popen) -> None:
 
 def conversation_ttfts(url: str, name: str, turns: int, new_tokens: int, think: bool, seed: int = 0) -> list[dict]:
     rng, messages, out = random.Random(seed), [], []
-    with httpx.Client(timeout=3600) as client:  # one client, as a chat app keeps: a new one costs ~25 ms (TLS setup)
-        for _ in range(turns):
-            out.append(_turn(client, url, name, messages, rng, new_tokens, think))
+    for _ in range(turns):
+        messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(new_tokens))})
+        body = {"model": name, "messages": messages, "max_tokens": 32, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if think:
+            body["chat_template_kwargs"] = {"enable_thinking": True}
+        t0, first, text, usage = time.perf_counter(), None, "", {}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=3600) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                for c in chunk.get("choices", []):
+                    delta = c.get("delta", {})
+                    piece = delta.get("content") or delta.get("reasoning_content") or ""
+                    if piece and first is None:
+                        first = time.perf_counter() - t0
+                    text += delta.get("content") or ""
+        messages.append({"role": "assistant", "content": text})
+        details = usage.get("prompt_tokens_details") or {}
+        out.append({"ttft_s": round(first or time.perf_counter() - t0, 3), "prompt_tokens": usage.get("prompt_tokens"),
+                    "cached_tokens": details.get("cached_tokens")})
     return out
-
-
-def _turn(client: httpx.Client, url: str, name: str, messages: list, rng: random.Random, new_tokens: int,
-          think: bool) -> dict:
-    messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(new_tokens))})
-    body = {"model": name, "messages": messages, "max_tokens": 32, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    if think:
-        body["chat_template_kwargs"] = {"enable_thinking": True}
-    t0, first, text, usage = time.perf_counter(), None, "", {}
-    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            for c in chunk.get("choices", []):
-                delta = c.get("delta", {})
-                piece = delta.get("content") or delta.get("reasoning_content") or ""
-                if piece and first is None:
-                    first = time.perf_counter() - t0
-                text += delta.get("content") or ""
-    messages.append({"role": "assistant", "content": text})
-    details = usage.get("prompt_tokens_details") or {}
-    return {"ttft_s": round(first or time.perf_counter() - t0, 3), "prompt_tokens": usage.get("prompt_tokens"),
-            "cached_tokens": details.get("cached_tokens")}
 
 
 def run_gemrun(args, cache_ram: float) -> list[dict]:
