@@ -14,6 +14,8 @@ log-sum-exp, so the whole cache is never expanded at once.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .config import LayerSpec
@@ -51,6 +53,12 @@ class Plain:
     def move(self, dst: torch.Tensor, src: slice) -> None:
         """Copy the stored positions `src` to `dst` as they are (no conversion)."""
         self.t[:, :, dst] = self.t[:, :, src].clone()
+
+    def head(self, n: int) -> Plain:
+        """A copy of the first n positions."""
+        out = copy.copy(self)
+        out.t = self.t[:, :, :n].clone()
+        return out
 
     def resize(self, n: int) -> None:
         """Grow (with zeros) or cut to n positions."""
@@ -90,6 +98,11 @@ class Q8(Plain):
     def move(self, dst: torch.Tensor, src: slice) -> None:
         super().move(dst, src)
         self.scale[:, :, dst] = self.scale[:, :, src].clone()
+
+    def head(self, n: int) -> Q8:
+        out = super().head(n)
+        out.scale = self.scale[:, :, :n].clone()
+        return out
 
     def resize(self, n: int) -> None:
         old = self.size
@@ -174,6 +187,10 @@ class _Cache(Cache):
     def release(self) -> None:
         """Give up the checkpoint."""
 
+    def rewind_point(self, n: int) -> int:
+        """The longest length <= n the cache can be rewound to (0: none)."""
+        return n if n >= min(self.floor, self.length) else 0
+
     def _shared(self, out: Parts) -> Parts:
         if self.shared:
             self.last = out
@@ -251,7 +268,9 @@ class SlidingCache(_Cache):
     A checkpoint (`checkpoint()`, set at a prompt's end for prefix reuse) freezes the ring: positions from it on
     are appended after the ring instead of overwriting it, so the cache can later be rewound to any length from
     the checkpoint on (a follow-up prompt that diverges inside the reply: Gemma 4's stripped thoughts). Those
-    appended slots are the only memory a checkpoint costs; past `window` of them it is given up (`release`).
+    appended slots are the only memory a checkpoint costs while the reply is shorter than the window. A longer
+    reply (a long thought) copies the frozen ring aside, once (the memory of one ring), and goes back to
+    overwriting: the cache can then still be rewound to exactly the checkpoint, where the next turn starts.
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, window: int, dtype: torch.dtype,
@@ -261,6 +280,7 @@ class SlidingCache(_Cache):
         self.pos = torch.full((self.ring,), -1, dtype=torch.long, device=device)
         self.length = 0
         self.hold: int | None = None  # the checkpoint: positions from here on go after the ring
+        self.snap: tuple | None = None  # (length, k, v, positions) of the ring at a checkpoint a reply outgrew
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
         if self.hold is None:
@@ -282,7 +302,9 @@ class SlidingCache(_Cache):
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Parts:
         t = k.shape[2]
         if self.hold is not None and self.length + t - self.hold > self.window:
-            self.release()  # the appended part would outgrow the window: the checkpoint is given up
+            # the appended part would outgrow the window: the checkpoint's ring is copied aside, the rest given up
+            self.snap = (self.hold, self.k.head(self.ring), self.v.head(self.ring), self.pos[:self.ring].clone())
+            self.release()
         if self.hold is not None:  # nothing is overwritten: write, then attend over everything kept
             self._reserve(self.ring + self.length + t - self.hold)
             slots = self._slots(positions)
@@ -315,7 +337,16 @@ class SlidingCache(_Cache):
     def checkpoint(self) -> None:
         """Keep from now on what rewinding to the current length needs."""
         self.release()
-        self.hold = self.length
+        self.hold, self.snap = self.length, None
+
+    def rewind_point(self, n: int) -> int:
+        if n >= min(self.floor, self.length):
+            return n
+        return self.snap[0] if self.snap is not None and self.snap[0] <= n else 0
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + (self.snap[1].nbytes + self.snap[2].nbytes if self.snap is not None else 0)
 
     def release(self) -> None:
         """Give up the checkpoint: the positions appended after the ring go to their ring slots (the window of the
@@ -341,6 +372,9 @@ class SlidingCache(_Cache):
 
     def trim(self, n: int) -> None:
         n = min(n, self.length)
+        if self.snap is not None and self.length - n == self.snap[0] < min(self.floor, self.length):
+            (self.length, self.k, self.v, self.pos), self.hold, self.snap = self.snap, None, None  # the checkpoint
+            return
         if self.length - n < min(self.floor, self.length):
             raise ValueError(f"cannot rewind a sliding cache of {self.length} tokens by {n}: its window then needs "
                              "positions it no longer holds")
@@ -373,6 +407,9 @@ class SharedCache(Cache):
 
     def release(self) -> None:
         pass
+
+    def rewind_point(self, n: int) -> int:
+        return n
 
     floor = 0
     nbytes = 0

@@ -37,15 +37,15 @@ class PrefixPool:
         best = None
         with self.lock:
             for i, (held, caches, end) in enumerate(self.entries):
-                floor = max(c.floor for c in caches)  # the shortest length these caches can be rewound to
-                whole = exact and end is not None and end[0] == len(key) and len(key) >= floor
+                whole = exact and end is not None and end[0] == len(key) and _point(caches, len(key)) == len(key)
                 if whole and _common(held, key, len(key)) == len(key):
                     best = (i, len(key), end[1])
                     break
                 n = _common(held, key, len(key) - 1)
                 while n > 0 and blocks is not None and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
                     n -= 1
-                if n > 0 and n >= floor and (best is None or n > best[1]):
+                n = _point(caches, n)  # sliding layers: within the window, or exactly at the prompt's end
+                if n > 0 and (best is None or n > best[1]):
                     best = (i, n, None)
             if best is None:
                 self.misses += 1
@@ -73,6 +73,13 @@ class PrefixPool:
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
+
+
+def _point(caches: list, n: int) -> int:
+    """The longest length <= n that every cache can be rewound to (0: none)."""
+    while n > 0 and (m := min(c.rewind_point(n) for c in caches)) < n:
+        n = m
+    return n
 
 
 def _size(caches: list, end: tuple[int, torch.Tensor] | None) -> int:
