@@ -124,8 +124,6 @@ def build_backend(tokens: list[str], types: Iterable[int], unk: str = "<unk>",
 class Tokenizer:
     def __init__(self, backend: Backend, bos_id: int = 2, eos_id: int = 1, pad_id: int = 0, add_bos: bool = True,
                  chat_template: str | None = None, max_token_bytes: int | None = None):
-        if max_token_bytes is not None:  # known from the token list: not derived at a request (~0.5 s at 262K)
-            self.__dict__["max_token_bytes"] = max_token_bytes
         present = [AddedToken(t, special=True, normalized=False) for t in MEDIA_TOKENS
                    if backend.token_to_id(t) is not None]
         backend.add_special_tokens(present)
@@ -137,10 +135,11 @@ class Tokenizer:
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.specials, key=len, reverse=True)))
         starts = sorted({s[0] for s in self.specials})  # "<" for every Gemma control token
         self._starts = re.compile("[" + "".join(re.escape(c) for c in starts) + "]") if starts else None
+        # at load, not inside the first long request (deriving it scans the vocabulary: ~0.5 s at 262K tokens)
+        self.max_token_bytes = max_token_bytes or self.longest_piece_bytes()
 
-    @functools.cached_property
-    def max_token_bytes(self) -> int:
-        """UTF-8 bytes of the longest piece plain text can become: text of n bytes is at least
+    def longest_piece_bytes(self) -> int:
+        """UTF-8 bytes of the longest piece plain text can become (`max_token_bytes`): text of n bytes is at least
         n / max_token_bytes tokens (special tokens never come from text)."""
         pieces = self.backend.get_vocab(with_added_tokens=False)
         return max((len(p.replace("\u2581", " ").encode()) for p in pieces), default=1) or 1
