@@ -121,6 +121,11 @@ def build_backend(tokens: list[str], types: Iterable[int], unk: str = "<unk>",
     return backend
 
 
+def longest_piece(pieces: Iterable[str]) -> int:
+    """UTF-8 bytes of the longest of `pieces` as text ('▁' is a space); at least 1."""
+    return max((len(p.replace("\u2581", " ").encode()) for p in pieces), default=1) or 1
+
+
 class Tokenizer:
     def __init__(self, backend: Backend, bos_id: int = 2, eos_id: int = 1, pad_id: int = 0, add_bos: bool = True,
                  chat_template: str | None = None, max_token_bytes: int | None = None):
@@ -141,8 +146,7 @@ class Tokenizer:
     def longest_piece_bytes(self) -> int:
         """UTF-8 bytes of the longest piece plain text can become (`max_token_bytes`): text of n bytes is at least
         n / max_token_bytes tokens (special tokens never come from text)."""
-        pieces = self.backend.get_vocab(with_added_tokens=False)
-        return max((len(p.replace("\u2581", " ").encode()) for p in pieces), default=1) or 1
+        return longest_piece(self.backend.get_vocab(with_added_tokens=False))
 
     @functools.cached_property
     def vocab_size(self) -> int:  # the library counts it over the whole vocabulary (~7 ms at 262K) on every call
@@ -255,7 +259,7 @@ def from_gguf_metadata(meta: dict, image_token: bool = False, model: str = "llam
                      pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
                      add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
                      chat_template=meta.get("tokenizer.chat_template"),
-                     max_token_bytes=max((len(t.replace("\u2581", " ").encode()) for t in tokens), default=1) or 1)
+                     max_token_bytes=longest_piece(tokens))
 
 
 def from_sentencepiece(path: Path) -> Backend:
