@@ -8,8 +8,10 @@ slots does not matter. That lets the sliding-window cache be a ring buffer whose
 
 K and V are stored in the cache's precision (`KV_TYPES`: the activations' dtype, float32, bfloat16, or q8_0
 blocks as llama.cpp's `-ctk/-ctv q8_0`). A cache in the activations' dtype hands attention its tensors as they are;
-any other is read in chunks of `CHUNK` positions converted on the fly, whose attention results are merged by their
-log-sum-exp, so the whole cache is never expanded at once.
+any other is converted on the fly as attention reads it: whole (and joined with a chunk's new tokens) while that
+takes at most `READ_BYTES`, so that one fused attention call reads it; beyond, in pieces of that size (at least
+`CHUNK` positions), whose attention results are merged by their log-sum-exp, so a long cache is never expanded at
+once.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 
 from .config import LayerSpec
 
-CHUNK = 1024  # positions converted at a time when the cache's precision is not the activations'
+CHUNK = 1024  # the fewest positions converted at a time when the cache's precision is not the activations'
+READ_BYTES = 256 << 20  # the most bytes of converted K and V at a time (the 12B's 16K positions, the 270M's 128K)
 KV_TYPES = ("auto", "f32", "bf16", "q8_0")
 Q8_BLOCK = 32  # values per q8_0 block (one fp16 scale each), along the head dimension
 VALUE_BYTES = {"f32": 4, "bf16": 2, "q8_0": 1 + 2 / Q8_BLOCK}  # bytes a cached value takes, by KV type
@@ -129,7 +132,8 @@ class Parts:
     `stored`: the whole (k, v, kv_positions) as stored (another float dtype), for a kernel that reads it as is."""
 
     def __init__(self, pieces: list, read=None, stored: tuple | None = None):
-        self.pieces, self.read = pieces, read  # pieces: tuples, or (start, end, positions) ranges with `read`
+        self.pieces, self.read = pieces, read  # pieces: tuples, or (start, end, positions[, new]) ranges
+        # that `read` converts (joined to the new tokens' (k, v, positions) when given)
         self.stored = stored
 
     def __len__(self) -> int:
@@ -137,7 +141,7 @@ class Parts:
 
     def __iter__(self):
         for piece in self.pieces:
-            yield piece if self.read is None or len(piece) == 3 and torch.is_tensor(piece[0]) else self.read(*piece)
+            yield piece if self.read is None or torch.is_tensor(piece[0]) else self.read(*piece)
 
     def single(self) -> tuple:
         return next(iter(self))
@@ -205,12 +209,22 @@ class _Cache(Cache):
                 k, v, positions = (torch.cat([k, extra[0]], dim=2), torch.cat([v, extra[1]], dim=2),
                                    torch.cat([positions, extra[2]]))
             return Parts([(k, v, positions)])
-        pieces = [(a, min(a + CHUNK, used), positions[a:min(a + CHUNK, used)]) for a in range(0, used, CHUNK)]
+        row = 2 * self.k.shape[1] * self.k.shape[3] * torch.empty((), dtype=self.dtype).element_size()
+        step = max(CHUNK, READ_BYTES // row)
+        pieces = [(a, min(a + step, used), positions[a:min(a + step, used)]) for a in range(0, used, step)]
         stored = (self.k.t[:, :, :used], self.v.t[:, :, :used], positions) if extra is None and self.plain else None
-        return Parts(pieces + ([extra] if extra is not None else []), self._read, stored)
+        if extra is not None:
+            if len(pieces) == 1 and used + extra[0].shape[2] <= step:  # one read: the new tokens joined to it
+                pieces = [(*pieces[0], extra)]
+            else:
+                pieces.append(extra)
+        return Parts(pieces, self._read, stored)
 
-    def _read(self, a: int, b: int, positions: torch.Tensor) -> tuple:
-        return self.k.read(slice(a, b), self.dtype), self.v.read(slice(a, b), self.dtype), positions
+    def _read(self, a: int, b: int, positions: torch.Tensor, extra: tuple | None = None) -> tuple:
+        k, v = self.k.read(slice(a, b), self.dtype), self.v.read(slice(a, b), self.dtype)
+        if extra is None:
+            return k, v, positions
+        return torch.cat([k, extra[0]], dim=2), torch.cat([v, extra[1]], dim=2), torch.cat([positions, extra[2]])
 
     def _store(self, kv_type: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
         cls, stored = storage(kv_type, dtype)

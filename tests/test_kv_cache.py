@@ -75,6 +75,7 @@ def test_chunked_attention_equals_whole(monkeypatch, kv_type):
     whole, caches = run()
     assert any(isinstance(c, SlidingCache) for c in caches) and any(isinstance(c, FullCache) for c in caches)
     monkeypatch.setattr(cache, "CHUNK", 7)
+    monkeypatch.setattr(cache, "READ_BYTES", 0)
     chunked, _ = run()
     assert (chunked - whole).abs().max().item() < 1e-4
     m.kv_type = "auto"
@@ -82,6 +83,32 @@ def test_chunked_attention_equals_whole(monkeypatch, kv_type):
         exact = torch.cat([m(ids[:, :8], c := m.make_caches(spare=2)), m(ids[:, 8:30], c, blocks=blocks[8:30]),
                            *[m(ids[:, i:i + 1], c) for i in range(30, 40)]], 1)
     assert 0 < (whole - exact).abs().max().item() < 0.05  # the stored precision shows, a little
+
+
+@pytest.mark.parametrize("kind", ["full", "sliding"])
+def test_converted_cache_read_in_one_piece_within_budget(monkeypatch, kind):
+    """A bf16 cache under float32 activations is read whole, joined with a chunk's new tokens (one fused attention
+    call, no log-sum-exp merge), while that fits READ_BYTES; past it, in pieces of that size."""
+    def make():
+        if kind == "full":
+            return FullCache(1, 2, 16, torch.float32, "cpu", kv_type="bf16")
+        return SlidingCache(1, 2, 16, 64, torch.float32, "cpu", kv_type="bf16")
+
+    def pieces(c, t):
+        k = torch.randn(1, 2, t, 16)
+        parts = c.update(k, k, torch.arange(c.length, c.length + t))
+        return [p[0].shape[2] for p in parts]
+
+    c = make()
+    pieces(c, 50)
+    assert pieces(c, 30) == [80 if kind == "full" else 64 + 30]  # stored positions and the new ones together
+    row = 2 * 2 * 16 * 4  # bytes of one position's converted K and V
+    monkeypatch.setattr(cache, "CHUNK", 8)
+    monkeypatch.setattr(cache, "READ_BYTES", 40 * row)
+    c = make()
+    pieces(c, 50)
+    got = pieces(c, 30)
+    assert got == ([40, 40] if kind == "full" else [40, 24, 30])
 
 
 def test_q8_halves_the_cache(model_270m):
@@ -103,6 +130,7 @@ def test_q8_teacher_forced_1k(model_270m, monkeypatch):
     from gemrun.quality import evaluate
 
     monkeypatch.setattr(cache, "CHUNK", 256)
+    monkeypatch.setattr(cache, "READ_BYTES", 0)
     ids = model_270m.tokenizer.encode(real_text())[:1024]
     res = evaluate(with_kv(model_270m, "q8_0"), ids, ref=model_270m, context=1024, chunk=128)
     print(res.as_dict())
