@@ -42,9 +42,7 @@ def tokenizer_info(tokenizer, vocab_size: int, stop_ids: tuple[int, ...],
     allowed) except the `allowed` ones a grammar writes (a native tool call's markers), `stop_ids` (the chat
     format's end-of-reply tokens) allowed where the grammar is complete; rows past the tokenizer (a padded head)
     never allowed."""
-    vocab = [""] * tokenizer.vocab_size
-    for piece, i in tokenizer.backend.get_vocab(with_added_tokens=True).items():
-        vocab[i] = piece
+    vocab = tokenizer.pieces()
     for token, i in tokenizer.specials.items():
         if token not in allowed:
             vocab[i] = ""

@@ -1,14 +1,15 @@
 """Tokenizer loading (tokenizer.json, tokenizer.model, GGUF metadata), special-token safety, streaming decode.
 
-The backend is the `tokenizers` library. Plain text never yields control tokens (`encode_special_tokens`), and
-the media markers are made special too (the reference leaves `<start_of_image>` matchable from text). Only
+Two codecs do the work: sentencepiece for a Gemma 3 GGUF vocabulary (`PieceCodec`: the model's own kind of
+tokenizer, a quarter of the memory) and the `tokenizers` library for the rest (`LibraryCodec`: tokenizer.json,
+tokenizer.model, Gemma 4's stored merges); both give the reference's ids. Plain text never yields control tokens,
+and the media markers are made special too (the reference leaves `<start_of_image>` matchable from text). Only
 templates produce control tokens: user text inside a rendered template is escaped (`escape`) so that a
 spelled-out `<start_of_turn>` in it stays plain text.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -126,35 +127,172 @@ def longest_piece(pieces: Iterable[str]) -> int:
     return max((len(p.replace("\u2581", " ").encode()) for p in pieces), default=1) or 1
 
 
-class Tokenizer:
-    def __init__(self, backend: Backend, bos_id: int = 2, eos_id: int = 1, pad_id: int = 0, add_bos: bool = True,
-                 chat_template: str | None = None, max_token_bytes: int | None = None):
+class LibraryCodec:
+    """Text <-> ids by the `tokenizers` library (tokenizer.json, tokenizer.model, Gemma 4's stored merges)."""
+
+    def __init__(self, backend: Backend):
         present = [AddedToken(t, special=True, normalized=False) for t in MEDIA_TOKENS
                    if backend.token_to_id(t) is not None]
         backend.add_special_tokens(present)
         backend.encode_special_tokens = True
         self.backend = backend
+
+    def library(self) -> Backend:
+        return self.backend
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def specials(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def pieces(self) -> Iterable[tuple[str, int]]:
+        return self.backend.get_vocab(with_added_tokens=True).items()
+
+
+class PieceCodec:
+    """Text <-> ids by sentencepiece, for a Gemma 3 vocabulary without stored merges (GGUF pieces and types): the
+    tokenizer kind the model was trained with, built in memory in ~0.2 s and holding ~25 MB, where the same
+    vocabulary as a `tokenizers` BPE with derived merges holds ~95 MB. It gives the ids the reference does: piece
+    scores rank merges by id (as `derive_merges`); whitespace-run pieces are ordinary pieces (the reference never
+    matches them as added tokens: runs of spaces merge pairwise); media markers are control pieces (never from
+    text). Control and unknown pieces are spelled out here on decode (sentencepiece drops them). `library` builds
+    the equivalent `tokenizers` BPE when something needs that object (conversion, a written tokenizer.json)."""
+
+    def __init__(self, tokens: list[str], types: list[int], unk_id: int):
+        from sentencepiece import SentencePieceProcessor
+        from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+        proto = sp_pb2.ModelProto()
+        spec = proto.trainer_spec
+        spec.model_type, spec.vocab_size, spec.byte_fallback = sp_pb2.TrainerSpec.BPE, len(tokens), True
+        spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = unk_id, -1, -1, -1
+        norm = proto.normalizer_spec
+        norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = (
+            "identity", False, False, True)
+        self.spelled: dict[int, str] = {}  # control (and unknown) pieces: what decode shows unless skipping
+        self.special: set[int] = set()
+        self.runs: dict[int, int] = {}  # length -> id of the whitespace-run pieces the file marks user-defined
+        for i, (t, ty) in enumerate(zip(tokens, types)):
+            p = proto.pieces.add()
+            space = " " in t and not t.strip()
+            if space and ty == USER_DEFINED:
+                self.runs[len(t)] = i
+            p.piece = "\u2581" * len(t) if space else t
+            if i == unk_id:
+                p.type = 2  # UNKNOWN
+            elif ty == CONTROL or t in MEDIA_TOKENS:
+                p.type = CONTROL
+            elif ty == USER_DEFINED and not space or ty == 6:  # BYTE
+                p.type = ty
+            else:
+                p.type, p.score = 1, -float(i)  # NORMAL (also UNUSED ones: the reference decodes them as text)
+            if p.type in (2, CONTROL):
+                self.spelled[i] = t
+                if p.type == CONTROL or ty == CONTROL:
+                    self.special.add(i)
+        self.sp = SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.types, self.unk_id = bytes(types), unk_id  # the file's types (the pieces are the sentencepiece's)
+        self._library: Backend | None = None
+
+    def library(self) -> Backend:
+        if self._library is None:
+            tokens = [self.sp.id_to_piece(i) for i in range(self.size())]
+            self._library = _library_backend(tokens, list(self.types), self.unk_id, None)
+        return self._library
+
+    def encode(self, text: str) -> list[int]:
+        if not self.runs or "\u2581" not in text:
+            return self.sp.encode(text) if text else []
+        # The reference matches its whitespace-run tokens (spelled with '▁') in the text as written, longest
+        # first, before spaces become '▁': a literal run of '▁' is cut into those tokens, the text around it
+        # tokenized apart.
+        ids, start, lengths = [], 0, sorted(self.runs, reverse=True)
+        for m in re.finditer("\u2581+", text):
+            at = m.start()
+            while (k := next((n for n in lengths if n <= m.end() - at), 0)):
+                ids += self.sp.encode(text[start:at]) if at > start else []
+                ids.append(self.runs[k])
+                at = start = at + k
+        return ids + (self.sp.encode(text[start:]) if start < len(text) else [])
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        out, run, n = [], [], self.sp.get_piece_size()
+        for i in ids:
+            if not 0 <= i < n:
+                continue  # as the library: an id outside the vocabulary decodes to nothing
+            if i in self.spelled:
+                out.append(self.sp.decode(run))
+                run = []
+                if not (skip_special and i in self.special):
+                    out.append(self.spelled[i])
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)  # the unknown id for a piece not in the vocabulary
+        return i if self.id_to_token(i) == token else None
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.spelled.get(i) or self.sp.id_to_piece(i) if 0 <= i < self.sp.get_piece_size() else None
+
+    def size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def specials(self) -> dict[str, int]:
+        return {self.spelled[i]: i for i in self.special}
+
+    def pieces(self) -> Iterable[tuple[str, int]]:
+        return ((self.id_to_token(i), i) for i in range(self.size()))
+
+
+class Tokenizer:
+    def __init__(self, codec: LibraryCodec | PieceCodec, bos_id: int = 2, eos_id: int = 1, pad_id: int = 0,
+                 add_bos: bool = True, chat_template: str | None = None, max_token_bytes: int | None = None):
+        self.codec = codec
         self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
         self.chat_template = chat_template
-        self.specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self.specials = codec.specials()
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.specials, key=len, reverse=True)))
         starts = sorted({s[0] for s in self.specials})  # "<" for every Gemma control token
         self._starts = re.compile("[" + "".join(re.escape(c) for c in starts) + "]") if starts else None
         # at load, not inside the first long request (deriving it scans the vocabulary: ~0.5 s at 262K tokens)
         self.max_token_bytes = max_token_bytes or self.longest_piece_bytes()
+        self.vocab_size = codec.size()
+
+    @property
+    def backend(self) -> Backend:
+        """The vocabulary as a `tokenizers` object (what a written tokenizer.json holds)."""
+        return self.codec.library()
 
     def longest_piece_bytes(self) -> int:
         """UTF-8 bytes of the longest piece plain text can become (`max_token_bytes`): text of n bytes is at least
         n / max_token_bytes tokens (special tokens never come from text)."""
-        return longest_piece(self.backend.get_vocab(with_added_tokens=False))
+        return longest_piece(p for p, i in self.codec.pieces() if p not in self.specials)
 
-    @functools.cached_property
-    def vocab_size(self) -> int:  # the library counts it over the whole vocabulary (~7 ms at 262K) on every call
-        return self.backend.get_vocab_size(with_added_tokens=True)
+    def pieces(self) -> list[str]:
+        """Every piece by id ('' for an id the vocabulary leaves unused)."""
+        out = [""] * self.vocab_size
+        for piece, i in self.codec.pieces():
+            out[i] = piece
+        return out
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Plain text to ids; control-token spellings in it stay text."""
-        ids = self.backend.encode(check_text(text), add_special_tokens=False).ids
+        ids = self.codec.encode(check_text(text))
         return [self.bos_id, *ids] if bos else ids
 
     def escape(self, text: str) -> str:
@@ -177,16 +315,16 @@ class Tokenizer:
         return ids + self._plain(rendered[pos:])
 
     def _plain(self, text: str) -> list[int]:
-        return self.backend.encode(_UNESCAPE.sub(r"\1", text), add_special_tokens=False).ids if text else []
+        return self.codec.encode(_UNESCAPE.sub(r"\1", text)) if text else []
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+        return self.codec.decode(list(ids), skip_special)
 
     def token_to_id(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)
+        return self.codec.token_to_id(token)
 
     def id_to_token(self, i: int) -> str | None:
-        return self.backend.id_to_token(i)
+        return self.codec.id_to_token(i)
 
     def stream(self, skip_special: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special)
@@ -219,10 +357,9 @@ class StreamDecoder:
 
 
 def from_gguf_metadata(meta: dict, image_token: bool = False, model: str = "llama") -> Tokenizer:
-    """Build the tokenizer a GGUF describes (tokens, types, special ids, merges when it stores them), caching
-    the result on disk: deriving the merges of a 262k vocabulary takes seconds, loading the cached
-    tokenizer.json much less. `model` is the `tokenizer.ggml.model` expected (Gemma 3: "llama", sentencepiece
-    pieces, merges derived). `image_token` appends `<image_soft_token>` (not in GGUF vocabularies) after the last
+    """Build the tokenizer a GGUF describes (tokens, types, special ids, merges when it stores them): sentencepiece
+    for pieces without merges (`PieceCodec`), else the library's BPE (cached on disk, `_library_backend`). `model` is
+    the `tokenizer.ggml.model` expected (Gemma 3: "llama", sentencepiece pieces). `image_token` appends `<image_soft_token>` (not in GGUF vocabularies) after the last
     id, as HF's has it. The loader has checked the metadata's types (`weights.gguf.check_tokenizer_metadata`)."""
     found = meta.get("tokenizer.ggml.model")
     if found != model:
@@ -232,34 +369,45 @@ def from_gguf_metadata(meta: dict, image_token: bool = False, model: str = "llam
     merges = meta.get("tokenizer.ggml.merges")
     if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
         raise TokenizerError("GGUF tokenizer.ggml.merges must be an array of strings")
-    stored = [tokens, types] + ([merges] if merges is not None else [])  # files without merges keep their keys
-    key = hashlib.sha256(json.dumps(stored).encode()).hexdigest()[:24]
-    cached = cache_dir() / "tokenizers" / f"{key}.json"
-    backend = None
-    if cached.is_file():
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id", 3)
+    extra = ["<image_soft_token>"] if image_token and "<image_soft_token>" not in tokens else []
+    tokens, types = tokens + extra, types + [CONTROL] * len(extra)
+    codec = None
+    if merges is None and 0 <= unk_id < len(tokens):
         try:
-            backend = Backend.from_file(str(cached))
-        except Exception:  # a damaged cache file is rebuilt  # noqa: BLE001
-            backend = None
-    if backend is None:
-        unk_id = meta.get("tokenizer.ggml.unknown_token_id", 3)
-        unk = tokens[unk_id] if unk_id < len(tokens) else "<unk>"
-        backend = build_backend(tokens, types, unk, None if merges is None else parse_merges(merges))
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-            backend.save(str(tmp))
-            tmp.replace(cached)
-        except OSError:
-            pass  # a read-only home only costs the rebuild next time
-    if image_token and backend.token_to_id("<image_soft_token>") is None:
-        backend.add_special_tokens([AddedToken("<image_soft_token>", special=True, normalized=False)])
-    return Tokenizer(backend, bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+            codec = PieceCodec(tokens, types, unk_id)
+        except RuntimeError:  # a vocabulary sentencepiece refuses (it validates pieces and ids) takes the library
+            codec = None
+    codec = codec or LibraryCodec(_library_backend(tokens, types, unk_id, merges))
+    return Tokenizer(codec, bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
                      eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
                      pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
                      add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
                      chat_template=meta.get("tokenizer.chat_template"),
                      max_token_bytes=longest_piece(tokens))
+
+
+def _library_backend(tokens: list[str], types: list[int], unk_id: int, merges: list[str] | None) -> Backend:
+    """The vocabulary as a `tokenizers` BPE, cached on disk: deriving the merges of a 262k vocabulary takes
+    seconds, loading the cached tokenizer.json much less."""
+    stored = [tokens, types] + ([merges] if merges is not None else [])  # files without merges keep their keys
+    key = hashlib.sha256(json.dumps(stored).encode()).hexdigest()[:24]
+    cached = cache_dir() / "tokenizers" / f"{key}.json"
+    if cached.is_file():
+        try:
+            return Backend.from_file(str(cached))
+        except Exception:  # a damaged cache file is rebuilt  # noqa: BLE001
+            pass
+    unk = tokens[unk_id] if 0 <= unk_id < len(tokens) else "<unk>"
+    backend = build_backend(tokens, types, unk, None if merges is None else parse_merges(merges))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        backend.save(str(tmp))
+        tmp.replace(cached)
+    except OSError:
+        pass  # a read-only home only costs the rebuild next time
+    return backend
 
 
 def from_sentencepiece(path: Path) -> Backend:
@@ -314,5 +462,5 @@ def from_directory(root: Path) -> Tokenizer:
         found = backend.token_to_id(tok) if isinstance(tok, str) else None
         return default if found is None else found
 
-    return Tokenizer(backend, bos_id=tid("bos_token", 2), eos_id=tid("eos_token", 1), pad_id=tid("pad_token", 0),
-                     add_bos=bool(cfg.get("add_bos_token", True)), chat_template=template)
+    return Tokenizer(LibraryCodec(backend), bos_id=tid("bos_token", 2), eos_id=tid("eos_token", 1),
+                     pad_id=tid("pad_token", 0), add_bos=bool(cfg.get("add_bos_token", True)), chat_template=template)
