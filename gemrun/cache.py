@@ -325,8 +325,11 @@ class SlidingCache(_Cache):
             self._write(slots, k, v, positions)
             self.length += t
             return self._shared(self._parts(self._used(), self.pos))
-        if t == 1:
-            self._write(positions % self.ring, k, v, positions)
+        if t == 1:  # a new token continues the cache: its position is the length (slices, not index tensors)
+            slot = self.length % self.ring
+            self.k.write(slice(slot, slot + 1), k)
+            self.v.write(slice(slot, slot + 1), v)
+            self.pos[slot] = self.length
             self.length += 1
             return self._shared(self._parts(self.ring, self.pos))
         out = self._parts(self.ring, self.pos.clone(), extra=(k, v, positions))  # read before the ring is written

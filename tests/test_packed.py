@@ -101,6 +101,25 @@ TEXT = ("The history of the river valley begins long before the first farmers ar
         "only the river and the wind shaped it. ") * 3
 
 
+@pytest.mark.skipif(not __import__("gemrun.quant.native", fromlist=["x"]).available(), reason="no native kernels")
+def test_kernel_plans_follow_replaced_weights():
+    """The kernels' descriptors (pointers) are made once per weight, and again after a buffer is replaced, also
+    for weights that run together in one call."""
+    from gemrun.quant.packed import together
+
+    torch.manual_seed(0)
+    a, b, c = (Int8Linear.from_float(torch.randn(64, 128)) for _ in range(3))
+    x = torch.randn(1, 1, 128)
+    first = together(x, [a, b])[0]
+    assert torch.equal(first, a(x)) and a.plan(b) is a.plan(b)
+    a.qweight, a.scales = c.qweight, c.scales  # a now holds c's weight
+    assert torch.equal(a(x), c(x)) and not torch.equal(a(x), first)
+    assert torch.equal(together(x, [a, b])[0], c(x)) and torch.equal(together(x, [b, a])[1], c(x))
+    before = b(x)
+    b.qweight, b.scales = c.qweight.clone(), c.scales.clone()
+    assert torch.equal(together(x, [a, b])[1], c(x)) and not torch.equal(before, c(x))
+
+
 def test_packed_270m_keeps_the_output(model_270m):
     """Packed weights vs the float32 dequantized path, teacher-forced (`gemrun.quality`): with float32 activations
     (the CPU default) top-1 agreement >= 99%; bf16 activations cost a few percent on their own."""

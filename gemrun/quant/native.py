@@ -43,6 +43,17 @@ def matrix(bits: int, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor 
     return Matrix(q.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(), zero, q.shape[0], bits)
 
 
+class Plan:
+    """Packed weights that share their input, as one `mm` call takes them: made once, not on every token."""
+
+    def __init__(self, matrices: list[Matrix]):
+        if len(matrices) > MAX_TOGETHER:
+            raise ValueError(f"at most {MAX_TOGETHER} matrices at once")
+        self.matrices = matrices  # the array below copies them; kept for their sizes
+        self.array = (Matrix * len(matrices))(*matrices)
+        self.count, self.n = len(matrices), sum(w.n for w in matrices)
+
+
 _lib: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
@@ -181,20 +192,19 @@ def _dense(x: torch.Tensor, n: int, k: int, fill) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
-def mm(x: torch.Tensor, weights: list[Matrix]) -> torch.Tensor:
+def mm(x: torch.Tensor, weights: list[Matrix] | Plan) -> torch.Tensor:
     """(..., K) activations x several packed weights sharing them -> float32 (..., N_0 + N_1 + ...): the
     activations are quantized once and one parallel region covers the rows of every matrix."""
+    plan = weights if isinstance(weights, Plan) else Plan(weights)
     k = x.shape[-1]
-    a = _rows(x)
+    a = x.reshape(-1, k)
+    if a.dtype != torch.float32 or not a.is_contiguous():
+        a = a.to(torch.float32).contiguous()
     m = a.shape[0]
-    y = torch.empty(m, sum(w.n for w in weights), dtype=torch.float32)
-    lib = library()
-    count = len(weights)
-    if count > MAX_TOGETHER:
-        raise ValueError(f"at most {MAX_TOGETHER} matrices at once")
-    lib.gemrun_mm(a.data_ptr(), m, k, count, (Matrix * count)(*weights), y.data_ptr(), *_work(m, k),
-                  torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = torch.empty(m, plan.n, dtype=torch.float32)
+    library().gemrun_mm(a.data_ptr(), m, k, plan.count, plan.array, y.data_ptr(), *_work(m, k),
+                        torch.get_num_threads())
+    return y.view(*x.shape[:-1], plan.n)
 
 
 def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
@@ -255,7 +265,10 @@ def from_gguf(raw: np.ndarray, kind: str, n: int, k: int) -> tuple[torch.Tensor,
 
 def fits(*tensors: torch.Tensor) -> bool:
     """float32 CPU tensors, and the kernels are there."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and available()
+    for t in tensors:  # a loop, not all(genexpr): asked several times per layer and token
+        if t.dtype != torch.float32 or not t.is_cpu:
+            return False
+    return available()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -62,13 +62,40 @@ class Groups:
         """The fp16 mins per group, made from the scales for a symmetric format."""
         return self.mins if self.mins is not None else (-self.zero * self.scales.float()).to(torch.float16)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("qweight", "nibbles", "scales", "mins", "zero"):
+            self._forget()
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        self._forget()  # buffers converted or moved
+        return super()._apply(fn, recurse)
+
+    def _forget(self) -> None:
+        self.__dict__.pop("_matrix", None)
+        self.__dict__.pop("_plans", None)
+
     def matrix(self) -> native.Matrix:
-        """The kernels' descriptor of this weight (remade when a buffer was replaced)."""
-        q = self.nibbles if self.bits == 4 else self.qweight
-        key = (q.data_ptr(), self.scales.data_ptr(), None if self.mins is None else self.mins.data_ptr())
-        if getattr(self, "_matrix_key", None) != key:
-            self._matrix, self._matrix_key = native.matrix(self.bits, q, self.scales, self.mins, self.zero), key
-        return self._matrix
+        """The kernels' descriptor of this weight, made again after a buffer is replaced."""
+        m = self.__dict__.get("_matrix")
+        if m is None:
+            q = self.nibbles if self.bits == 4 else self.qweight
+            m = self.__dict__["_matrix"] = native.matrix(self.bits, q, self.scales, self.mins, self.zero)
+        return m
+
+    def plan(self, *others: Groups) -> native.Plan:
+        """This weight and `others` (sharing its input) as one kernel call, made once while their buffers stay."""
+        mats = (self.matrix(), *(m.matrix() for m in others))
+        plans = self.__dict__.setdefault("_plans", {})
+        key = tuple(map(id, mats))  # a plan keeps its matrices alive: an id is never reused while in here
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = native.Plan(list(mats))
+        return plan
+
+    def native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = native.mm(x, self.plan())
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def together(x: torch.Tensor, modules) -> list[torch.Tensor] | None:
@@ -78,7 +105,8 @@ def together(x: torch.Tensor, modules) -> list[torch.Tensor] | None:
         return None
     if not all(isinstance(m, (Int4Linear, Int8Linear)) and m.native for m in modules):
         return None
-    y = native.mm(x, [m.matrix() for m in modules]).to(x.dtype)
+    y = native.mm(x, modules[0].plan(*modules[1:]))
+    y = y if x.dtype == torch.float32 else y.to(x.dtype)
     return list(y.split([m.out_features for m in modules], dim=-1))
 
 
@@ -138,7 +166,7 @@ class Int4Linear(Groups, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and x.numel() // self.in_features < native.DENSE_ROWS:
-            return native.mm(x, [self.matrix()]).to(x.dtype)
+            return self.native_forward(x)
         if self.native:
             return native.q4_mm(x, self.nibbles, self.scales, self.mins, self.zero).to(x.dtype)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -250,7 +278,7 @@ class Int8Linear(Groups, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and x.numel() // self.in_features < native.DENSE_ROWS:
-            return native.mm(x, [self.matrix()]).to(x.dtype)
+            return self.native_forward(x)
         if self.native:
             return native.q8_mm(x, self.qweight, self.scales, self.mins, self.zero).to(x.dtype)
         mm = torch.ops.aten._weight_int8pack_mm

@@ -25,6 +25,9 @@
 
 #define QK 32
 #define MT 4  // activation rows per pass over a weight row
+#ifndef PF
+#define PF 8  // weight rows ahead to prefetch
+#endif
 
 static inline int chunk_groups(int64_t G, int64_t c) {
     int64_t left = G - c;
@@ -96,6 +99,7 @@ static inline __attribute__((always_inline)) void dot_block(const matrix *w, int
     const uint16_t *ws = w->scales + n * G, *wm = w->mins ? w->mins + n * G : 0;
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
     __m512 acc[4][MT], accm[4][MT];
+    if (PF) for (int64_t p = 0; p < nr * stride; p += 64) _mm_prefetch((const char *)(rows + PF * stride + p), _MM_HINT_T0);
     for (int j = 0; j < nr; j++)
         for (int i = 0; i < mt; i++) acc[j][i] = accm[j][i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
