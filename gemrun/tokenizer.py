@@ -360,7 +360,8 @@ def from_gguf_metadata(meta: dict, image_token: bool = False, model: str = "llam
     """Build the tokenizer a GGUF describes (tokens, types, special ids, merges when it stores them): sentencepiece
     for pieces without merges (`PieceCodec`), else the library's BPE (cached on disk, `_library_backend`). `model` is
     the `tokenizer.ggml.model` expected (Gemma 3: "llama", sentencepiece pieces). `image_token` appends
-    `<image_soft_token>` (not in GGUF vocabularies) after the last id, as HF's has it. The loader has checked the metadata's types (`weights.gguf.check_tokenizer_metadata`)."""
+    `<image_soft_token>` (not in GGUF vocabularies) after the last id, as HF's has it. The loader
+    has checked the metadata's types (`weights.gguf.check_tokenizer_metadata`)."""
     found = meta.get("tokenizer.ggml.model")
     if found != model:
         raise TokenizerError(f"GGUF tokenizer model {str(found)[:40]!r} is not supported here (expected {model!r})")
