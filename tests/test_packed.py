@@ -93,6 +93,37 @@ def test_int8_modules(native, monkeypatch):
     assert (emb.project(x).float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
+@pytest.mark.skipif(not __import__("gemrun.quant.native", fromlist=["x"]).available(), reason="no native kernels")
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_1, Q.Q5_K])
+def test_5bit_weights_keep_their_size_and_values(qtype):
+    """Q5_0 / Q5_1 / Q5_K load as `Int5Linear`: 5 bits a value plus the scales (not 8), the values the file's
+    (Q5_K: its scales rounded to fp16, as `Int8Linear` holds them), and products bit-equal to the same quants held
+    8-bit: one token (the integer kernel, alone and together with another weight), a long prompt (dequantized to
+    bf16), a shard of columns."""
+    from gemrun.quant.packed import Int5Linear, pack_gguf, together
+
+    n, k = 96, 512
+    raw = random_blocks(qtype, n, k) if qtype == Q.Q5_K else quantize(
+        np.random.default_rng(2).standard_normal((n, k)).astype(np.float32), qtype)
+    lin = pack_gguf(raw, qtype, (n, k))
+    assert isinstance(lin, Int5Linear)
+    quants = int8_blocks(raw, qtype, n, k)
+    ref = Int8Linear.from_quants(*quants)
+    q, sc, mn = quants  # Q5_K's sub-scales times its super-block scale, rounded to fp16 (as `Int8Linear`)
+    want = dequantize(raw, qtype).reshape(n, k) if qtype != Q.Q5_K else expand(q, sc.half(), mn.half()).numpy()
+    assert np.array_equal(expand(*lin.quants()).numpy(), want)
+    held = sum(b.nbytes for b in lin.buffers())
+    assert held == n * k * 5 // 8 + n * (k // 32) * 2 * (1 if qtype == Q.Q5_0 else 2)  # Q5_0: no mins
+    torch.manual_seed(0)
+    for rows in (1, 3, 70):
+        x = torch.randn(1, rows, k)
+        assert torch.equal(lin(x), ref(x)), rows
+    x = torch.randn(1, 1, k)
+    assert torch.equal(together(x, [ref, lin])[1], ref(x))
+    part = lin.narrow(1, 128, 256)
+    assert torch.equal(part(x[..., 128:384]), ref.narrow(1, 128, 256)(x[..., 128:384]))
+
+
 TEXT = ("The history of the river valley begins long before the first farmers arrived. For thousands of years the "
         "water carved its way through soft stone, leaving terraces that would later hold villages, orchards and "
         "roads. When the first settlers came, they found fish in abundance and soil that rewarded patient work. "

@@ -32,15 +32,17 @@ MAX_TOGETHER = 8  # matrices in one `mm` call (gemrun_mm's bound)
 
 
 class Matrix(ctypes.Structure):
-    """q4q8.c's `matrix`: one packed weight (N rows), its fp16 scales and mins (mins NULL: min = -zero * scale)."""
+    """q4q8.c's `matrix`: one packed weight (N rows), its fp16 scales and mins (mins NULL: min = -zero * scale),
+    5-bit weights' plane of high bits."""
 
     _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
-                ("zero", ctypes.c_int64), ("n", ctypes.c_int64), ("bits", ctypes.c_int64)]
+                ("zero", ctypes.c_int64), ("n", ctypes.c_int64), ("bits", ctypes.c_int64), ("high", ctypes.c_void_p)]
 
 
-def matrix(bits: int, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, zero: int) -> Matrix:
+def matrix(bits: int, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, zero: int,
+           high: torch.Tensor | None = None) -> Matrix:
     """The kernels' view of a packed weight (it holds pointers: the tensors must stay alive and unmoved)."""
-    return Matrix(q.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(), zero, q.shape[0], bits)
+    return Matrix(q.data_ptr(), scales.data_ptr(), _ptr(mins), zero, q.shape[0], bits, _ptr(high))
 
 
 class Plan:
@@ -99,7 +101,9 @@ def _build() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gemrun_mm.argtypes = [p, i64, i64, i32, ctypes.POINTER(Matrix), p, p, p, p, i32]
     lib.gemrun_q4_dequant.argtypes = lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, i64, p, i32]
+    lib.gemrun_q5_dequant.argtypes = [p, p, p, p, i64, i64, i64, p, i32]
     lib.gemrun_mm.restype = lib.gemrun_q4_dequant.restype = lib.gemrun_q8_dequant.restype = None
+    lib.gemrun_q5_dequant.restype = None
     lib.gemrun_from_q4_0.argtypes = lib.gemrun_from_q8_0.argtypes = [p, i64, i64, p, p, i32]
     lib.gemrun_from_q4_0.restype = lib.gemrun_from_q8_0.restype = i64
     f32 = ctypes.c_float
@@ -208,15 +212,20 @@ def mm(x: torch.Tensor, weights: list[Matrix] | Plan) -> torch.Tensor:
 
 
 def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-        zero: int) -> torch.Tensor:
+        zero: int, high: torch.Tensor | None = None) -> torch.Tensor:
     n, k = q.shape[0], x.shape[-1]
     if x.numel() // k >= DENSE_ROWS:
         lib = library()
+        threads = torch.get_num_threads()
+        if bits == 5:
+            return _dense(x, n, k, lambda r, t, out: lib.gemrun_q5_dequant(
+                q[r:].data_ptr(), high[r:].data_ptr(), scales[r:].data_ptr(), _ptr(None if mins is None else mins[r:]),
+                zero, t, k, out, threads))
         dequant = lib.gemrun_q4_dequant if bits == 4 else lib.gemrun_q8_dequant
         return _dense(x, n, k, lambda r, t, out: dequant(q[r:].data_ptr(), scales[r:].data_ptr(),
                                                          None if mins is None else mins[r:].data_ptr(), zero, t, k,
-                                                         out, torch.get_num_threads()))
-    return mm(x, [matrix(bits, q, scales, mins, zero)])
+                                                         out, threads))
+    return mm(x, [matrix(bits, q, scales, mins, zero, high)])
 
 
 def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
@@ -224,6 +233,21 @@ def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: to
     """(..., K) activations x 4-bit weights (N, K/2 bytes, `pack_nibbles`), weight = q * scale + min with fp16
     scales and mins (N, K/32) -> float32 (..., N). Symmetric formats pass mins None: min = -zero * scale."""
     return _mm(4, x, nibbles, scales, mins, zero)
+
+
+def q5_mm(x: torch.Tensor, nibbles: torch.Tensor, high: torch.Tensor, scales: torch.Tensor,
+          mins: torch.Tensor | None, zero: int = 0) -> torch.Tensor:
+    """(..., K) activations x 5-bit weights: q's low bits as `pack_nibbles` keeps them, the high bits as `pack_high`;
+    weight = q * scale + min (mins None: min = -zero * scale) -> float32 (..., N)."""
+    return _mm(5, x, nibbles, scales, mins, zero, high)
+
+
+def pack_high(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) in 0..31 -> (N, K/8) bytes: bit 4 of each value in lane order, 8 values a byte (lowest bit first)."""
+    n, k = q.shape
+    bits = (q.to(torch.uint8)[:, lane_order(k).long()] >> 4).reshape(n, k // 8, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (bits * weights).sum(-1, dtype=torch.uint8).contiguous()
 
 
 def q8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -7,6 +7,8 @@ kernel dispatch here.)
 
 - `Int4Linear`: q in 0..15. GGUF Q4_0 and Q4_1 map onto it exactly, Q4_K with its 6-bit sub-scales times the
   super-block scales rounded to fp16. PyTorch's fallback (`aten._weight_int4pack_mm_for_cpu`) rounds them to bf16.
+- `Int5Linear`: q in 0..31, the native kernels only: Q5_0, Q5_1 and Q5_K at their own size (5 bits and the
+  scales), exactly as `Int8Linear` holds them.
 - `Int8Linear`: q in 0..255. Q8_0, Q5_0, Q5_1 (and any 4-bit type) exactly, Q5_K with fp16-rounded sub-scales,
   Q6_K (16-value sub-blocks with their own scales) by an 8-bit min/max fit per group. PyTorch's fallback
   (`aten._weight_int8pack_mm`) takes int8 with one scale per output row.
@@ -26,7 +28,7 @@ from . import native
 
 GROUP = 32
 INNER_K_TILES = 2
-ZEROS = {4: (8,), 8: (128, 16)}  # symmetric zero points: Q4_0 and HF int4; Q8_0 (int8 + 128), Q5_0
+ZEROS = {4: (8,), 5: (16,), 8: (128, 16)}  # symmetric zero points: Q4_0 and HF int4; Q5_0; Q8_0 (int8 + 128), Q5_0
 
 
 def symmetric_zero(scales: torch.Tensor, mins: torch.Tensor, bits: int) -> int | None:
@@ -63,7 +65,7 @@ class Groups:
         return self.mins if self.mins is not None else (-self.zero * self.scales.float()).to(torch.float16)
 
     def __setattr__(self, name: str, value) -> None:
-        if name in ("qweight", "nibbles", "scales", "mins", "zero"):
+        if name in ("qweight", "nibbles", "high", "scales", "mins", "zero"):
             self._forget()
         super().__setattr__(name, value)
 
@@ -79,8 +81,9 @@ class Groups:
         """The kernels' descriptor of this weight, made again after a buffer is replaced."""
         m = self.__dict__.get("_matrix")
         if m is None:
-            q = self.nibbles if self.bits == 4 else self.qweight
-            m = self.__dict__["_matrix"] = native.matrix(self.bits, q, self.scales, self.mins, self.zero)
+            q = self.qweight if self.bits == 8 else self.nibbles
+            m = self.__dict__["_matrix"] = native.matrix(self.bits, q, self.scales, self.mins, self.zero,
+                                                         self.high if self.bits == 5 else None)
         return m
 
     def plan(self, *others: Groups) -> native.Plan:
@@ -103,7 +106,7 @@ def together(x: torch.Tensor, modules) -> list[torch.Tensor] | None:
     activations quantized once), or None where that does not apply (then call them one by one)."""
     if x.numel() // x.shape[-1] >= native.DENSE_ROWS or len(modules) > native.MAX_TOGETHER:
         return None
-    if not all(isinstance(m, (Int4Linear, Int8Linear)) and m.native for m in modules):
+    if not all(isinstance(m, (Int4Linear, Int5Linear, Int8Linear)) and m.native for m in modules):
         return None
     y = native.mm(x, modules[0].plan(*modules[1:]))
     y = y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -202,6 +205,53 @@ def fit_groups(w: torch.Tensor, top: int, group: int = GROUP):
     mins = lo.to(torch.float16).float()
     q = torch.round((g - mins[..., None]) / scale[..., None]).clamp(0, top)
     return q.reshape(n, k).to(torch.uint8), scale, mins
+
+
+class Int5Linear(Groups, nn.Module):
+    bits = 5
+
+    """5-bit weights in groups of 32 for the native kernels: weight = q * scale + min, q in 0..31 kept as the low
+    nibbles (`native.pack_nibbles`) and a plane of high bits (`native.pack_high`), fp16 scale and min per group (no
+    min for Q5_0: min = -16 * scale). `from_quants` gives an `Int8Linear` where the kernels are not there."""
+
+    native = True
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("nibbles", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("high", torch.empty(out_features, in_features // 8, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, in_features // GROUP, dtype=torch.float16))
+        self.register_buffer("mins", torch.empty(out_features, in_features // GROUP, dtype=torch.float16))
+
+    @classmethod
+    def from_quants(cls, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
+        """q (N, K) in 0..31, scales and mins (N, K / 32): weight = q * scale + min."""
+        n, k = q.shape
+        if not native.supports(k):
+            return Int8Linear.from_quants(q, scales, mins)
+        m = cls(k, n)
+        m.nibbles, m.high = native.pack_nibbles(q & 15), native.pack_high(q)
+        m.set_groups(scales, mins, symmetric_zero(scales, mins, 5))
+        return m
+
+    def quants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inverse of `from_quants`: q (N, K) in 0..31 in element order, scales and mins (N, K / 32)."""
+        n, k = self.out_features, self.in_features
+        b = self.nibbles.reshape(n, k // 128, 64)
+        stored = torch.cat([b & 15, b >> 4], dim=-1).reshape(n, k)
+        bits = (self.high[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+        stored = stored | (bits.reshape(n, k) << 4)
+        return stored[:, native.natural_order(k)], self.scales.float(), self.stored_mins().float()
+
+    def narrow(self, dim: int, start: int, length: int) -> nn.Module:
+        """Output rows (dim 0) or input columns (dim 1, whole groups) of the weight (a tensor-parallel shard)."""
+        return Int5Linear.from_quants(*_narrow(self.quants(), dim, start, length, GROUP))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features < native.DENSE_ROWS:
+            return self.native_forward(x)
+        return native.q5_mm(x, self.nibbles, self.high, self.scales, self.mins, self.zero).to(x.dtype)
 
 
 class Int8Linear(Groups, nn.Module):
@@ -420,6 +470,7 @@ def int8_blocks(raw: np.ndarray, qtype: Q, rows: int, cols: int):
 INT4_DIRECT = {Q.Q4_0, Q.Q4_1, Q.Q4_K}
 INT4_REQUANT = {Q.Q2_K, Q.Q3_K}  # 2-3 bit types: 4-bit groups of 32 keep their precision
 INT8_DIRECT = {Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q5_K}
+INT5_DIRECT = {Q.Q5_0, Q.Q5_1, Q.Q5_K}  # 5-bit: kept at their size where the kernels are there
 INT8_REQUANT = {Q.Q6_K}  # 16-value sub-blocks with their own scales: an 8-bit fit per group of 32
 
 
@@ -471,6 +522,8 @@ def pack_gguf(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> nn.Module | 
         return Int4Linear.from_quants(*q4_blocks(raw, qtype, n, k))
     if qtype in INT4_REQUANT and k % GROUP == 0:
         return Int4Linear.from_float(torch.from_numpy(dequantize(raw, qtype).reshape(n, k)))
+    if qtype in INT5_DIRECT and k % GROUP == 0:
+        return Int5Linear.from_quants(*int8_blocks(raw, qtype, n, k))
     if qtype in INT8_DIRECT | INT8_REQUANT:
         return int8_module(raw, qtype, shape)
     return None

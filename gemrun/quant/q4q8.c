@@ -12,6 +12,8 @@
 //
 // q4: weight = q * s + m, q in 0..15, fp16 s and m per group. Nibbles of vector pairs (r, r+1): 64 bytes whose low
 //     halves are vector r and high halves vector r+1.
+// q5: weight = q * s + m, q in 0..31: the low 4 bits as q4's nibbles, the high bit in a plane of N x K/8 bytes
+//     (bit i of the 8 bytes of a vector: that vector's byte lane i), added as 16 where set.
 // q8: weight = q * s + m, q in 0..255 in vector order, fp16 s and m per group.
 // Symmetric formats (Q4_0, Q8_0, Q5_0: m = -z s with one integer z for the whole matrix) pass mins = NULL and z:
 // the weights then cost the file's own bytes (no fp16 minimum beside every scale) and are still exact.
@@ -81,11 +83,13 @@ static inline __m512i lane_groups(int cg) {
                             _mm512_set1_epi32(cg - 1));
 }
 
-// One packed matrix: q4 nibbles or q8 bytes (N rows), fp16 scales and mins per group (mins NULL: m = -zero * s).
+// One packed matrix: q4 / q5 nibbles or q8 bytes (N rows), fp16 scales and mins per group (mins NULL: m = -zero *
+// s), q5's plane of high bits.
 typedef struct {
     const uint8_t *q;
     const uint16_t *scales, *mins;
     int64_t zero, n, bits;
+    const uint8_t *high;
 } matrix;
 
 // `nr` weight rows (from row n of w) against `mt` activation rows (nr, mt constant after inlining): out[i * ostride
@@ -94,8 +98,9 @@ typedef struct {
 static inline __attribute__((always_inline)) void dot_block(const matrix *w, int64_t n, int64_t K, const int8_t *xq,
                                                             const int8_t *xl, const float *xd, const float *xs,
                                                             const int nr, const int mt, float *out, int64_t ostride) {
-    const int64_t G = K / QK, stride = w->bits == 4 ? K / 2 : K;
-    const uint8_t *rows = w->q + n * stride;
+    const int64_t G = K / QK, stride = w->bits == 8 ? K : K / 2;
+    const uint8_t *rows = w->q + n * stride, *high = w->bits == 5 ? w->high + n * (K / 8) : 0;
+    const __m512i sixteen = _mm512_set1_epi8(16);
     const uint16_t *ws = w->scales + n * G, *wm = w->mins ? w->mins + n * G : 0;
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
     __m512 acc[4][MT], accm[4][MT];
@@ -118,10 +123,15 @@ static inline __attribute__((always_inline)) void dot_block(const matrix *w, int
             }
             for (int j = 0; j < nr; j++) {
                 __m512i wa, wb;
-                if (w->bits == 4) {
+                if (w->bits != 8) {
                     __m512i v = _mm512_loadu_si512((const void *)(rows + j * stride + base / 2 + r * 32));
                     wa = _mm512_and_si512(v, lo4);
                     wb = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+                    if (w->bits == 5) {
+                        const uint8_t *hb = high + j * (K / 8) + base / 8 + r * 8;
+                        wa = _mm512_mask_add_epi8(wa, _load_mask64((__mmask64 *)hb), wa, sixteen);
+                        wb = _mm512_mask_add_epi8(wb, _load_mask64((__mmask64 *)(hb + 8)), wb, sixteen);
+                    }
                 } else {
                     wa = _mm512_loadu_si512((const void *)(rows + j * stride + base + r * 64));
                     wb = _mm512_loadu_si512((const void *)(rows + j * stride + base + r * 64 + 64));
@@ -243,6 +253,28 @@ void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t 
                     stored[p * 128 + b] = row[p * 64 + b] & 15;
                     stored[p * 128 + 64 + b] = row[p * 64 + b] >> 4;
                 }
+            row_params(scales, mins, zero, n, G, s, m);
+            dense_row(stored, s, m, K, out + n * K);
+        }
+    }
+}
+
+void gemrun_q5_dequant(const uint8_t *q, const uint8_t *high, const uint16_t *scales, const uint16_t *mins,
+                       int64_t zero, int64_t N, int64_t K, uint16_t *out, int nthreads) {
+    int64_t G = K / QK;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint8_t stored[K];
+        float s[G], m[G];
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *row = q + n * (K / 2), *hb = high + n * (K / 8);
+            for (int64_t p = 0; p < K / 128; p++)
+                for (int b = 0; b < 64; b++) {
+                    stored[p * 128 + b] = row[p * 64 + b] & 15;
+                    stored[p * 128 + 64 + b] = row[p * 64 + b] >> 4;
+                }
+            for (int64_t e = 0; e < K; e++) stored[e] |= ((hb[e / 8] >> (e % 8)) & 1) << 4;
             row_params(scales, mins, zero, n, G, s, m);
             dense_row(stored, s, m, K, out + n * K);
         }
