@@ -64,6 +64,9 @@ class Groups:
         """The fp16 mins per group, made from the scales for a symmetric format."""
         return self.mins if self.mins is not None else (-self.zero * self.scales.float()).to(torch.float16)
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)  # called several times per layer and token: without nn.Module's hook dispatch
+
     def __setattr__(self, name: str, value) -> None:
         if name in ("qweight", "nibbles", "high", "scales", "mins", "zero"):
             self._forget()
