@@ -238,8 +238,9 @@ static inline void row_params(const uint16_t *scales, const uint16_t *mins, int6
     }
 }
 
-void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
-                       int64_t K, uint16_t *out, int nthreads) {
+// 4-bit rows (nibbles) as bf16, with the 5-bit formats' high bits where `high` is given
+void gemrun_q5_dequant(const uint8_t *q, const uint8_t *high, const uint16_t *scales, const uint16_t *mins,
+                       int64_t zero, int64_t N, int64_t K, uint16_t *out, int nthreads) {
     int64_t G = K / QK;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -253,32 +254,17 @@ void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t 
                     stored[p * 128 + b] = row[p * 64 + b] & 15;
                     stored[p * 128 + 64 + b] = row[p * 64 + b] >> 4;
                 }
+            if (high)
+                for (int64_t e = 0; e < K; e++) stored[e] |= ((high[n * (K / 8) + e / 8] >> (e % 8)) & 1) << 4;
             row_params(scales, mins, zero, n, G, s, m);
             dense_row(stored, s, m, K, out + n * K);
         }
     }
 }
 
-void gemrun_q5_dequant(const uint8_t *q, const uint8_t *high, const uint16_t *scales, const uint16_t *mins,
-                       int64_t zero, int64_t N, int64_t K, uint16_t *out, int nthreads) {
-    int64_t G = K / QK;
-#pragma omp parallel num_threads(nthreads)
-    {
-        uint8_t stored[K];
-        float s[G], m[G];
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *row = q + n * (K / 2), *hb = high + n * (K / 8);
-            for (int64_t p = 0; p < K / 128; p++)
-                for (int b = 0; b < 64; b++) {
-                    stored[p * 128 + b] = row[p * 64 + b] & 15;
-                    stored[p * 128 + 64 + b] = row[p * 64 + b] >> 4;
-                }
-            for (int64_t e = 0; e < K; e++) stored[e] |= ((hb[e / 8] >> (e % 8)) & 1) << 4;
-            row_params(scales, mins, zero, n, G, s, m);
-            dense_row(stored, s, m, K, out + n * K);
-        }
-    }
+void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
+                       int64_t K, uint16_t *out, int nthreads) {
+    gemrun_q5_dequant(q, 0, scales, mins, zero, N, K, out, nthreads);
 }
 
 void gemrun_q8_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
