@@ -204,6 +204,7 @@ class PieceCodec:
                 if p.type == CONTROL or ty == CONTROL:
                     self.special.add(i)
         self.sp = SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.n = self.sp.get_piece_size()  # asked on every decode: the library call is not free
         self.types, self.unk_id = bytes(types), unk_id  # the file's types (the pieces are the sentencepiece's)
         self._library: Backend | None = None
 
@@ -229,7 +230,7 @@ class PieceCodec:
         return ids + (self.sp.encode(text[start:]) if start < len(text) else [])
 
     def decode(self, ids: list[int], skip_special: bool) -> str:
-        out, run, n = [], [], self.sp.get_piece_size()
+        out, run, n = [], [], self.n
         for i in ids:
             if not 0 <= i < n:
                 continue  # as the library: an id outside the vocabulary decodes to nothing
@@ -247,10 +248,10 @@ class PieceCodec:
         return i if self.id_to_token(i) == token else None
 
     def id_to_token(self, i: int) -> str | None:
-        return self.spelled.get(i) or self.sp.id_to_piece(i) if 0 <= i < self.sp.get_piece_size() else None
+        return self.spelled.get(i) or self.sp.id_to_piece(i) if 0 <= i < self.n else None
 
     def size(self) -> int:
-        return self.sp.get_piece_size()
+        return self.n
 
     def specials(self) -> dict[str, int]:
         return {self.spelled[i]: i for i in self.special}
