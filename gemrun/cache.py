@@ -209,7 +209,7 @@ class _Cache(Cache):
                 k, v, positions = (torch.cat([k, extra[0]], dim=2), torch.cat([v, extra[1]], dim=2),
                                    torch.cat([positions, extra[2]]))
             return Parts([(k, v, positions)])
-        row = 2 * self.k.shape[1] * self.k.shape[3] * torch.empty((), dtype=self.dtype).element_size()
+        row = 2 * self.k.shape[1] * self.k.shape[3] * self.dtype.itemsize
         step = max(CHUNK, READ_BYTES // row)
         pieces = [(a, min(a + step, used), positions[a:min(a + step, used)]) for a in range(0, used, step)]
         stored = (self.k.t[:, :, :used], self.v.t[:, :, :used], positions) if extra is None and self.plain else None
@@ -327,9 +327,7 @@ class SlidingCache(_Cache):
             return self._shared(self._parts(self._used(), self.pos))
         if t == 1:  # a new token continues the cache: its position is the length (slices, not index tensors)
             slot = self.length % self.ring
-            self.k.write(slice(slot, slot + 1), k)
-            self.v.write(slice(slot, slot + 1), v)
-            self.pos[slot] = self.length
+            self._write(slice(slot, slot + 1), k, v, self.length)
             self.length += 1
             return self._shared(self._parts(self.ring, self.pos))
         out = self._parts(self.ring, self.pos.clone(), extra=(k, v, positions))  # read before the ring is written
@@ -340,7 +338,8 @@ class SlidingCache(_Cache):
         self.length += t
         return self._shared(out)
 
-    def _write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+    def _write(self, slots: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor | int) -> None:
         self.k.write(slots, k)
         self.v.write(slots, v)
         self.pos[slots] = positions

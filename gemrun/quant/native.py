@@ -100,10 +100,9 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gemrun_mm.argtypes = [p, i64, i64, i32, ctypes.POINTER(Matrix), p, p, p, p, i32]
-    lib.gemrun_q4_dequant.argtypes = lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, i64, p, i32]
-    lib.gemrun_q5_dequant.argtypes = [p, p, p, p, i64, i64, i64, p, i32]
-    lib.gemrun_mm.restype = lib.gemrun_q4_dequant.restype = lib.gemrun_q8_dequant.restype = None
-    lib.gemrun_q5_dequant.restype = None
+    lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, i64, p, i32]
+    lib.gemrun_nibble_dequant.argtypes = [p, p, p, p, i64, i64, i64, p, i32]
+    lib.gemrun_mm.restype = lib.gemrun_nibble_dequant.restype = lib.gemrun_q8_dequant.restype = None
     lib.gemrun_from_q4_0.argtypes = lib.gemrun_from_q8_0.argtypes = [p, i64, i64, p, p, i32]
     lib.gemrun_from_q4_0.restype = lib.gemrun_from_q8_0.restype = i64
     f32 = ctypes.c_float
@@ -215,16 +214,17 @@ def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins:
         zero: int, high: torch.Tensor | None = None) -> torch.Tensor:
     n, k = q.shape[0], x.shape[-1]
     if x.numel() // k >= DENSE_ROWS:
-        lib = library()
-        threads = torch.get_num_threads()
-        if bits == 5:
-            return _dense(x, n, k, lambda r, t, out: lib.gemrun_q5_dequant(
-                q[r:].data_ptr(), high[r:].data_ptr(), scales[r:].data_ptr(), _ptr(None if mins is None else mins[r:]),
-                zero, t, k, out, threads))
-        dequant = lib.gemrun_q4_dequant if bits == 4 else lib.gemrun_q8_dequant
-        return _dense(x, n, k, lambda r, t, out: dequant(q[r:].data_ptr(), scales[r:].data_ptr(),
-                                                         None if mins is None else mins[r:].data_ptr(), zero, t, k,
-                                                         out, threads))
+        lib, threads = library(), torch.get_num_threads()
+
+        def fill(r: int, t: int, out: int) -> None:  # rows r..r+t as bf16 (4 and 5 bits: one nibble dequantizer)
+            args = (q[r:].data_ptr(), scales[r:].data_ptr(), _ptr(None if mins is None else mins[r:]), zero, t, k,
+                    out, threads)
+            if bits == 8:
+                lib.gemrun_q8_dequant(*args)
+            else:
+                lib.gemrun_nibble_dequant(args[0], _ptr(None if high is None else high[r:]), *args[1:])
+
+        return _dense(x, n, k, fill)
     return mm(x, [matrix(bits, q, scales, mins, zero, high)])
 
 

@@ -27,9 +27,7 @@
 
 #define QK 32
 #define MT 4  // activation rows per pass over a weight row
-#ifndef PF
 #define PF 8  // weight rows ahead to prefetch
-#endif
 
 static inline int chunk_groups(int64_t G, int64_t c) {
     int64_t left = G - c;
@@ -104,7 +102,7 @@ static inline __attribute__((always_inline)) void dot_block(const matrix *w, int
     const uint16_t *ws = w->scales + n * G, *wm = w->mins ? w->mins + n * G : 0;
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
     __m512 acc[4][MT], accm[4][MT];
-    if (PF) for (int64_t p = 0; p < nr * stride; p += 64) _mm_prefetch((const char *)(rows + PF * stride + p), _MM_HINT_T0);
+    for (int64_t p = 0; p < nr * stride; p += 64) _mm_prefetch((const char *)(rows + PF * stride + p), _MM_HINT_T0);
     for (int j = 0; j < nr; j++)
         for (int i = 0; i < mt; i++) acc[j][i] = accm[j][i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
@@ -239,7 +237,7 @@ static inline void row_params(const uint16_t *scales, const uint16_t *mins, int6
 }
 
 // 4-bit rows (nibbles) as bf16, with the 5-bit formats' high bits where `high` is given
-void gemrun_q5_dequant(const uint8_t *q, const uint8_t *high, const uint16_t *scales, const uint16_t *mins,
+void gemrun_nibble_dequant(const uint8_t *q, const uint8_t *high, const uint16_t *scales, const uint16_t *mins,
                        int64_t zero, int64_t N, int64_t K, uint16_t *out, int nthreads) {
     int64_t G = K / QK;
 #pragma omp parallel num_threads(nthreads)
@@ -260,11 +258,6 @@ void gemrun_q5_dequant(const uint8_t *q, const uint8_t *high, const uint16_t *sc
             dense_row(stored, s, m, K, out + n * K);
         }
     }
-}
-
-void gemrun_q4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
-                       int64_t K, uint16_t *out, int nthreads) {
-    gemrun_q5_dequant(q, 0, scales, mins, zero, N, K, out, nthreads);
 }
 
 void gemrun_q8_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
