@@ -27,7 +27,7 @@
 
 #define QK 32
 #define MT 4  // activation rows per pass over a weight row
-#define PF 8  // weight rows ahead to prefetch
+#define PF 4  // weight rows ahead to prefetch, into L2 (it keeps more misses in flight than L1's fill buffers)
 
 static inline int chunk_groups(int64_t G, int64_t c) {
     int64_t left = G - c;
@@ -90,72 +90,88 @@ typedef struct {
     const uint8_t *high;
 } matrix;
 
-// `nr` weight rows (from row n of w) against `mt` activation rows (nr, mt constant after inlining): out[i * ostride
-// + j] = row n + j . activation row i. The activation vectors loaded for a step serve all nr weight rows, and the
-// nr * mt dot products are independent chains. Per output the instructions are the same for any (nr, mt).
-static inline __attribute__((always_inline)) void dot_block(const matrix *w, int64_t n, int64_t K, const int8_t *xq,
+// One chunk of cg groups (cg constant after inlining) at group c of `nr` weight rows against `mt` activation rows:
+// the integer dots per group, scaled into acc; the min terms into accm.
+static inline __attribute__((always_inline)) void dot_chunk(const matrix *w, int64_t n, int64_t K, const int8_t *xq,
                                                             const int8_t *xl, const float *xd, const float *xs,
-                                                            const int nr, const int mt, float *out, int64_t ostride) {
-    const int64_t G = K / QK, stride = w->bits == 8 ? K : K / 2;
-    const uint8_t *rows = w->q + n * stride, *high = w->bits == 5 ? w->high + n * (K / 8) : 0;
-    const __m512i sixteen = _mm512_set1_epi8(16);
-    const uint16_t *ws = w->scales + n * G, *wm = w->mins ? w->mins + n * G : 0;
-    const __m512i lo4 = _mm512_set1_epi8(0x0f);
-    __m512 acc[4][MT], accm[4][MT];
-    for (int64_t p = 0; p < nr * stride; p += 64) _mm_prefetch((const char *)(rows + PF * stride + p), _MM_HINT_T0);
+                                                            const int nr, const int mt, const int bits, const int cg,
+                                                            int64_t c, __m512 acc[4][MT], __m512 accm[4][MT]) {
+    const int64_t G = K / QK, stride = bits == 8 ? K : K / 2, base = c * QK;
+    const uint8_t *rows = w->q + n * stride;
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
+    const __mmask16 k = (__mmask16)((1u << cg) - 1);
+    __m512i dh[4][MT], dl[4][MT];
     for (int j = 0; j < nr; j++)
-        for (int i = 0; i < mt; i++) acc[j][i] = accm[j][i] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
-        int cg = chunk_groups(G, c);
-        __mmask16 k = (__mmask16)((1u << cg) - 1);
-        __m512i dh[4][MT], dl[4][MT];
-        for (int j = 0; j < nr; j++)
-            for (int i = 0; i < mt; i++) dh[j][i] = dl[j][i] = _mm512_setzero_si512();
-        const int64_t base = c * QK;
-        for (int r = 0; r < cg / 2; r += 2) {
-            __m512i h0[MT], l0[MT], h1[MT], l1[MT];
-            for (int i = 0; i < mt; i++) {
-                const int8_t *h = xq + i * K + base + r * 64, *l = xl + i * K + base + r * 64;
-                h0[i] = _mm512_loadu_si512((const void *)h), h1[i] = _mm512_loadu_si512((const void *)(h + 64));
-                l0[i] = _mm512_loadu_si512((const void *)l), l1[i] = _mm512_loadu_si512((const void *)(l + 64));
-            }
-            for (int j = 0; j < nr; j++) {
-                __m512i wa, wb;
-                if (w->bits != 8) {
-                    __m512i v = _mm512_loadu_si512((const void *)(rows + j * stride + base / 2 + r * 32));
-                    wa = _mm512_and_si512(v, lo4);
-                    wb = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-                    if (w->bits == 5) {
-                        const uint8_t *hb = high + j * (K / 8) + base / 8 + r * 8;
-                        wa = _mm512_mask_add_epi8(wa, _load_mask64((__mmask64 *)hb), wa, sixteen);
-                        wb = _mm512_mask_add_epi8(wb, _load_mask64((__mmask64 *)(hb + 8)), wb, sixteen);
-                    }
-                } else {
-                    wa = _mm512_loadu_si512((const void *)(rows + j * stride + base + r * 64));
-                    wb = _mm512_loadu_si512((const void *)(rows + j * stride + base + r * 64 + 64));
-                }
-                for (int i = 0; i < mt; i++) {
-                    dh[j][i] = _mm512_dpbusd_epi32(dh[j][i], wa, h0[i]);
-                    dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wa, l0[i]);
-                    dh[j][i] = _mm512_dpbusd_epi32(dh[j][i], wb, h1[i]);
-                    dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wb, l1[i]);
-                }
-            }
+        for (int i = 0; i < mt; i++) dh[j][i] = dl[j][i] = _mm512_setzero_si512();
+    for (int r = 0; r < cg / 2; r += 2) {
+        __m512i h0[MT], l0[MT], h1[MT], l1[MT];
+        for (int i = 0; i < mt; i++) {
+            const int8_t *h = xq + i * K + base + r * 64, *l = xl + i * K + base + r * 64;
+            h0[i] = _mm512_loadu_si512((const void *)h), h1[i] = _mm512_loadu_si512((const void *)(h + 64));
+            l0[i] = _mm512_loadu_si512((const void *)l), l1[i] = _mm512_loadu_si512((const void *)(l + 64));
         }
-        __m512i idx = lane_groups(cg);
         for (int j = 0; j < nr; j++) {
-            __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + j * G + c));
-            // the min term per group: m * (sum of the block's activations); symmetric: sum s * xs, times -zero
-            __m512 mv = wm ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + j * G + c)) : sv;
+            __m512i wa, wb;
+            if (bits != 8) {
+                const uint8_t *at = rows + j * stride + base / 2 + r * 32;
+                _mm_prefetch((const char *)(at + PF * stride), _MM_HINT_T1);  // the same place PF rows on
+                __m512i v = _mm512_loadu_si512((const void *)at);
+                wa = _mm512_and_si512(v, lo4);
+                wb = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+                if (bits == 5) {
+                    const uint8_t *hb = w->high + (n + j) * (K / 8) + base / 8 + r * 8;
+                    wa = _mm512_mask_add_epi8(wa, _load_mask64((__mmask64 *)hb), wa, sixteen);
+                    wb = _mm512_mask_add_epi8(wb, _load_mask64((__mmask64 *)(hb + 8)), wb, sixteen);
+                }
+            } else {
+                const uint8_t *at = rows + j * stride + base + r * 64;
+                _mm_prefetch((const char *)(at + PF * stride), _MM_HINT_T1);
+                _mm_prefetch((const char *)(at + PF * stride + 64), _MM_HINT_T1);
+                wa = _mm512_loadu_si512((const void *)at);
+                wb = _mm512_loadu_si512((const void *)(at + 64));
+            }
             for (int i = 0; i < mt; i++) {
-                __m512 f = _mm512_permutexvar_ps(idx, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xd + i * G + c)));
-                __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dh[j][i], 7), dl[j][i]);
-                acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[j][i]);
-                accm[j][i] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + i * G + c), accm[j][i]);
+                dh[j][i] = _mm512_dpbusd_epi32(dh[j][i], wa, h0[i]);
+                dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wa, l0[i]);
+                dh[j][i] = _mm512_dpbusd_epi32(dh[j][i], wb, h1[i]);
+                dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wb, l1[i]);
             }
         }
     }
-    const __m512 mz = _mm512_set1_ps(wm ? 1.f : -(float)w->zero);
+    const uint16_t *ws = w->scales + n * G + c, *wm = w->mins ? w->mins + n * G + c : 0;
+    for (int j = 0; j < nr; j++) {
+        _mm_prefetch((const char *)(ws + (j + PF) * G), _MM_HINT_T1);
+        if (wm) _mm_prefetch((const char *)(wm + (j + PF) * G), _MM_HINT_T1);
+        __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + j * G));
+        // the min term per group: m * (sum of the block's activations); symmetric: sum s * xs, times -zero
+        __m512 mv = wm ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + j * G)) : sv;
+        for (int i = 0; i < mt; i++) {
+            __m512 f = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xd + i * G + c));
+            if (cg != 16) f = _mm512_permutexvar_ps(lane_groups(cg), f);  // 16 groups: lane l is group l
+            __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dh[j][i], 7), dl[j][i]);
+            acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[j][i]);
+            accm[j][i] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + i * G + c), accm[j][i]);
+        }
+    }
+}
+
+// `nr` weight rows (from row n of w) against `mt` activation rows (nr, mt, bits constant after inlining):
+// out[i * ostride + j] = row n + j . activation row i. The activation vectors loaded for a step serve all nr weight
+// rows, and the nr * mt dot products are independent chains. Per output the instructions are the same for any
+// (nr, mt). Weight rows are prefetched PF rows ahead, one line beside each line read.
+static inline __attribute__((always_inline)) void dot_block(const matrix *w, int64_t n, int64_t K, const int8_t *xq,
+                                                            const int8_t *xl, const float *xd, const float *xs,
+                                                            const int nr, const int mt, const int bits, float *out,
+                                                            int64_t ostride) {
+    const int64_t G = K / QK;
+    __m512 acc[4][MT], accm[4][MT];
+    for (int j = 0; j < nr; j++)
+        for (int i = 0; i < mt; i++) acc[j][i] = accm[j][i] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= G; c += 16) dot_chunk(w, n, K, xq, xl, xd, xs, nr, mt, bits, 16, c, acc, accm);
+    if (G - c >= 8) dot_chunk(w, n, K, xq, xl, xd, xs, nr, mt, bits, 8, c, acc, accm), c += 8;
+    if (G - c >= 4) dot_chunk(w, n, K, xq, xl, xd, xs, nr, mt, bits, 4, c, acc, accm);
+    const __m512 mz = _mm512_set1_ps(w->mins ? 1.f : -(float)w->zero);
     for (int j = 0; j < nr; j++)
         for (int i = 0; i < mt; i++) out[i * ostride + j] = hsum(_mm512_fmadd_ps(accm[j][i], mz, acc[j][i]));
 }
@@ -163,15 +179,15 @@ static inline __attribute__((always_inline)) void dot_block(const matrix *w, int
 #define RB 4  // weight rows per work item
 
 // Rows [n, n + nr) of w (nr <= RB) against all M activation rows, into y (M, ldy) at column col.
-static void rows_block(const matrix *w, int64_t n, int nr, int64_t M, int64_t K, const int8_t *xq, const float *xd,
-                       const float *xs, float *y, int64_t ldy) {
+static inline __attribute__((always_inline)) void rows_block_bits(const matrix *w, int64_t n, int nr, int64_t M,
+    int64_t K, const int8_t *xq, const float *xd, const float *xs, float *y, int64_t ldy, const int bits) {
     const int64_t G = K / QK;
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
         int64_t left = M - m0;
         const int8_t *h = xq + m0 * K, *l = xq + M * K + m0 * K;
         const float *d = xd + m0 * G, *s = xs + m0 * G;
         float *o = y + m0 * ldy;
-#define DOT(NR, MTT, J) dot_block(w, n + (J), K, h, l, d, s, NR, MTT, o + (J), ldy)
+#define DOT(NR, MTT, J) dot_block(w, n + (J), K, h, l, d, s, NR, MTT, bits, o + (J), ldy)
         if (left == 1 && nr == RB) DOT(4, 1, 0);
         else if (left == 2 && nr == RB) DOT(2, 2, 0), DOT(2, 2, 2);
         else
@@ -183,6 +199,13 @@ static void rows_block(const matrix *w, int64_t n, int nr, int64_t M, int64_t K,
             }
 #undef DOT
     }
+}
+
+static void rows_block(const matrix *w, int64_t n, int nr, int64_t M, int64_t K, const int8_t *xq, const float *xd,
+                       const float *xs, float *y, int64_t ldy) {
+    if (w->bits == 4) rows_block_bits(w, n, nr, M, K, xq, xd, xs, y, ldy, 4);
+    else if (w->bits == 5) rows_block_bits(w, n, nr, M, K, xq, xd, xs, y, ldy, 5);
+    else rows_block_bits(w, n, nr, M, K, xq, xd, xs, y, ldy, 8);
 }
 
 // y (M, sum of N) = x (M, K) . [W_0; W_1; ...]^T for `count` packed matrices sharing the input: the activations are
