@@ -24,6 +24,7 @@ from .config import LayerSpec
 
 CHUNK = 1024  # the fewest positions converted at a time when the cache's precision is not the activations'
 READ_BYTES = 256 << 20  # the most bytes of converted K and V at a time (the 12B's 16K positions, the 270M's 128K)
+APPEND_MIN = 64  # the fewest slots a sliding cache's checkpoint appends at a time (each growth copies the ring)
 KV_TYPES = ("auto", "f32", "bf16", "q8_0")
 Q8_BLOCK = 32  # values per q8_0 block (one fp16 scale each), along the head dimension
 VALUE_BYTES = {"f32": 4, "bf16": 2, "q8_0": 1 + 2 / Q8_BLOCK}  # bytes a cached value takes, by KV type
@@ -308,7 +309,7 @@ class SlidingCache(_Cache):
         size = self.k.size
         if needed <= size:
             return
-        new = max(needed, 2 * size - self.ring)
+        new = max(needed, 2 * size - self.ring, self.ring + APPEND_MIN)  # the appended part doubles
         self.k.resize(new)
         self.v.resize(new)
         self.pos = torch.cat([self.pos, self.pos.new_full((new - size,), -1)])
