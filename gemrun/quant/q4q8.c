@@ -230,71 +230,77 @@ void gemrun_mm(const float *x, int64_t M, int64_t K, int count, const matrix *ws
     }
 }
 
-// float -> bf16 bits, round to nearest even (finite inputs)
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+// 16 floats -> bf16 bits, round to nearest even (finite inputs)
+static inline __m256i to_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+    __m512i r = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, r), 16));
+}
+
+// A chunk's (cg groups at g) scales and mins as the 4 pieces of 16 values of every stored vector need them: value
+// f of piece p sits in lane 4p + f/4, which holds group (4p + f/4) % cg. mins NULL: m = -zero s.
+static inline void chunk_params(const uint16_t *scales, const uint16_t *mins, int64_t zero, int cg, __m512 S[4],
+                                __m512 Mn[4]) {
+    const __mmask16 k = (__mmask16)((1u << cg) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, scales));
+    const __m512 m = mins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mins)) : _mm512_mul_ps(_mm512_set1_ps(-(float)zero), s);
+    const __m512i quarter = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
+    for (int p = 0; p < 4; p++) {
+        __m512i idx = _mm512_and_si512(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * p)), _mm512_set1_epi32(cg - 1));
+        S[p] = _mm512_permutexvar_ps(idx, s), Mn[p] = _mm512_permutexvar_ps(idx, m);
+    }
+}
+
+// 64 stored values q (bytes) of a chunk -> bf16 q * s + m at out
+static inline void dense_vector(__m512i q, const __m512 S[4], const __m512 Mn[4], uint16_t *out) {
+    for (int p = 0; p < 4; p++) {
+        __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, p)));
+        _mm256_storeu_si256((__m256i *)(out + 16 * p), to_bf16(_mm512_fmadd_ps(v, S[p], Mn[p])));
+    }
 }
 
 // Dense bf16 copies of packed rows in their stored (lane) order, for long prompts (many activation rows: a dense
-// matmul is faster there); the caller permutes the activations to the same order.
-static inline void dense_row(const uint8_t *stored, const float *s, const float *m, int64_t K, uint16_t *out) {
-    int64_t G = K / QK;
-    for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
-        int cg = chunk_groups(G, c);
-        for (int64_t p = 0; p < cg * QK; p += 4) {
-            int64_t g = c + (p % 64 / 4) % cg;
-            for (int j = 0; j < 4; j++) out[c * QK + p + j] = to_bf16((float)stored[c * QK + p + j] * s[g] + m[g]);
-        }
-    }
-}
-
-// (s, m) of row n's groups; mins NULL: m = -zero s
-static inline void row_params(const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t n, int64_t G,
-                              float *s, float *m) {
-    for (int64_t g = 0; g < G; g++) {
-        s[g] = _cvtsh_ss(scales[n * G + g]);
-        m[g] = mins ? _cvtsh_ss(mins[n * G + g]) : -(float)zero * s[g];
-    }
-}
-
-// 4-bit rows (nibbles) as bf16, with the 5-bit formats' high bits where `high` is given
+// matmul is faster there); the caller permutes the activations to the same order. 4-bit rows (nibbles), with the
+// 5-bit formats' high bits where `high` is given.
 void gemrun_nibble_dequant(const uint8_t *q, const uint8_t *high, const uint16_t *scales, const uint16_t *mins,
-                       int64_t zero, int64_t N, int64_t K, uint16_t *out, int nthreads) {
-    int64_t G = K / QK;
-#pragma omp parallel num_threads(nthreads)
-    {
-        uint8_t stored[K];
-        float s[G], m[G];
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *row = q + n * (K / 2);
-            for (int64_t p = 0; p < K / 128; p++)
-                for (int b = 0; b < 64; b++) {
-                    stored[p * 128 + b] = row[p * 64 + b] & 15;
-                    stored[p * 128 + 64 + b] = row[p * 64 + b] >> 4;
+                           int64_t zero, int64_t N, int64_t K, uint16_t *out, int nthreads) {
+    const int64_t G = K / QK;
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = q + n * (K / 2), *hb = high ? high + n * (K / 8) : 0;
+        for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
+            int cg = chunk_groups(G, c);
+            __m512 S[4], Mn[4];
+            chunk_params(scales + n * G + c, mins ? mins + n * G + c : 0, zero, cg, S, Mn);
+            for (int r = 0; r < cg / 2; r += 2) {  // 64 bytes: vector r in the low nibbles, r + 1 in the high
+                const int64_t at = c * QK + r * 64;
+                __m512i v = _mm512_loadu_si512((const void *)(row + at / 2));
+                __m512i a = _mm512_and_si512(v, lo4), b = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+                if (hb) {
+                    a = _mm512_mask_add_epi8(a, _load_mask64((__mmask64 *)(hb + at / 8)), a, sixteen);
+                    b = _mm512_mask_add_epi8(b, _load_mask64((__mmask64 *)(hb + at / 8 + 8)), b, sixteen);
                 }
-            if (high)
-                for (int64_t e = 0; e < K; e++) stored[e] |= ((high[n * (K / 8) + e / 8] >> (e % 8)) & 1) << 4;
-            row_params(scales, mins, zero, n, G, s, m);
-            dense_row(stored, s, m, K, out + n * K);
+                dense_vector(a, S, Mn, out + n * K + at);
+                dense_vector(b, S, Mn, out + n * K + at + 64);
+            }
         }
     }
 }
 
 void gemrun_q8_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mins, int64_t zero, int64_t N,
                        int64_t K, uint16_t *out, int nthreads) {
-    int64_t G = K / QK;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float s[G], m[G];
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            row_params(scales, mins, zero, n, G, s, m);
-            dense_row(q + n * K, s, m, K, out + n * K);
+    const int64_t G = K / QK;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
+            int cg = chunk_groups(G, c);
+            __m512 S[4], Mn[4];
+            chunk_params(scales + n * G + c, mins ? mins + n * G + c : 0, zero, cg, S, Mn);
+            for (int r = 0; r < cg / 2; r++)
+                dense_vector(_mm512_loadu_si512((const void *)(q + n * K + c * QK + r * 64)), S, Mn,
+                             out + n * K + c * QK + r * 64);
         }
-    }
 }
 
 // GGUF Q4_0 / Q8_0 blocks (N rows of K/32 blocks: fp16 scale, then 16 nibble bytes or 32 int8) -> this file's
