@@ -17,6 +17,8 @@ once.
 from __future__ import annotations
 
 import copy
+import math
+import threading
 
 import torch
 
@@ -54,6 +56,10 @@ class Plain:
     def read(self, index, dtype: torch.dtype) -> torch.Tensor:
         return self.t[:, :, index].to(dtype)
 
+    def read_into(self, out: torch.Tensor, index: slice) -> None:
+        """`read` into out (B, KV, n, D), converted on the way."""
+        out.copy_(self.t[:, :, index])
+
     def move(self, dst: torch.Tensor, src: slice) -> None:
         """Copy the stored positions `src` to `dst` as they are (no conversion)."""
         self.t[:, :, dst] = self.t[:, :, src].clone()
@@ -64,13 +70,10 @@ class Plain:
         out.t = self.t[:, :, :n].clone()
         return out
 
-    def resize(self, n: int) -> None:
-        """Grow (with zeros) or cut to n positions."""
-        if n <= self.size:
-            self.t = self.t[:, :, :n].clone()
-        else:
-            grow = (*self.t.shape[:2], n - self.size, self.t.shape[3])
-            self.t = torch.cat([self.t, self.t.new_zeros(grow)], dim=2)
+    def resize(self, n: int, fill: bool = True) -> None:
+        """Grow (with zeros; `fill` False: unwritten, for a cache that never reads past its length) or cut to n
+        positions."""
+        self.t = _resized(self.t, n, fill)
 
 
 class Q8(Plain):
@@ -99,6 +102,9 @@ class Q8(Plain):
         q = self.t[:, :, index].float().unflatten(-1, (-1, Q8_BLOCK))
         return (q * self.scale[:, :, index].float()[..., None]).flatten(-2).to(dtype)
 
+    def read_into(self, out: torch.Tensor, index: slice) -> None:
+        out.copy_(self.read(index, out.dtype))
+
     def move(self, dst: torch.Tensor, src: slice) -> None:
         super().move(dst, src)
         self.scale[:, :, dst] = self.scale[:, :, src].clone()
@@ -108,14 +114,37 @@ class Q8(Plain):
         out.scale = self.scale[:, :, :n].clone()
         return out
 
-    def resize(self, n: int) -> None:
-        old = self.size
-        super().resize(n)
-        if n <= old:
-            self.scale = self.scale[:, :, :n].clone()
-        else:
-            grow = (*self.scale.shape[:2], n - old, self.scale.shape[3])
-            self.scale = torch.cat([self.scale, self.scale.new_zeros(grow)], dim=2)
+    def resize(self, n: int, fill: bool = True) -> None:
+        super().resize(n, fill)
+        self.scale = _resized(self.scale, n, fill)
+
+
+def _resized(t: torch.Tensor, n: int, fill: bool) -> torch.Tensor:
+    """t (B, KV, S, ...) cut or grown to n positions along S (the new ones zero where `fill`)."""
+    if n <= t.shape[2]:
+        return t[:, :, :n].clone()
+    out = t.new_empty((*t.shape[:2], n, *t.shape[3:]))
+    out[:, :, :t.shape[2]] = t
+    if fill:
+        out[:, :, t.shape[2]:] = 0
+    return out
+
+
+SCRATCH_BYTES = 64 << 20  # converted cache reads up to this size reuse a buffer (a new one's pages fault in first)
+_scratch = threading.local()
+
+
+def _buffer(which: int, shape: tuple[int, ...], dtype: torch.dtype, device, own: bool = False) -> torch.Tensor:
+    """An (uninitialised) tensor for converted K (which 0) or V (1): this thread's reused buffer where it fits,
+    unless `own`."""
+    numel = math.prod(shape)
+    if own or numel * dtype.itemsize > SCRATCH_BYTES or torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (which, dtype)
+    buf = _scratch.__dict__.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.__dict__[key] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
 
 
 def storage(kv_type: str, activations: torch.dtype):
@@ -221,11 +250,19 @@ class _Cache(Cache):
                 pieces.append(extra)
         return Parts(pieces, self._read, stored)
 
-    def _read(self, a: int, b: int, positions: torch.Tensor, extra: tuple | None = None) -> tuple:
-        k, v = self.k.read(slice(a, b), self.dtype), self.v.read(slice(a, b), self.dtype)
+    def _read(self, a: int, b: int, positions: torch.Tensor, extra: tuple | None = None, own: bool = False) -> tuple:
+        """Slots [a, b) converted to the activations' dtype, then `extra` (the chunk's new k, v, positions), into
+        reused buffers (attention reads them at once, before the next read), or into their own (`own`)."""
+        b_, kv, _, d = self.k.shape
+        shape = (b_, kv, b - a + (0 if extra is None else extra[0].shape[2]), d)
+        k = _buffer(0, shape, self.dtype, self.k.t.device, own)
+        v = _buffer(1, shape, self.dtype, self.k.t.device, own)
+        self.k.read_into(k[:, :, :b - a], slice(a, b))
+        self.v.read_into(v[:, :, :b - a], slice(a, b))
         if extra is None:
             return k, v, positions
-        return torch.cat([k, extra[0]], dim=2), torch.cat([v, extra[1]], dim=2), torch.cat([positions, extra[2]])
+        k[:, :, b - a:], v[:, :, b - a:] = extra[0], extra[1]
+        return k, v, torch.cat([positions, extra[2]])
 
     def _store(self, kv_type: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
         cls, stored = storage(kv_type, dtype)
@@ -251,8 +288,8 @@ class FullCache(_Cache):
     def _reserve(self, needed: int) -> None:
         if needed > self.k.size:
             new = max(needed, 2 * self.k.size)
-            self.k.resize(new)
-            self.v.resize(new)
+            self.k.resize(new, fill=False)  # nothing past the length is ever read
+            self.v.resize(new, fill=False)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Parts:
         """k, v: (B, KV, T, D) for positions (T,), which continue the cache."""
@@ -332,8 +369,8 @@ class SlidingCache(_Cache):
             self.length += 1
             return self._shared(self._parts(self.ring, self.pos))
         out = self._parts(self.ring, self.pos.clone(), extra=(k, v, positions))  # read before the ring is written
-        if not self.native:  # the chunks of the old ring must be read before the write below
-            out = Parts([(kc, vc, pc) for kc, vc, pc in out])
+        if not self.native:  # the chunks of the old ring must be read before the write below, into their own memory
+            out = Parts([p if torch.is_tensor(p[0]) else self._read(*p, own=True) for p in out.pieces])
         keep = min(t, self.ring)
         self._write(positions[-keep:] % self.ring, k[:, :, -keep:], v[:, :, -keep:], positions[-keep:])
         self.length += t
