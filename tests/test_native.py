@@ -65,6 +65,30 @@ def test_embedding_lookup_undoes_the_kernel_layout():
     assert np.array_equal(emb(ids)[0].numpy(), want[ids[0].numpy()])
 
 
+def test_q4_0_embedding_stays_4_bit():
+    """A Q4_0 token table loads as `Int4Embedding`: half an 8-bit table's bytes, lookups the file's values bit for
+    bit, the head the product of those values (as the 8-bit table of the same values gives it), row shards too."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    w = torch.randn(300, 640)
+    raw = quantize(w.numpy(), Q.Q4_0)
+    emb = packed.Int4Embedding.of(packed.repacked(raw, Q.Q4_0, (300, 640), packed.Int4Linear))
+    as8 = packed.Int8Embedding.from_parts(300, 640, [packed.int8_module(raw, Q.Q4_0, (300, 640))])
+    assert emb.nibbles.nbytes == as8.qweight.nbytes // 2
+    want = dequantize(raw, Q.Q4_0).reshape(300, 640)
+    ids = torch.tensor([[0, 7, 299], [5, 5, 1]])
+    assert np.array_equal(emb(ids).numpy(), want[ids.numpy()])
+    x = torch.randn(2, 640)
+    ref = x.double() @ torch.from_numpy(want).double().T
+    assert (emb.project(x).double() - ref).abs().max() < 1e-3 * ref.abs().max()
+    assert (emb.project(x) - as8.project(x)).abs().max() < 1e-4 * ref.abs().max()
+    shard = emb.narrow(0, 100, 50)
+    assert isinstance(shard, packed.Int4Embedding) and np.array_equal(shard(torch.tensor([0, 49])).numpy(),
+                                                                       want[[100, 149]])
+
+
 def test_pytorch_fallback_agrees(monkeypatch):
     """Where the kernels are unavailable the modules use PyTorch's int4/int8 kernels with bf16 activations."""
     q = torch.randint(0, 16, (64, 640))

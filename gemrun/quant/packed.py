@@ -13,7 +13,8 @@ kernel dispatch here.)
   Q6_K (16-value sub-blocks with their own scales) by an 8-bit min/max fit per group. PyTorch's fallback
   (`aten._weight_int8pack_mm`) takes int8 with one scale per output row.
 - `Int8Embedding`: the tied embedding as an `Int8Linear`: rows are dequantized on lookup and the output head runs
-  through the int8 kernel, so the 262k x E table is never held in floating point.
+  through the int8 kernel, so the 262k x E table is never held in floating point. `Int4Embedding`: the same for
+  a Q4_0 table, kept 4-bit.
 """
 
 from __future__ import annotations
@@ -177,6 +178,45 @@ class Int4Linear(Groups, nn.Module):
             return native.q4_mm(x, self.nibbles, self.scales, self.mins, self.zero).to(x.dtype)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         return _flat(x, self.out_features, lambda a: mm(a, self.packed, self.group, self.scales_zeros)).to(x.dtype)
+
+
+class Int4Embedding(Int4Linear):
+    """The tied embedding kept 4-bit where the file's table is (Q4_0: half the bytes `Int8Embedding` would read for
+    every decoded token's head): rows dequantized on lookup, the output head through the 4-bit kernel."""
+
+    def __init__(self, num: int, dim: int):
+        super().__init__(dim, num)
+        self.num_embeddings, self.embedding_dim = num, dim
+
+    @classmethod
+    def of(cls, m: Int4Linear) -> Int4Embedding:
+        """The same quantized table (native layout) as an embedding."""
+        e = cls(m.out_features, m.in_features)
+        e.nibbles = m.nibbles
+        e.set_groups(m.scales, m.mins, m.zero if m.mins is None else None)
+        return e
+
+    def narrow(self, dim: int, start: int, length: int) -> Int4Embedding:
+        """Rows start..start+length of the table (a vocabulary shard)."""
+        if dim != 0:
+            raise ValueError("an embedding is cut by rows only")
+        return Int4Embedding.of(Int4Linear.from_quants(*_narrow(self.quants(), 0, start, length, GROUP)))
+
+    def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the table, dequantized to float32."""
+        k = self.in_features
+        b = self.nibbles[ids].reshape(*ids.shape, k // 128, 64)
+        stored = torch.cat([b & 15, b >> 4], dim=-1).reshape(*ids.shape, k)  # lane order
+        q = stored[..., native.natural_order(k)].float().unflatten(-1, (-1, GROUP))
+        s = self.scales[ids].float()[..., None]
+        q = (q - self.zero) * s if self.mins is None else q * s + self.mins[ids].float()[..., None]
+        return q.flatten(-2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_rows(ids)  # float32; the model casts to its dtype
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
 
 
 def _int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

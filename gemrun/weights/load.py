@@ -172,18 +172,20 @@ def _check_loaded(model: nn.Module) -> None:
 def gguf_packer(g: GGUFFile, names: dict[str, str]) -> Packer:
     """Quantized GGUF matrices stay low-bit: repacked for the CPU int4/int8 kernels (`quant/packed.py`), the
     embedding as int8 rows; float tensors (norms) stay dense."""
-    from ..quant.packed import Int8Embedding, int8_module, pack_gguf, repackable
+    from ..quant.packed import Int4Embedding, Int4Linear, Int8Embedding, int8_module, pack_gguf, repackable, repacked
 
     def pack(ours: str, get: Getter) -> nn.Module | None:
         info = g.tensors[names[ours]]
         if info.qtype.name in ("F32", "F16", "BF16"):
             return None
         embedding = ours.endswith("embed_tokens.weight")
-        if not repackable(info.qtype, info.shape[-1], 8 if embedding or info.qtype.name != "Q4_0" else 4):
+        if not repackable(info.qtype, info.shape[-1], 4 if info.qtype.name == "Q4_0" else 8):
             g.check_finite(info.name)  # else checked as it is repacked
         raw = g.raw(info.name)
         try:
-            if embedding:
+            if embedding and (m := repacked(raw, info.qtype, info.shape, Int4Linear)) is not None:
+                module = Int4Embedding.of(m)  # a Q4_0 table stays 4-bit
+            elif embedding:
                 step = 8192  # dequantize in slices: the float table is never whole in memory
 
                 def part(r: int, n: int, k: int) -> nn.Module:  # a slice of rows; the file's pages then let go
