@@ -40,34 +40,50 @@ static inline int64_t slot_position(int cg, int gg, int slot) {
     return (slot / per) * 64 + ((slot % per) * cg + gg) * 4;
 }
 
+// 16 floats -> integers rounded to nearest even (nearbyintf), clamped to -127..127 (NaN -> -127)
+static inline __m512i level16(__m512 t) {
+    __m512i h = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_max_epi32(_mm512_min_epi32(h, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+}
+
+// One group of 32 values v -> hi and lo levels (element order) and (d, s) as `quantize_rows` describes. The sum of
+// the levels h + l / 128 is exact in float (at most 20 significant bits), so it is taken from integer sums.
+static inline void quantize_group(const float *v, int8_t *hi, int8_t *lo, float *d, float *s) {
+    const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+    // max |v|, NaN counting as 0 (fmaxf's choice)
+    __m512 a0 = _mm512_mask_abs_ps(_mm512_setzero_ps(), _mm512_cmp_ps_mask(v0, v0, _CMP_ORD_Q), v0);
+    __m512 a1 = _mm512_mask_abs_ps(_mm512_setzero_ps(), _mm512_cmp_ps_mask(v1, v1, _CMP_ORD_Q), v1);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    float dd = amax / 127.f, id = dd > 0.f ? 1.f / dd : 0.f;
+    const __m512 vid = _mm512_set1_ps(id), k128 = _mm512_set1_ps(128.f);
+    __m512 t0 = _mm512_mul_ps(v0, vid), t1 = _mm512_mul_ps(v1, vid);
+    __m512i h0 = level16(t0), h1 = level16(t1);
+    __m512i l0 = level16(_mm512_mul_ps(_mm512_sub_ps(t0, _mm512_cvtepi32_ps(h0)), k128));
+    __m512i l1 = level16(_mm512_mul_ps(_mm512_sub_ps(t1, _mm512_cvtepi32_ps(h1)), k128));
+    _mm_storeu_si128((__m128i *)hi, _mm512_cvtepi32_epi8(h0)), _mm_storeu_si128((__m128i *)(hi + 16), _mm512_cvtepi32_epi8(h1));
+    _mm_storeu_si128((__m128i *)lo, _mm512_cvtepi32_epi8(l0)), _mm_storeu_si128((__m128i *)(lo + 16), _mm512_cvtepi32_epi8(l1));
+    int sh = _mm512_reduce_add_epi32(_mm512_add_epi32(h0, h1)), sl = _mm512_reduce_add_epi32(_mm512_add_epi32(l0, l1));
+    *d = dd / 128.f;
+    *s = dd * ((float)(sh * 128 + sl) / 128.f);
+}
+
 // x (M, K) fp32 -> hi levels xq[m*K ..], lo levels xq[M*K + m*K ..] in lane order; d (M, K/32) = block scale / 128
 // (the integer dots come out scaled by 128); s (M, K/32) = block sums of the quantized values, unscaled by 128.
-// Called inside a parallel region: the rows are shared out among its threads.
+// Called inside a parallel region: the chunks of every row are shared out among its threads.
 static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *d, float *s) {
-    int64_t G = K / QK;
+    const int64_t G = K / QK, full = G / 16, chunks = full + (G % 16 >= 8) + (G % 8 >= 4);
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-        int8_t *hi = xq + m * K, *lo = xq + M * K + m * K;
-        for (int64_t c = 0; c < G; c += chunk_groups(G, c)) {
-            int cg = chunk_groups(G, c);
-            for (int gg = 0; gg < cg; gg++) {
-                int64_t g = c + gg;
-                const float *v = x + m * K + g * QK;
-                float amax = 0.f;
-                for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
-                float dd = amax / 127.f, id = dd > 0.f ? 1.f / dd : 0.f, sum = 0.f;
-                for (int e = 0; e < QK; e++) {
-                    float t = v[e] * id;
-                    int h = (int)nearbyintf(t);
-                    h = h > 127 ? 127 : h < -127 ? -127 : h;
-                    int l = (int)nearbyintf((t - (float)h) * 128.f);
-                    l = l > 127 ? 127 : l < -127 ? -127 : l;
-                    sum += (float)h + (float)l * (1.f / 128.f);
-                    int64_t at = c * QK + slot_position(cg, gg, e / 4) + e % 4;  // element e of group gg
-                    hi[at] = (int8_t)h, lo[at] = (int8_t)l;
-                }
-                d[m * G + g] = dd / 128.f;
-                s[m * G + g] = dd * sum;
+    for (int64_t item = 0; item < M * chunks; item++) {
+        int64_t m = item / chunks, i = item % chunks;
+        int64_t c = i < full ? 16 * i : i == full && G % 16 >= 8 ? 16 * full : G - 4;
+        int cg = chunk_groups(G, c);
+        int8_t *hi = xq + m * K + c * QK, *lo = xq + M * K + m * K + c * QK;
+        for (int gg = 0; gg < cg; gg++) {
+            int8_t h[QK], l[QK];
+            quantize_group(x + m * K + (c + gg) * QK, h, l, d + m * G + c + gg, s + m * G + c + gg);
+            for (int slot = 0; slot < QK / 4; slot++) {  // values 4 slot .. 4 slot + 3 to their lane
+                memcpy(hi + slot_position(cg, gg, slot), h + 4 * slot, 4);
+                memcpy(lo + slot_position(cg, gg, slot), l + 4 * slot, 4);
             }
         }
     }
