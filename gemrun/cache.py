@@ -143,7 +143,8 @@ def _buffer(which: int, shape: tuple[int, ...], dtype: torch.dtype, device, own:
     key = (which, dtype)
     buf = _scratch.__dict__.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.__dict__[key] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buf = _scratch.__dict__[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 

@@ -161,3 +161,18 @@ def test_kv_cache_option(tmp_path, gguf_path):
     m = gemrun.load(gguf_path, kv_cache="q8_0")
     assert isinstance(m.model.make_caches()[0].k, cache.Q8)
     assert m.generate("The capital of France is", max_tokens=8, temperature=0).strip()
+
+
+def test_converted_reads_work_in_and_out_of_inference_mode():
+    """Converted reads reuse a per-thread buffer: one made under inference mode must stay writable outside it (the
+    API decodes under inference mode, other callers under no_grad)."""
+    cache._scratch.__dict__.clear()  # this thread's buffers made afresh, under inference mode
+    c = FullCache(1, 2, 16, torch.float32, "cpu", kv_type="bf16")
+    k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    c.update(k, v, torch.arange(5))
+    with torch.inference_mode():
+        first = [t.clone() for t in next(iter(c._parts(5, torch.arange(5))))[:2]]
+    with torch.no_grad():
+        again = next(iter(c._parts(5, torch.arange(5))))[:2]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(again[0], k.bfloat16().float())

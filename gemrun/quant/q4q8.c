@@ -60,9 +60,12 @@ static inline void quantize_group(const float *v, int8_t *hi, int8_t *lo, float 
     __m512i h0 = level16(t0), h1 = level16(t1);
     __m512i l0 = level16(_mm512_mul_ps(_mm512_sub_ps(t0, _mm512_cvtepi32_ps(h0)), k128));
     __m512i l1 = level16(_mm512_mul_ps(_mm512_sub_ps(t1, _mm512_cvtepi32_ps(h1)), k128));
-    _mm_storeu_si128((__m128i *)hi, _mm512_cvtepi32_epi8(h0)), _mm_storeu_si128((__m128i *)(hi + 16), _mm512_cvtepi32_epi8(h1));
-    _mm_storeu_si128((__m128i *)lo, _mm512_cvtepi32_epi8(l0)), _mm_storeu_si128((__m128i *)(lo + 16), _mm512_cvtepi32_epi8(l1));
-    int sh = _mm512_reduce_add_epi32(_mm512_add_epi32(h0, h1)), sl = _mm512_reduce_add_epi32(_mm512_add_epi32(l0, l1));
+    _mm_storeu_si128((__m128i *)hi, _mm512_cvtepi32_epi8(h0));
+    _mm_storeu_si128((__m128i *)(hi + 16), _mm512_cvtepi32_epi8(h1));
+    _mm_storeu_si128((__m128i *)lo, _mm512_cvtepi32_epi8(l0));
+    _mm_storeu_si128((__m128i *)(lo + 16), _mm512_cvtepi32_epi8(l1));
+    int sh = _mm512_reduce_add_epi32(_mm512_add_epi32(h0, h1));
+    int sl = _mm512_reduce_add_epi32(_mm512_add_epi32(l0, l1));
     *d = dd / 128.f;
     *s = dd * ((float)(sh * 128 + sl) / 128.f);
 }
@@ -259,8 +262,9 @@ static inline void chunk_params(const uint16_t *scales, const uint16_t *mins, in
                                 __m512 Mn[4]) {
     const __mmask16 k = (__mmask16)((1u << cg) - 1);
     const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, scales));
-    const __m512 m = mins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mins)) : _mm512_mul_ps(_mm512_set1_ps(-(float)zero), s);
-    const __m512i quarter = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
+    const __m512 m = mins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mins))
+                          : _mm512_mul_ps(_mm512_set1_ps(-(float)zero), s);
+    const __m512i quarter = _mm512_srli_epi32(lane_groups(16), 2);  // lane / 4
     for (int p = 0; p < 4; p++) {
         __m512i idx = _mm512_and_si512(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * p)), _mm512_set1_epi32(cg - 1));
         S[p] = _mm512_permutexvar_ps(idx, s), Mn[p] = _mm512_permutexvar_ps(idx, m);
