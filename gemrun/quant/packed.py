@@ -68,6 +68,12 @@ class Groups:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)  # called several times per layer and token: without nn.Module's hook dispatch
 
+    def _rows(self, stored: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight from their q (..., K) in lane order, dequantized to float32."""
+        q = stored[..., native.natural_order(self.in_features)].float().unflatten(-1, (-1, GROUP))
+        s = self.scales[ids].float()[..., None]
+        return ((q - self.zero) * s if self.mins is None else q * s + self.mins[ids].float()[..., None]).flatten(-2)
+
     def __setattr__(self, name: str, value) -> None:
         if name in ("qweight", "nibbles", "high", "scales", "mins", "zero"):
             self._forget()
@@ -160,8 +166,7 @@ class Int4Linear(Groups, nn.Module):
         """The inverse of `from_quants`: q (N, K) in 0..15 in element order, scales and mins (N, K / group)."""
         n, k = self.out_features, self.in_features
         if self.native:
-            b = self.nibbles.reshape(n, k // 128, 64)
-            stored = torch.cat([b & 15, b >> 4], dim=-1).reshape(n, k)  # lane order, as `pack_nibbles` wrote it
+            stored = _unnibble(self.nibbles)  # lane order, as `pack_nibbles` wrote it
             return stored[:, native.natural_order(k)], self.scales.float(), self.stored_mins().float()
         scales, zeros = self.scales_zeros.double().unbind(-1)  # PyTorch's weight = (q - 8) * scale + zero
         return _int4_unpack(self.packed, n, k), scales.T, (zeros - 8 * scales).T
@@ -180,13 +185,30 @@ class Int4Linear(Groups, nn.Module):
         return _flat(x, self.out_features, lambda a: mm(a, self.packed, self.group, self.scales_zeros)).to(x.dtype)
 
 
-class Int4Embedding(Int4Linear):
-    """The tied embedding kept 4-bit where the file's table is (Q4_0: half the bytes `Int8Embedding` would read for
-    every decoded token's head): rows dequantized on lookup, the output head through the 4-bit kernel."""
+def _unnibble(b: torch.Tensor) -> torch.Tensor:
+    """Native 4-bit rows (..., K/2) bytes -> q (..., K) in lane order (`native.pack_nibbles` undone)."""
+    b = b.reshape(*b.shape[:-1], -1, 64)
+    return torch.cat([b & 15, b >> 4], dim=-1).flatten(-2)
+
+
+class _Table:
+    """A packed linear read as the tied embedding: `forward` looks rows up (dequantized, float32; the model casts
+    to its dtype), `project` is the output head."""
 
     def __init__(self, num: int, dim: int):
         super().__init__(dim, num)
         self.num_embeddings, self.embedding_dim = num, dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_rows(ids)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class Int4Embedding(_Table, Int4Linear):
+    """The tied embedding kept 4-bit where the file's table is (Q4_0: half the bytes `Int8Embedding` would read for
+    every decoded token's head)."""
 
     @classmethod
     def of(cls, m: Int4Linear) -> Int4Embedding:
@@ -204,19 +226,7 @@ class Int4Embedding(Int4Linear):
 
     def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the table, dequantized to float32."""
-        k = self.in_features
-        b = self.nibbles[ids].reshape(*ids.shape, k // 128, 64)
-        stored = torch.cat([b & 15, b >> 4], dim=-1).reshape(*ids.shape, k)  # lane order
-        q = stored[..., native.natural_order(k)].float().unflatten(-1, (-1, GROUP))
-        s = self.scales[ids].float()[..., None]
-        q = (q - self.zero) * s if self.mins is None else q * s + self.mins[ids].float()[..., None]
-        return q.flatten(-2)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_rows(ids)  # float32; the model casts to its dtype
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)
+        return self._rows(_unnibble(self.nibbles[ids]), ids)
 
 
 def _int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -362,12 +372,7 @@ class Int8Linear(Groups, nn.Module):
         """Rows `ids` of the weight, dequantized to float32."""
         if not self.native:
             return self.weight_int8[ids].float() * self.scales[ids].float()[..., None]
-        q = self.qweight[ids][..., native.natural_order(self.in_features)].float().unflatten(-1, (-1, GROUP))
-        if self.mins is None:
-            q = (q - self.zero) * self.scales[ids].float()[..., None]
-        else:
-            q = q * self.scales[ids].float()[..., None] + self.mins[ids].float()[..., None]
-        return q.flatten(-2)
+        return self._rows(self.qweight[ids], ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and x.numel() // self.in_features < native.DENSE_ROWS:
@@ -386,12 +391,8 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Int8Embedding(Int8Linear):
+class Int8Embedding(_Table, Int8Linear):
     """The tied embedding as 8-bit rows, dequantized on lookup; `project` is the output head."""
-
-    def __init__(self, num: int, dim: int):
-        super().__init__(dim, num)
-        self.num_embeddings, self.embedding_dim = num, dim
 
     @classmethod
     def from_float(cls, w: torch.Tensor, chunk: int = 16384):
@@ -429,12 +430,6 @@ class Int8Embedding(Int8Linear):
         if dim != 0:
             raise ValueError("an embedding is cut by rows only")
         return Int8Embedding.from_parts(length, self.embedding_dim, [Int8Linear.narrow(self, 0, start, length)])
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_rows(ids)  # float32; the model casts to its dtype
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)
 
 
 def parameter_count(model: nn.Module) -> int:
