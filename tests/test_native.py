@@ -266,3 +266,58 @@ def test_a_bf16_cache_is_decoded_without_a_float_copy(monkeypatch):
         m(torch.randint(0, 512, (1, 12)), caches)
         m(torch.tensor([[5]]), caches)
     assert seen and set(seen) == {torch.bfloat16}
+
+
+def packed_tiny(seed: int = 5):
+    """A tiny Gemma 3 whose linear layers are packed (4- and 8-bit, asymmetric and symmetric) at sizes the kernels
+    take (every input a multiple of 128)."""
+    from tiny import hf_model, ours_from
+
+    m = ours_from(hf_model(seed=seed, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32))
+    for i, block in enumerate(m.layers):
+        for parent, name in [(block.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                            [(block.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]:
+            w = getattr(parent, name).weight.data
+            kind = packed.Int8Linear if (i + len(name)) % 3 == 0 else packed.Int4Linear
+            setattr(parent, name, kind.from_float(w))
+    return m
+
+
+def test_fused_blocks_give_the_unfused_bits(monkeypatch):
+    """A Gemma 3 block on packed weights runs as two native calls around attention (input norm, q/k/v, QK-norm
+    and RoPE; o_proj, residuals, norms and the MLP): the same bits as the PyTorch path, for a prompt chunk, single
+    decode steps and sequences decoded together."""
+    from gemrun.model.gemma3 import Block
+
+    m = packed_tiny()
+    calls = []
+    real = native.block_ffn
+    monkeypatch.setattr(native, "block_ffn", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        with torch.no_grad():
+            caches = m.make_caches()
+            out = [m(ids[:, :12], caches)] + [m(ids[:, i:i + 1], caches) for i in range(12, 20)]
+            seqs = [m.make_caches() for _ in range(3)]
+            for n, c in zip((5, 9, 14), seqs):
+                m(ids[:, :n], c)
+            return out + [m.decode(ids[0, [5, 9, 14]][:, None], seqs)]
+
+    fused = run()
+    assert len(calls) == len(m.layers) * (1 + 8 + 3 + 1)  # every block of every forward took the fused path
+    monkeypatch.setattr(Block, "fused", lambda self, x, rope: False)
+    for a, b in zip(fused, run()):
+        assert torch.equal(a, b)
+
+
+def test_fused_gelu_is_pytorchs():
+    """The fused MLP's gelu-tanh (Sleef's tanh from PyTorch's library) gives PyTorch's bits here; were it ever
+    not to (another build), `_tanh16` would be None and blocks would take the PyTorch path."""
+    assert native._tanh16() is not None
+    a = torch.randn(1 << 14) * 4
+    u = torch.randn(1 << 14)
+    got = torch.empty_like(a)
+    native.library().gemrun_gelu_mul(a.data_ptr(), u.data_ptr(), a.numel(), native._tanh16(), got.data_ptr())
+    assert torch.equal(got, torch.nn.functional.gelu(a, approximate="tanh") * u)

@@ -12,6 +12,8 @@ from torch import nn
 
 from ..config import LayerSpec, TextConfig
 from .decoder import Decoder
+from ..quant import native
+from ..quant.packed import native_packed
 from .layers import GatedMLP, RMSNorm, attend_positions, linears, norm_rope
 
 
@@ -38,8 +40,13 @@ class Attention(nn.Module):
         k = k.view(b, t, kv, d).transpose(1, 2)  # (B, KV, T, D)
         v = v.view(b, t, kv, d).transpose(1, 2)
         q, k = norm_rope(q, self.q_norm, *rope), norm_rope(k, self.k_norm, *rope)
+        return self.o_proj(self.cached(q, k, v, cache, positions, blocks))
+
+    def cached(self, q, k, v, cache, positions: torch.Tensor, blocks: torch.Tensor | None) -> torch.Tensor:
+        """Stores k, v (B, KV, T, D) and attends q (B, H, T, D) over the cache -> (B, T, H * D), before o_proj."""
+        b, _, t, d = q.shape
         y = cache.attend(q, k, v, positions, partial(self.attend, blocks=blocks))  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * d))
+        return y.transpose(1, 2).reshape(b, t, self.heads * d)
 
     def attend(self, q, k, v, positions, kv_positions, blocks, lse=False, stored=False):
         """q (B, H, T, D) over the cached k, v (B, KV, S, D), masked by absolute positions (T,) and (S,)."""
@@ -61,8 +68,34 @@ class Block(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
     def forward(self, x, rope, cache, positions, blocks=None):
+        if self.fused(x, rope):
+            return self.fused_forward(x, rope, cache, positions, blocks)
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, positions, blocks))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+    def fused(self, x: torch.Tensor, rope) -> bool:
+        """The two fused kernels of `fused_forward` apply: packed weights on gemrun's kernels, float32, few rows,
+        and one RoPE position for all rows or one per row (not T positions shared by B > 1 rows)."""
+        attn, mlp = self.self_attn, self.mlp
+        return (rope[0].numel() // rope[0].shape[-1] in (1, x.shape[0] * x.shape[1])
+                and native.block_fits(x, mlp.gate_proj.out_features, self.input_layernorm.weight, attn.q_norm.weight)
+                and native_packed((attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                   mlp.down_proj)))
+
+    def fused_forward(self, x, rope, cache, positions, blocks=None):
+        """`forward`'s arithmetic in two native calls around the cache: the input norm, q/k/v projections, QK-norm
+        and RoPE in one; o_proj, both residual adds, the MLP and its norms in the other."""
+        attn, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
+        b, t, _ = x.shape
+        h, kv, d = attn.heads, attn.spec.num_kv_heads, attn.spec.head_dim
+        qkv = native.block_qkv(x, self.input_layernorm.weight, RMSNorm.offset, eps,
+                               attn.q_proj.plan(attn.k_proj, attn.v_proj), h, kv, d, attn.q_norm.weight,
+                               attn.k_norm.weight, *rope).view(b, t, -1)
+        q, k, v = (z.view(b, t, -1, d).transpose(1, 2) for z in qkv.split([h * d, kv * d, kv * d], dim=-1))
+        y = attn.cached(q, k, v, cache, positions, blocks)
+        return native.block_ffn(x, y, attn.o_proj.plan(), mlp.gate_proj.plan(mlp.up_proj), mlp.down_proj.plan(),
+                                self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+                                self.post_feedforward_layernorm.weight, RMSNorm.offset, eps)
 
 
 class Gemma3(Decoder):

@@ -110,6 +110,13 @@ def _build() -> ctypes.CDLL | None:
     lib.gemrun_norm_rope.argtypes = [p, i64, i64, i64, p, f32, f32, p, p, i64, p]
     lib.gemrun_attend1.argtypes = [p, i64, i64, p, p, i32, i64, i64, i64, p, p, i64, f32, f32, p, p, i32]
     lib.gemrun_rms_norm.restype = lib.gemrun_norm_rope.restype = lib.gemrun_attend1.restype = None
+    mats = ctypes.POINTER(Matrix)
+    lib.gemrun_block_qkv.argtypes = [p, i64, i64, p, f32, f32, mats, i64, i64, i64, p, p, p, p, i64, p, p, p, p, p,
+                                     i32]
+    lib.gemrun_block_ffn.argtypes = [p, p, i64, i64, i64, i64, mats, mats, mats, p, p, p, f32, f32, p, p, p, p, p,
+                                     p, p, p, i32]
+    lib.gemrun_gelu_mul.argtypes = [p, p, i64, p, p]
+    lib.gemrun_block_qkv.restype = lib.gemrun_block_ffn.restype = lib.gemrun_gelu_mul.restype = None
     return lib
 
 
@@ -342,3 +349,70 @@ def attend1(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
                              k.stride(1), s, kv_positions.data_ptr(), positions.data_ptr(), window or 0, scale,
                              softcap or 0.0, out.data_ptr(), scratch.data_ptr(), threads)
     return out
+
+
+@functools.cache
+def _tanh16() -> int | None:
+    """The address of the vector tanh PyTorch's CPU gelu-tanh uses (Sleef's, 16 floats), when the fused blocks'
+    gelu with it gives PyTorch's bits (checked once on values across the range, infinities and NaN); else None."""
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"))
+        tanh = ctypes.cast(torch_cpu.Sleef_tanhf16_u10, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+    g = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.randn(4064, generator=g) * 10.0 ** torch.randint(-6, 3, (4064,), generator=g),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 5.0, -5.0, 9.0, -9.0, 1e4, -1e4, float("inf"),
+                                 float("-inf"), float("nan"), 3.4e38, -3.4e38, 0.5, -0.5, 1.0, -1.0, 2.0,
+                                 -2.0, 1e-3, -1e-3, 10.0, -10.0, 0.1, -0.1, 3.0, -3.0, 7.0, -7.0, 20.0])])
+    u = torch.randn(a.numel(), generator=g)
+    got = torch.empty_like(a)
+    library().gemrun_gelu_mul(a.data_ptr(), u.data_ptr(), a.numel(), tanh, got.data_ptr())
+    want = torch.nn.functional.gelu(a, approximate="tanh") * u
+    bits = [t.nan_to_num(0.0).view(torch.int32) for t in (got, want)]  # a NaN's payload may differ
+    if not (torch.equal(got.isnan(), want.isnan()) and torch.equal(*bits)):
+        log.info("fused decode blocks off: PyTorch's gelu-tanh is computed differently in this build")
+        return None
+    return tanh
+
+
+def block_fits(x: torch.Tensor, intermediate: int, *norms: torch.Tensor) -> bool:
+    """A Gemma 3 block's fused kernels apply: float32 CPU activations and norm weights, fewer rows than the dense
+    path takes, an MLP width PyTorch's gelu covers with whole vectors (a multiple of its loop's 32), and its gelu
+    reproduced (`_tanh16`)."""
+    return (x.numel() // x.shape[-1] < DENSE_ROWS and intermediate % 32 == 0 and fits(x, *norms)
+            and _tanh16() is not None)
+
+
+def block_qkv(x: torch.Tensor, w_in: torch.Tensor, offset: float, eps: float, qkv: Plan, heads: int,
+              kv_heads: int, d: int, wq: torch.Tensor, wk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> torch.Tensor:
+    """[q k v] (..., (heads + 2 kv_heads) d) = norm(x) . [Wq; Wk; Wv]^T with q's and k's heads QK-normed and
+    rotated: the input norm, the three projections, and `norm_rope` of q and k in one call. x (..., E) float32;
+    cos, sin (d,) for every row or one (d,) per row."""
+    e = x.shape[-1]
+    x = x.reshape(-1, e).contiguous()
+    m = x.shape[0]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    h = torch.empty(m, e)
+    out = torch.empty(m, (heads + 2 * kv_heads) * d)
+    library().gemrun_block_qkv(x.data_ptr(), m, e, w_in.data_ptr(), offset, eps, qkv.array, heads, kv_heads, d,
+                               wq.data_ptr(), wk.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                               0 if cos.numel() == d else d, h.data_ptr(), out.data_ptr(), *_work(m, e),
+                               torch.get_num_threads())
+    return out
+
+
+def block_ffn(x: torch.Tensor, y: torch.Tensor, o: Plan, gate_up: Plan, down: Plan, w_post_attn: torch.Tensor,
+              w_pre_ff: torch.Tensor, w_post_ff: torch.Tensor, offset: float, eps: float) -> torch.Tensor:
+    """x + post_attn(o . y), then that + post_ff(down . (gelu_tanh(gate . h) * (up . h))) with h its pre_ff norm:
+    the rest of a Gemma 3 block after attention, in one call. x (..., E), y (..., A) float32 -> (..., E)."""
+    e, a, i = x.shape[-1], y.shape[-1], gate_up.matrices[0].n
+    xs, ys = x.reshape(-1, e).contiguous(), y.reshape(-1, a).contiguous()
+    m = xs.shape[0]
+    t, g, act, out = torch.empty(2 * m * e), torch.empty(m * 2 * i), torch.empty(m * i), torch.empty(m, e)
+    library().gemrun_block_ffn(xs.data_ptr(), ys.data_ptr(), m, e, a, i, o.array, gate_up.array, down.array,
+                               w_post_attn.data_ptr(), w_pre_ff.data_ptr(), w_post_ff.data_ptr(), offset, eps,
+                               _tanh16(), t.data_ptr(), g.data_ptr(), act.data_ptr(), out.data_ptr(),
+                               *_work(m, max(e, a, i)), torch.get_num_threads())
+    return out.view(x.shape)

@@ -285,3 +285,87 @@ void gemrun_attend1(const float *q, int64_t heads, int64_t d, const void *k, con
         }
     }
 }
+
+// ---- A Gemma 3 block's decode step around its attention, for M rows (new tokens or sequences decoded together),
+// in one parallel region each instead of ~10 PyTorch operations and 3 kernel calls. The same arithmetic as the
+// unfused path: the norms above, gemrun_mm's products (q4q8.c), PyTorch's gelu-tanh with its own vector tanh
+// (Sleef's, passed in as `tanh16`), float32 adds.
+
+typedef struct matrix matrix;  // q4q8.c
+void gemrun_mm_team(const float *x, int64_t M, int64_t K, int count, const matrix *ws, float *y, int8_t *xq,
+                    float *xd, float *xs);
+typedef __m512 (*vec_fn)(__m512);
+
+// The threads split the rows of an (M, n) norm: out = norm(x); with `add`, x = norm(x) in place and then
+// out = add + x (out may be add). Row strides n.
+static inline EXACT void norm_rows(float *x, int64_t M, int64_t n, const float *w, float offset, float eps,
+                                   const float *add, float *out) {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        float *r = x + m * n;
+        norm_vec(r, n, w, offset, eps, add ? r : out + m * n);
+        if (add)
+            for (int64_t i = 0; i < n; i++) out[m * n + i] = add[m * n + i] + r[i];
+    }
+}
+
+// out = gelu_tanh(a) * u for 16 floats, as PyTorch computes 0.5 * a * (1 + tanh(beta * (a + kappa * a^3)))
+// (its build contracts a + kappa * a^3 into one fused multiply-add; `gemrun_gelu_mul` lets native.py check that).
+static inline void gelu_mul16(const float *a_, const float *u, vec_fn tanh16, float *out) {
+    const __m512 beta = _mm512_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm512_set1_ps(0.044715f);
+    __m512 a = _mm512_loadu_ps(a_);
+    __m512 inner = _mm512_mul_ps(beta, _mm512_fmadd_ps(kappa, _mm512_mul_ps(_mm512_mul_ps(a, a), a), a));
+    __m512 gelu = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), a), _mm512_add_ps(_mm512_set1_ps(1.f), tanh16(inner)));
+    _mm512_storeu_ps(out, _mm512_mul_ps(gelu, _mm512_loadu_ps(u)));
+}
+
+// gelu_mul16 over n floats (a multiple of 16).
+void gemrun_gelu_mul(const float *a, const float *u, int64_t n, vec_fn tanh16, float *out) {
+    for (int64_t i = 0; i < n; i += 16) gelu_mul16(a + i, u + i, tanh16, out + i);
+}
+
+// [q k v] (M, (H + 2 KV) D) = norm(x) . [Wq; Wk; Wv]^T, then q's and k's heads QK-normed and rotated in place.
+// x (M, E); h (M, E) scratch; cos, sin (1, D) or (M, D) (cs_stride 0 or D).
+EXACT void gemrun_block_qkv(const float *x, int64_t M, int64_t E, const float *w_in, float offset, float eps,
+                            const matrix *qkv, int64_t H, int64_t KV, int64_t D, const float *wq, const float *wk,
+                            const float *cos, const float *sin, int64_t cs_stride, float *h, float *out, int8_t *xq,
+                            float *xd, float *xs, int nthreads) {
+    const int64_t width = (H + 2 * KV) * D;
+#pragma omp parallel num_threads(nthreads)
+    {
+        norm_rows((float *)x, M, E, w_in, offset, eps, NULL, h);  // without `add` x is only read
+        gemrun_mm_team(h, M, E, 3, qkv, out, xq, xd, xs);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < M * (H + KV); j++) {  // one head of one row: q heads, then k heads
+            int64_t m = j / (H + KV), head = j % (H + KV);
+            float *v = out + m * width + head * D;
+            gemrun_norm_rope(v, 1, 1, D, head < H ? wq : wk, offset, eps, cos + m * cs_stride,
+                             sin + m * cs_stride, 0, v);
+        }
+    }
+}
+
+// out (M, E) = x + post_attn(o . y); then out += post_ff(down . (gelu_tanh(gate . h) * (up . h))), h = pre_ff(out).
+// y (M, A) the attention's output; o, gate_up (2 matrices), down packed; I the MLP's width (a multiple of 32: the
+// vector loop of PyTorch's gelu then covers every element). Scratch: t (M, E) twice, g (M, 2I), act (M, I).
+EXACT void gemrun_block_ffn(const float *x, const float *y, int64_t M, int64_t E, int64_t A, int64_t I, const matrix *o,
+                            const matrix *gate_up, const matrix *down, const float *w_post_attn,
+                            const float *w_pre_ff, const float *w_post_ff, float offset, float eps, vec_fn tanh16,
+                            float *t, float *g, float *act, float *out, int8_t *xq, float *xd, float *xs,
+                            int nthreads) {
+    float *h = t + M * E;
+#pragma omp parallel num_threads(nthreads)
+    {
+        gemrun_mm_team(y, M, A, 1, o, t, xq, xd, xs);
+        norm_rows(t, M, E, w_post_attn, offset, eps, x, out);
+        norm_rows(out, M, E, w_pre_ff, offset, eps, NULL, h);
+        gemrun_mm_team(h, M, E, 2, gate_up, g, xq, xd, xs);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < M * I; j += 16) {
+            int64_t m = j / I, i = j % I;
+            gelu_mul16(g + m * 2 * I + i, g + m * 2 * I + I + i, tanh16, act + j);
+        }
+        gemrun_mm_team(act, M, I, 1, down, t, xq, xd, xs);
+        norm_rows(t, M, E, w_post_ff, offset, eps, out, out);  // out = out + post_ff(t), row by row
+    }
+}

@@ -111,12 +111,17 @@ class Groups:
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def native_packed(modules) -> bool:
+    """Every module is a packed linear layer on gemrun's kernels."""
+    return all(isinstance(m, (Int4Linear, Int5Linear, Int8Linear)) and m.native for m in modules)
+
+
 def together(x: torch.Tensor, modules) -> list[torch.Tensor] | None:
     """The outputs of several packed linear modules on the same input x (..., K) from one kernel call (the
     activations quantized once), or None where that does not apply (then call them one by one)."""
     if x.numel() // x.shape[-1] >= native.DENSE_ROWS or len(modules) > native.MAX_TOGETHER:
         return None
-    if not all(isinstance(m, (Int4Linear, Int5Linear, Int8Linear)) and m.native for m in modules):
+    if not native_packed(modules):
         return None
     y = native.mm(x, modules[0].plan(*modules[1:]))
     y = y if x.dtype == torch.float32 else y.to(x.dtype)

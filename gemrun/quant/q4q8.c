@@ -102,7 +102,7 @@ static inline __m512i lane_groups(int cg) {
 
 // One packed matrix: q4 / q5 nibbles or q8 bytes (N rows), fp16 scales and mins per group (mins NULL: m = -zero *
 // s), q5's plane of high bits.
-typedef struct {
+typedef struct matrix {
     const uint8_t *q;
     const uint16_t *scales, *mins;
     int64_t zero, n, bits;
@@ -228,25 +228,30 @@ static void rows_block(const matrix *w, int64_t n, int nr, int64_t M, int64_t K,
 }
 
 // y (M, sum of N) = x (M, K) . [W_0; W_1; ...]^T for `count` packed matrices sharing the input: the activations are
-// quantized once (into xq (2M, K), xd and xs (M, K/32)) and the rows of all matrices shared out among the threads
-// in one parallel region.
-void gemrun_mm(const float *x, int64_t M, int64_t K, int count, const matrix *ws, float *y, int8_t *xq, float *xd,
-               float *xs, int nthreads) {
+// quantized once (into xq (2M, K), xd and xs (M, K/32)) and the rows of all matrices shared out among the threads.
+// Every thread of a parallel region calls it (ops.c's fused decode blocks run several in one region); it ends with
+// a barrier.
+void gemrun_mm_team(const float *x, int64_t M, int64_t K, int count, const matrix *ws, float *y, int8_t *xq,
+                    float *xd, float *xs) {
     int64_t ldy = 0, items = 0;
     int64_t first[8], col[8];
     for (int i = 0; i < count; i++) first[i] = items, col[i] = ldy, items += (ws[i].n + RB - 1) / RB, ldy += ws[i].n;
-#pragma omp parallel num_threads(nthreads)
-    {
-        quantize_rows(x, M, K, xq, xd, xs);  // ends with the barrier of its omp for
+    quantize_rows(x, M, K, xq, xd, xs);  // ends with the barrier of its omp for
 #pragma omp for schedule(static)
-        for (int64_t it = 0; it < items; it++) {
-            int i = count - 1;
-            while (first[i] > it) i--;
-            int64_t n = (it - first[i]) * RB;
-            int nr = ws[i].n - n < RB ? (int)(ws[i].n - n) : RB;
-            rows_block(&ws[i], n, nr, M, K, xq, xd, xs, y + col[i] + n, ldy);
-        }
+    for (int64_t it = 0; it < items; it++) {
+        int i = count - 1;
+        while (first[i] > it) i--;
+        int64_t n = (it - first[i]) * RB;
+        int nr = ws[i].n - n < RB ? (int)(ws[i].n - n) : RB;
+        rows_block(&ws[i], n, nr, M, K, xq, xd, xs, y + col[i] + n, ldy);
     }
+}
+
+// The same in one parallel region of its own.
+void gemrun_mm(const float *x, int64_t M, int64_t K, int count, const matrix *ws, float *y, int8_t *xq, float *xd,
+               float *xs, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    gemrun_mm_team(x, M, K, count, ws, y, xq, xd, xs);
 }
 
 // 16 floats -> bf16 bits, round to nearest even (finite inputs)
