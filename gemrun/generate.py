@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import trim_buffers
 from .errors import InputError
 from .sampling import SamplingParams, probabilities, sample, speculative_choice
 from .tokenizer import Tokenizer
@@ -187,6 +188,7 @@ class Sequence:
         else:
             self.logits = prefill_chunk(self.model, self.prompt, self.caches, a, b)
         if not self.chunks:
+            trim_buffers()  # a long prompt's converted-read buffers
             self.stats.prefill_seconds = time.perf_counter() - self._t0
             self._t1 = time.perf_counter()
             if self.pool is not None:  # a later prompt may diverge anywhere from here on (a reply re-rendered)

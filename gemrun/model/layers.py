@@ -147,17 +147,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """q: (B, H, T, D), k/v: (B, KV, S, D), mask: (T, S) -> (B, H, T, D). Grouped-query attention. With `lse`,
     also the log-sum-exp of each query's scores (B, H, T, 1), so that results over parts of the keys can be merged
     (`cache.merge`); a query that sees none of these keys gets 0 and -inf."""
-    if lse:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    if lse and softcap is None and q.device.type == "cpu":  # PyTorch's flash kernel: no (T, S) scores held
+        bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf")).repeat(h // kv, 1)
+        out, top = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.reshape(b, kv, h // kv * t, d), k.to(q.dtype), v.to(q.dtype), 0.0, False, attn_mask=bias, scale=scale)
+        seen = mask.any(-1)[:, None]  # (T, 1): a query that sees no key gets 0 and -inf
+        return (out.reshape(b, h, t, d).masked_fill(~seen, 0.0),
+                top.reshape(b, h, t, 1).float().masked_fill(~seen, float("-inf")))
+    if lse:  # the query heads of a KV head side by side (B, KV, G*T, D): no copy of k, v per query head
+        scores = (q.float().reshape(b, kv, h // kv * t, d) @ k.float().transpose(-1, -2)) * scale
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.view(b, h, t, -1).masked_fill(~mask, float("-inf"))  # (B, H, T, S): head = kv * G + g
         top = scores.amax(-1, keepdim=True)
         weights = torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0))
         total = weights.sum(-1, keepdim=True)
-        out = (weights @ v.float()) / total.clamp(min=1e-30)
+        out = (weights.view(b, kv, h // kv * t, -1) @ v.float()).view(b, h, t, d) / total.clamp(min=1e-30)
         return out.to(q.dtype), torch.where(total > 0, top + torch.log(total), float("-inf"))
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,

@@ -315,7 +315,8 @@ static inline void gelu_mul16(const float *a_, const float *u, vec_fn tanh16, fl
     const __m512 beta = _mm512_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm512_set1_ps(0.044715f);
     __m512 a = _mm512_loadu_ps(a_);
     __m512 inner = _mm512_mul_ps(beta, _mm512_fmadd_ps(kappa, _mm512_mul_ps(_mm512_mul_ps(a, a), a), a));
-    __m512 gelu = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), a), _mm512_add_ps(_mm512_set1_ps(1.f), tanh16(inner)));
+    __m512 gelu = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), a),
+                                _mm512_add_ps(_mm512_set1_ps(1.f), tanh16(inner)));
     _mm512_storeu_ps(out, _mm512_mul_ps(gelu, _mm512_loadu_ps(u)));
 }
 
