@@ -176,3 +176,41 @@ def test_converted_reads_work_in_and_out_of_inference_mode():
         again = next(iter(c._parts(5, torch.arange(5))))[:2]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert torch.equal(again[0], k.bfloat16().float())
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_attention_over_a_part_gives_the_masked_softmax_and_its_lse(softcap):
+    """A part of a cache read in pieces (`attend(..., lse=True)`: PyTorch's flash kernel, or the grouped explicit
+    path under a softcap) gives the masked softmax over its keys and their log-sum-exp; a query that sees none of
+    them gets 0 and -inf (the merge then ignores the part)."""
+    from gemrun.model.layers import attend
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(1, 4, 5, 32, generator=g), torch.randn(1, 2, 40, 32, generator=g), torch.randn(1, 2, 40, 32,
+                                                                                                         generator=g)
+    mask = torch.rand(5, 40, generator=g) > 0.3
+    mask[2] = False
+    out, lse = attend(q, k, v, mask, 0.2, softcap, lse=True)
+    kk, vv = k.repeat_interleave(2, dim=1).double(), v.repeat_interleave(2, dim=1).double()
+    s = (q.double() @ kk.transpose(-1, -2)) * 0.2
+    s = s if softcap is None else softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    want_lse = torch.logsumexp(s, -1, keepdim=True)
+    want = (torch.softmax(s, -1).nan_to_num(0.0) @ vv)
+    seen = mask.any(-1)
+    assert torch.allclose(out[:, :, seen].double(), want[:, :, seen], atol=1e-5)
+    assert torch.allclose(lse[:, :, seen].double(), want_lse[:, :, seen], atol=1e-5)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2])) and bool((lse[:, :, 2] == float("-inf")).all())
+
+
+def test_large_converted_reads_reuse_a_buffer_until_the_prompt_is_read():
+    """Converted-read buffers over SCRATCH_BYTES are reused while a prompt is read (a new one's pages fault in) and
+    freed by `trim_buffers`; small ones stay."""
+    shape = (1, 1, cache.SCRATCH_BYTES // 4 // 64 + 1, 64)  # just over the bound in float32
+    a = cache._buffer(0, shape, torch.float32, "cpu")
+    b = cache._buffer(0, shape, torch.float32, "cpu")
+    small = cache._buffer(1, (1, 1, 8, 64), torch.float32, "cpu")
+    assert a.data_ptr() == b.data_ptr()
+    cache.trim_buffers()
+    assert cache._scratch.__dict__.get((0, torch.float32)) is None
+    assert cache._buffer(1, (1, 1, 8, 64), torch.float32, "cpu").data_ptr() == small.data_ptr()
