@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec, TextConfig
-from .decoder import Decoder
 from ..quant import native
 from ..quant.packed import native_packed
+from .decoder import Decoder
 from .layers import GatedMLP, RMSNorm, attend_positions, linears, norm_rope
 
 

@@ -167,10 +167,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         out = (weights.view(b, kv, h // kv * t, -1) @ v.float()).view(b, h, t, d) / total.clamp(min=1e-30)
         return out.to(q.dtype), torch.where(total > 0, top + torch.log(total), float("-inf"))
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != kv)
+    k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * scale
     scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask, float("-inf"))
