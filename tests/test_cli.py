@@ -145,6 +145,18 @@ def test_threads_option():
     assert bad.returncode == 2 and "--threads" in bad.stderr
 
 
+def test_bench_at_depth(tiny_path):
+    """--depth: that many tokens are in the cache (reused, not prefilled) before each timed prompt."""
+    out = gemrun("bench", "--model", tiny_path, "--depth", "40", "--prompt-tokens", "8", "--gen-tokens", "3",
+                 "--repeat", "2")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["depth"] == 40 and res["prompt_tokens"] == 8 and len(res["runs"]) == 2
+    assert all(r["cached_tokens"] == 40 and r["decode_tok_s"] > 0 for r in res["runs"])
+    bad = gemrun("bench", "--model", tiny_path, "--depth", "1000000", "--prompt-tokens", "8")
+    assert bad.returncode != 0 and "exceed the context" in bad.stderr and "Traceback" not in bad.stderr
+
+
 # --- the REPL through a pseudo-terminal, as a person types ---------------------------------------------------------
 
 def _repl(*args):

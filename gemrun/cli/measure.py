@@ -109,7 +109,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     import statistics
 
     from ..api import load
-    from ..generate import Prompt, Stats, generate_ids
+    from ..generate import Prompt, Sequence, Stats, generate_ids
     from ..prefix import PrefixPool
     from ..sampling import SamplingParams
 
@@ -133,11 +133,14 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     runs = []
     for _ in range(max(1, repeat) + 1):  # the first run warms up and is dropped
         pool = None
-        if depth:  # the depth's KV, made untimed and handed over through a prefix pool, as a reused prefix is
+        if depth:  # the depth's KV, made untimed and handed over through a prefix pool, as a reused prefix is;
+            # its caches sized for the whole run first, as llama-bench sizes its context (depth + prompt + gen)
             pool = PrefixPool(1 << 62)
-            for _token in generate_ids(m.model, every[:depth], SamplingParams(temperature=0, max_tokens=1), set(),
-                                       m.max_context, m.tokenizer.vocab_size, Stats(), pool=pool):
-                pass
+            fill = Sequence(m.model, every[:depth], SamplingParams(temperature=0, max_tokens=len(ids) + gen_tokens),
+                            set(), m.max_context, m.tokenizer.vocab_size, pool=pool)
+            while not fill.prefilled:
+                fill.prefill_step()
+            fill.release()
         stats = Stats()
         t = time.perf_counter()  # CLOCK_MONOTONIC: the windows let a harness check what else ran meanwhile
         first = None
@@ -145,7 +148,7 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
                                    stats, draft=m.draft, pool=pool):
             first = first or time.perf_counter() - t
         runs.append((len(ids) / stats.prefill_seconds, stats.decode_tps, first, stats.acceptance_rate,
-                     (t, t + first, time.perf_counter())))
+                     (t, t + first, time.perf_counter()), stats.cached_tokens))
     runs = runs[1:]
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
@@ -157,8 +160,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
            "ttft_s": round(statistics.median(r[2] for r in runs), 3),
            "weights_bytes": sum(t.nbytes for t in [*w.parameters(), *w.buffers()]),
            "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
-           "runs": [{"prefill_tok_s": round(r[0], 2), "decode_tok_s": round(r[1], 2), "prefill_window": r[4][:2],
-                     "decode_window": r[4][1:]} for r in runs]}
+           "runs": [{"prefill_tok_s": round(r[0], 2), "decode_tok_s": round(r[1], 2), "cached_tokens": r[5],
+                     "prefill_window": r[4][:2], "decode_window": r[4][1:]} for r in runs]}
     if m.draft is not None:
         out["draft_acceptance"] = round(statistics.median(r[3] for r in runs), 3)
     if w.device.type == "cuda":
