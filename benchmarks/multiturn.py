@@ -101,13 +101,21 @@ def run_llama(args) -> list[dict]:
         proc.wait(120)
 
 
-def new_tokens_only(args, depth: int, n: int) -> float:
-    """Seconds to prefill n tokens with `depth` already cached (gemrun bench --depth)."""
-    out = subprocess.run([sys.executable, "-m", "gemrun.cli", "--threads", str(args.threads), "bench", "--model",
-                          args.model, "--depth", str(depth), "--prompt-tokens", str(n), "--gen-tokens", "1",
-                          "--repeat", "1", "--kv-cache", "bf16"], capture_output=True, text=True,
-                         check=True)  # the server's defaults: float32 activations over packed weights, bf16 KV
-    return n / json.loads(out.stdout)["prefill_tok_s"]
+def new_tokens_only(args, wanted: list[tuple[int, int]]) -> list[float]:
+    """Seconds to prefill n tokens with `depth` already cached, for each (depth, n): `gemrun bench --depth`'s
+    timed run, all in one process (the model loaded once, one run to warm up), with the server's defaults: float32
+    activations over packed weights, bf16 KV."""
+    import torch
+
+    from gemrun.api import load
+    from gemrun.cli.measure import bench_tokens, timed_run
+
+    torch.set_num_threads(args.threads)
+    m = load(args.model, kv_cache="bf16")
+    longest = max(d + n for d, n in wanted)
+    every = bench_tokens(m, longest)
+    timed_run(m, every[:wanted[0][0] + wanted[0][1]], wanted[0][0], 1)
+    return [n / timed_run(m, every[:d + n], d, 1)[0] for d, n in wanted]
 
 
 def main() -> None:
@@ -123,12 +131,14 @@ def main() -> None:
     cold = run_gemrun(args, 0.0)
     llama = run_llama(args) if args.llama_server else None
     rows = []
+    reused = {k: (w["cached_tokens"], w["prompt_tokens"] - w["cached_tokens"]) for k, w in enumerate(warm, 1)
+              if k > 1 and w["prompt_tokens"] and w["cached_tokens"]}
+    only = dict(zip(reused, new_tokens_only(args, list(reused.values())))) if reused else {}
     for k, (w, c) in enumerate(zip(warm, cold), 1):
         row = {"turn": k, "warm_ttft_s": w["ttft_s"], "cold_ttft_s": c["ttft_s"], "prompt_tokens": w["prompt_tokens"],
                "cached_tokens": w["cached_tokens"]}
-        if k > 1 and w["prompt_tokens"] and w["cached_tokens"]:
-            only = new_tokens_only(args, w["cached_tokens"], w["prompt_tokens"] - w["cached_tokens"])
-            row |= {"new_tokens_only_s": round(only, 3), "warm_over_new_only": round(w["ttft_s"] / only, 2)}
+        if k in only:
+            row |= {"new_tokens_only_s": round(only[k], 3), "warm_over_new_only": round(w["ttft_s"] / only[k], 2)}
         if llama:
             row["llama_server_ttft_s"] = llama[k - 1]["ttft_s"]
         rows.append(row)

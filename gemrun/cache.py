@@ -274,6 +274,13 @@ class _Cache(Cache):
         k[:, :, b - a:], v[:, :, b - a:] = extra[0], extra[1]
         return k, v, torch.cat([positions, extra[2]])
 
+    def _writable(self) -> bool:
+        """One new token may be stored by the kernel that attends (`store_one`): one sequence, float32 or bfloat16
+        as stored, on the CPU, no layer reading this one's K/V."""
+        t = self.k.t
+        return (self.plain and not self.shared and t.shape[0] == 1 and t.dtype in (torch.float32, torch.bfloat16)
+                and t.is_cpu)
+
     def _store(self, kv_type: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
         cls, stored = storage(kv_type, dtype)
         self.dtype = dtype  # the activations'
@@ -309,6 +316,16 @@ class FullCache(_Cache):
         self.v.write(slice(self.length, self.length + t), v)
         self.length += t
         return self._shared(self._parts(self.length, torch.arange(self.length, device=k.device)))
+
+    def store_one(self) -> tuple | None:
+        """For a kernel that stores one new token of one sequence itself and attends over the cache: (k, v, slot to
+        write, slots to attend, None: slot s holds position s), the length already advanced; None where `update`
+        must store it."""
+        if not self._writable():
+            return None
+        self._reserve(self.length + 1)
+        self.length += 1
+        return self.k.t, self.v.t, self.length - 1, self.length, None
 
     def view(self):
         """(k, v, positions) of everything cached, in the activations' dtype."""
@@ -361,12 +378,28 @@ class SlidingCache(_Cache):
         self.v.resize(new)
         self.pos = torch.cat([self.pos, self.pos.new_full((new - size,), -1)])
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Parts:
-        t = k.shape[2]
+    def _outgrow(self, t: int) -> None:
         if self.hold is not None and self.length + t - self.hold > self.window:
             # the appended part would outgrow the window: the checkpoint's ring is copied aside, the rest given up
             self.snap = (self.hold, self.k.head(self.ring), self.v.head(self.ring), self.pos[:self.ring].clone())
             self.release()
+
+    def store_one(self) -> tuple | None:
+        """As `FullCache.store_one`, with the positions of the slots (the kernel writes the new one's)."""
+        if not self._writable():
+            return None
+        self._outgrow(1)
+        if self.hold is not None:  # after the ring (see `update`)
+            self._reserve(self.ring + self.length + 1 - self.hold)
+            slot = self.ring + self.length - self.hold
+            self.length += 1
+            return self.k.t, self.v.t, slot, self._used(), self.pos
+        self.length += 1
+        return self.k.t, self.v.t, (self.length - 1) % self.ring, self.ring, self.pos
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Parts:
+        t = k.shape[2]
+        self._outgrow(t)
         if self.hold is not None:  # nothing is overwritten: write, then attend over everything kept
             self._reserve(self.ring + self.length + t - self.hold)
             slots = self._slots(positions)

@@ -284,31 +284,47 @@ def packed_tiny(seed: int = 5):
     return m
 
 
-def test_fused_blocks_give_the_unfused_bits(monkeypatch):
+@pytest.mark.parametrize("kv_type", ["auto", "bf16"])
+def test_fused_blocks_give_the_unfused_bits(monkeypatch, kv_type):
     """A Gemma 3 block on packed weights runs as two native calls around attention (input norm, q/k/v, QK-norm
-    and RoPE; o_proj, residuals, norms and the MLP): the same bits as the PyTorch path, for a prompt chunk, single
-    decode steps and sequences decoded together."""
+    and RoPE; o_proj, residuals, norms and the MLP), or, for one new token of one sequence, as one call that also
+    stores its k and v and attends: the same bits as the PyTorch path, for a prompt chunk, single decode steps
+    (the sliding rings wrapping, after a checkpoint, after a rewind to it), sequences decoded together; float32
+    and bfloat16 caches."""
     from gemrun.model.gemma3 import Block
 
     m = packed_tiny()
-    calls = []
-    real = native.block_ffn
-    monkeypatch.setattr(native, "block_ffn", lambda *a: calls.append(1) or real(*a))
-    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
+    m.kv_type = kv_type
+    calls = {"ffn": 0, "decode": 0}
+    real_ffn, real_decode = native.block_ffn, native.block_decode
+
+    def counted(name, real):
+        return lambda *a: calls.__setitem__(name, calls[name] + 1) or real(*a)
+
+    monkeypatch.setattr(native, "block_ffn", counted("ffn", real_ffn))
+    monkeypatch.setattr(native, "block_decode", counted("decode", real_decode))
+    ids = torch.randint(0, 512, (1, 26), generator=torch.Generator().manual_seed(1))
 
     def run():
         with torch.no_grad():
             caches = m.make_caches()
             out = [m(ids[:, :12], caches)] + [m(ids[:, i:i + 1], caches) for i in range(12, 20)]
+            for c in caches:
+                c.checkpoint()  # as a prefix pool does at a prompt's end: new positions go after the rings
+            out += [m(ids[:, i:i + 1], caches) for i in range(20, 23)]
+            for c in caches:
+                c.trim(3)
+            out += [m(ids[:, i:i + 1], caches) for i in range(23, 26)]
             seqs = [m.make_caches() for _ in range(3)]
             for n, c in zip((5, 9, 14), seqs):
                 m(ids[:, :n], c)
             return out + [m.decode(ids[0, [5, 9, 14]][:, None], seqs)]
 
     fused = run()
-    assert len(calls) == len(m.layers) * (1 + 8 + 3 + 1)  # every block of every forward took the fused path
+    layers = len(m.layers)
+    assert calls == {"ffn": layers * (1 + 3 + 1), "decode": layers * (8 + 3 + 3)}  # every block took a fused path
     monkeypatch.setattr(Block, "fused", lambda self, x, rope: False)
-    for a, b in zip(fused, run()):
+    for a, b in zip(fused, run(), strict=True):
         assert torch.equal(a, b)
 
 

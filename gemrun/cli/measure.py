@@ -93,6 +93,41 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def bench_tokens(m: Model, n: int) -> list[int]:
+    """n token ids of plain text (bos first), the prompts of `bench`."""
+    text = " ".join(f"The {i}th sentence of the benchmark talks about the weather in city number {i}."
+                    for i in range(n))
+    return m.tokenizer.encode(text, bos=True)[:n]
+
+
+def timed_run(m: Model, every: list[int], depth: int, gen_tokens: int) -> tuple:
+    """Prefill every[depth:] after every[:depth] and decode gen_tokens greedily (EOS ignored): (prefill tok/s,
+    decode tok/s, time to first token, draft acceptance, (start, first token, end) on CLOCK_MONOTONIC, cached
+    tokens). The depth's KV is made untimed first and handed over through a prefix pool, as a reused prefix is;
+    its caches are sized for the whole run, as llama-bench sizes its context (depth + prompt + gen)."""
+    from ..generate import Prompt, Sequence, Stats, generate_ids
+    from ..prefix import PrefixPool
+    from ..sampling import SamplingParams
+
+    pool = None
+    if depth:
+        pool = PrefixPool(1 << 62)
+        reserve = SamplingParams(temperature=0, max_tokens=len(every) - depth + gen_tokens)
+        fill = Sequence(m.model, every[:depth], reserve, set(), m.max_context, m.tokenizer.vocab_size, pool=pool)
+        while not fill.prefilled:
+            fill.prefill_step()
+        fill.release()
+    stats = Stats()
+    params = SamplingParams(temperature=0, max_tokens=gen_tokens, ignore_eos=True)
+    t = time.perf_counter()  # CLOCK_MONOTONIC: the windows let a harness check what else ran meanwhile
+    first = None
+    for _token in generate_ids(m.model, Prompt(every), params, set(), m.max_context, m.tokenizer.vocab_size, stats,
+                               draft=m.draft, pool=pool):
+        first = first or time.perf_counter() - t
+    return ((len(every) - depth) / stats.prefill_seconds, stats.decode_tps, first, stats.acceptance_rate,
+            (t, t + first, time.perf_counter()), stats.cached_tokens)
+
+
 @app.command()
 def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(help="prefill length")] = 512,
           gen_tokens: Annotated[int, typer.Option(help="decode length")] = 128,
@@ -109,9 +144,6 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     import statistics
 
     from ..api import load
-    from ..generate import Prompt, Sequence, Stats, generate_ids
-    from ..prefix import PrefixPool
-    from ..sampling import SamplingParams
 
     torch = torch_module()
     if threads is not None:
@@ -125,30 +157,9 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     if depth + prompt_tokens + gen_tokens >= m.max_context:
         raise GemrunError(f"depth {depth} + prompt {prompt_tokens} + {gen_tokens} tokens exceed the context of "
                           f"{m.max_context}")
-    text = " ".join(f"The {i}th sentence of the benchmark talks about the weather in city number {i}."
-                    for i in range(depth + prompt_tokens))
-    every = m.tokenizer.encode(text, bos=True)[:depth + prompt_tokens]
+    every = bench_tokens(m, depth + prompt_tokens)
     ids = every[depth:]
-    params = SamplingParams(temperature=0, max_tokens=gen_tokens, ignore_eos=True)
-    runs = []
-    for _ in range(max(1, repeat) + 1):  # the first run warms up and is dropped
-        pool = None
-        if depth:  # the depth's KV, made untimed and handed over through a prefix pool, as a reused prefix is;
-            # its caches sized for the whole run first, as llama-bench sizes its context (depth + prompt + gen)
-            pool = PrefixPool(1 << 62)
-            fill = Sequence(m.model, every[:depth], SamplingParams(temperature=0, max_tokens=len(ids) + gen_tokens),
-                            set(), m.max_context, m.tokenizer.vocab_size, pool=pool)
-            while not fill.prefilled:
-                fill.prefill_step()
-            fill.release()
-        stats = Stats()
-        t = time.perf_counter()  # CLOCK_MONOTONIC: the windows let a harness check what else ran meanwhile
-        first = None
-        for _token in generate_ids(m.model, Prompt(every), params, set(), m.max_context, m.tokenizer.vocab_size,
-                                   stats, draft=m.draft, pool=pool):
-            first = first or time.perf_counter() - t
-        runs.append((len(ids) / stats.prefill_seconds, stats.decode_tps, first, stats.acceptance_rate,
-                     (t, t + first, time.perf_counter()), stats.cached_tokens))
+    runs = [timed_run(m, every, depth, gen_tokens) for _ in range(max(1, repeat) + 1)]  # the first warms up
     runs = runs[1:]
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),

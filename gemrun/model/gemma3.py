@@ -84,9 +84,12 @@ class Block(nn.Module):
 
     def fused_forward(self, x, rope, cache, positions, blocks=None):
         """`forward`'s arithmetic in two native calls around the cache: the input norm, q/k/v projections, QK-norm
-        and RoPE in one; o_proj, both residual adds, the MLP and its norms in the other."""
+        and RoPE in one; o_proj, both residual adds, the MLP and its norms in the other. One new token of one
+        sequence whose cache the kernel can write: everything in one call (`native.block_decode`)."""
         attn, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
         b, t, _ = x.shape
+        if b == t == 1 and (args := self.decode_args()) is not None and (slot := cache.store_one()) is not None:
+            return native.block_decode(args, x.contiguous(), *rope, *slot, positions)
         h, kv, d = attn.heads, attn.spec.num_kv_heads, attn.spec.head_dim
         qkv = native.block_qkv(x, self.input_layernorm.weight, RMSNorm.offset, eps,
                                attn.q_proj.plan(attn.k_proj, attn.v_proj), h, kv, d, attn.q_norm.weight,
@@ -96,6 +99,26 @@ class Block(nn.Module):
         return native.block_ffn(x, y, attn.o_proj.plan(), mlp.gate_proj.plan(mlp.up_proj), mlp.down_proj.plan(),
                                 self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
                                 self.post_feedforward_layernorm.weight, RMSNorm.offset, eps)
+
+
+    def decode_args(self):
+        """`native.BlockArgs` of this block (kept while its weights stay where they are), or None where
+        `block_decode` does not take its shapes."""
+        attn, mlp = self.self_attn, self.mlp
+        norms = (self.input_layernorm.weight, attn.q_norm.weight, attn.k_norm.weight,
+                 self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+                 self.post_feedforward_layernorm.weight)
+        plans = (attn.q_proj.plan(attn.k_proj, attn.v_proj), attn.o_proj.plan(), mlp.gate_proj.plan(mlp.up_proj),
+                 mlp.down_proj.plan())
+        key = (*plans, *(w.data_ptr() for w in norms))
+        made = self.__dict__.get("_decode_args")
+        if made is None or made[0] != key:
+            d, kv = attn.spec.head_dim, attn.spec.num_kv_heads
+            fits = d % 16 == 0 and d <= 512 and attn.heads % kv == 0
+            made = self.__dict__["_decode_args"] = (key, native.block_args(
+                attn.heads, kv, d, attn.spec.window, RMSNorm.offset, self.input_layernorm.eps, attn.scale,
+                attn.softcap, norms, plans) if fits else None)
+        return made[1]
 
 
 class Gemma3(Decoder):

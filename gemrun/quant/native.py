@@ -117,6 +117,9 @@ def _build() -> ctypes.CDLL | None:
     lib.gemrun_block_ffn.argtypes = [p, p, i64, i64, i64, i64, mats, mats, mats, p, p, p, f32, f32, p, p, p, p, p,
                                      p, p, p, i32]
     lib.gemrun_gelu_mul.argtypes = [p, p, i64, p, p]
+    lib.gemrun_block_decode.argtypes = [ctypes.POINTER(BlockArgs), p, p, p, p, p, i32, i64, i64, i64, p, p, p, p, p,
+                                        p, p, p, p, p, p, p, p, i32]
+    lib.gemrun_block_decode.restype = None
     lib.gemrun_block_qkv.restype = lib.gemrun_block_ffn.restype = lib.gemrun_gelu_mul.restype = None
     return lib
 
@@ -402,6 +405,62 @@ def block_qkv(x: torch.Tensor, w_in: torch.Tensor, offset: float, eps: float, qk
                                0 if cos.numel() == d else d, h.data_ptr(), out.data_ptr(), *_work(m, e),
                                torch.get_num_threads())
     return out
+
+
+class BlockArgs(ctypes.Structure):
+    """ops.c's `block_args`: a Gemma 3 block's fixed shapes and weights for `block_decode` (made once per block; it
+    holds pointers, so it is remade when a weight's memory changes: `block_args` keys it by them)."""
+
+    _fields_ = [(n, ctypes.c_int64) for n in ("E", "H", "KV", "D", "I", "window")] + \
+               [(n, ctypes.c_float) for n in ("offset", "eps", "scale", "softcap")] + \
+               [(n, ctypes.c_void_p) for n in ("w_in", "wq", "wk", "w_post_attn", "w_pre_ff", "w_post_ff")] + \
+               [(n, ctypes.POINTER(Matrix)) for n in ("qkv", "o", "gate_up", "down")] + [("tanh16", ctypes.c_void_p)]
+
+
+def block_args(heads: int, kv_heads: int, d: int, window: int | None, offset: float, eps: float, scale: float,
+               softcap: float | None, norms: tuple[torch.Tensor, ...], plans: tuple[Plan, ...]) -> BlockArgs:
+    """The `BlockArgs` of norms (input, q, k, post-attention, pre-FFN, post-FFN weights) and plans (qkv, o,
+    gate_up, down); the struct keeps the plans alive."""
+    w_in, wq, wk, w_post_attn, w_pre_ff, w_post_ff = (w.data_ptr() for w in norms)
+    qkv, o, gate_up, down = plans
+    args = BlockArgs(norms[0].shape[0], heads, kv_heads, d, gate_up.matrices[0].n, window or 0,
+                     offset, eps, scale, softcap or 0.0, w_in, wq, wk, w_post_attn, w_pre_ff, w_post_ff,
+                     *(ctypes.cast(q.array, ctypes.POINTER(Matrix)) for q in plans), _tanh16())
+    args.plans = plans
+    return args
+
+
+def block_decode(args: BlockArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, slot: int, used: int, kv_positions: torch.Tensor | None, positions: torch.Tensor
+                 ) -> torch.Tensor:
+    """A whole Gemma 3 block for one new token of one sequence in one call: `block_qkv`, the new k and v stored
+    at `slot` of the cache k, v (1, KV, size, D) (float32 or bfloat16, contiguous) and its position at
+    kv_positions[slot] (None: slot s holds position s), `attend1` over the first `used` slots, `block_ffn`.
+    x (1, 1, E) float32 -> (1, 1, E)."""
+    e, h, d, i = args.E, args.H, args.D, args.I
+    threads = torch.get_num_threads()
+    sizes = (e, (h + 2 * args.KV) * d, h * d, h * used + threads * h * (d + 2), 2 * e, 2 * i, i)
+    buf = _floats(sum(sizes))
+    ptrs, at = [], buf.data_ptr()
+    for n in sizes:
+        ptrs.append(at)
+        at += (n + 15) // 16 * 64
+    out = torch.empty(1, 1, e)
+    library().gemrun_block_decode(ctypes.byref(args), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
+                                  v.data_ptr(), int(k.dtype == torch.bfloat16), k.stride(1), slot, used,
+                                  None if kv_positions is None else kv_positions.data_ptr(), positions.data_ptr(),
+                                  *ptrs, out.data_ptr(), *_work(1, max(e, h * d, i)), threads)
+    return out
+
+
+def _floats(n: int) -> torch.Tensor:
+    """This thread's float32 scratch of at least n floats (+ alignment), reused."""
+    need = n + 16 * 8
+    buf = getattr(_scratch, "floats", None)
+    if buf is None or buf.numel() < need:
+        with torch.inference_mode(False):
+            buf = _scratch.floats = torch.empty(need, dtype=torch.float32)
+    return buf
 
 
 def block_ffn(x: torch.Tensor, y: torch.Tensor, o: Plan, gate_up: Plan, down: Plan, w_post_attn: torch.Tensor,

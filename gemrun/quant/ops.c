@@ -9,6 +9,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 #define EXACT __attribute__((optimize("fp-contract=off")))
 
@@ -204,17 +205,14 @@ static void group_values(int64_t group, const float *e, int64_t S, const float *
 // loaded once for all the heads, the heads' sums in registers); the exponentials are taken 16 at a time. The
 // threads' partial results (max score, sum of exponentials, weighted values) are merged at the end by their
 // log-sum-exp. d a multiple of 16, at most 512; scratch: heads * S + nthreads * heads * (d + 2) floats.
-void gemrun_attend1(const float *q, int64_t heads, int64_t d, const void *k, const void *v, int kv_bf16,
-                    int64_t kv_heads, int64_t kv_stride, int64_t S, const int64_t *kv_pos, const int64_t *q_pos,
-                    int64_t window, float scale, float softcap, float *out, float *scratch, int nthreads) {
+// The body, run by every thread of the team (kv_pos NULL: slot s holds position s).
+static void attend1_team(const float *q, int64_t heads, int64_t d, const void *k, const void *v, int kv_bf16,
+                         int64_t kv_heads, int64_t kv_stride, int64_t S, const int64_t *kv_pos, const int64_t *q_pos,
+                         int64_t window, float scale, float softcap, float *out, float *scratch) {
     const int64_t qp = *q_pos, group = heads / kv_heads, nv = d / 16, width = d + 2;
     float *partial = scratch + heads * S;  // thread t, head h: top, total, acc[d] at (t * heads + h) * width
-    int used = 1;
-#pragma omp parallel num_threads(nthreads)
+    const int t = omp_get_thread_num(), T = omp_get_num_threads(), used = T;
     {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-#pragma omp single
-        used = T;
         int64_t s0 = S * t / T, s1 = S * (t + 1) / T;
         float buf[KEYS * d];
         for (int64_t kh = 0; kh < kv_heads; kh++) {
@@ -224,7 +222,7 @@ void gemrun_attend1(const float *q, int64_t heads, int64_t d, const void *k, con
                 int64_t b1 = b0 + KEYS < s1 ? b0 + KEYS : s1;
                 int any = 0;
                 for (int64_t s = b0; s < b1; s++) {
-                    int64_t p = kv_pos[s];
+                    int64_t p = kv_pos ? kv_pos[s] : s;
                     int seen = p >= 0 && p <= qp && !(window > 0 && p <= qp - window);
                     sc[s] = seen ? 0.f : -INFINITY;  // the first head's row marks the visible slots for all
                     any |= seen;
@@ -286,6 +284,14 @@ void gemrun_attend1(const float *q, int64_t heads, int64_t d, const void *k, con
     }
 }
 
+void gemrun_attend1(const float *q, int64_t heads, int64_t d, const void *k, const void *v, int kv_bf16,
+                    int64_t kv_heads, int64_t kv_stride, int64_t S, const int64_t *kv_pos, const int64_t *q_pos,
+                    int64_t window, float scale, float softcap, float *out, float *scratch, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    attend1_team(q, heads, d, k, v, kv_bf16, kv_heads, kv_stride, S, kv_pos, q_pos, window, scale, softcap, out,
+                 scratch);
+}
+
 // ---- A Gemma 3 block's decode step around its attention, for M rows (new tokens or sequences decoded together),
 // in one parallel region each instead of ~10 PyTorch operations and 3 kernel calls. The same arithmetic as the
 // unfused path: the norms above, gemrun_mm's products (q4q8.c), PyTorch's gelu-tanh with its own vector tanh
@@ -327,46 +333,106 @@ void gemrun_gelu_mul(const float *a, const float *u, int64_t n, vec_fn tanh16, f
 
 // [q k v] (M, (H + 2 KV) D) = norm(x) . [Wq; Wk; Wv]^T, then q's and k's heads QK-normed and rotated in place.
 // x (M, E); h (M, E) scratch; cos, sin (1, D) or (M, D) (cs_stride 0 or D).
+static inline EXACT void qkv_team(const float *x, int64_t M, int64_t E, const float *w_in, float offset, float eps,
+                                  const matrix *qkv, int64_t H, int64_t KV, int64_t D, const float *wq,
+                                  const float *wk, const float *cos, const float *sin, int64_t cs_stride, float *h,
+                                  float *out, int8_t *xq, float *xd, float *xs) {
+    const int64_t width = (H + 2 * KV) * D;
+    norm_rows((float *)x, M, E, w_in, offset, eps, NULL, h);  // without `add` x is only read
+    gemrun_mm_team(h, M, E, 3, qkv, out, xq, xd, xs);
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < M * (H + KV); j++) {  // one head of one row: q heads, then k heads
+        int64_t m = j / (H + KV), head = j % (H + KV);
+        float *v = out + m * width + head * D;
+        gemrun_norm_rope(v, 1, 1, D, head < H ? wq : wk, offset, eps, cos + m * cs_stride, sin + m * cs_stride, 0,
+                         v);
+    }
+}
+
 EXACT void gemrun_block_qkv(const float *x, int64_t M, int64_t E, const float *w_in, float offset, float eps,
                             const matrix *qkv, int64_t H, int64_t KV, int64_t D, const float *wq, const float *wk,
                             const float *cos, const float *sin, int64_t cs_stride, float *h, float *out, int8_t *xq,
                             float *xd, float *xs, int nthreads) {
-    const int64_t width = (H + 2 * KV) * D;
 #pragma omp parallel num_threads(nthreads)
-    {
-        norm_rows((float *)x, M, E, w_in, offset, eps, NULL, h);  // without `add` x is only read
-        gemrun_mm_team(h, M, E, 3, qkv, out, xq, xd, xs);
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < M * (H + KV); j++) {  // one head of one row: q heads, then k heads
-            int64_t m = j / (H + KV), head = j % (H + KV);
-            float *v = out + m * width + head * D;
-            gemrun_norm_rope(v, 1, 1, D, head < H ? wq : wk, offset, eps, cos + m * cs_stride,
-                             sin + m * cs_stride, 0, v);
-        }
-    }
+    qkv_team(x, M, E, w_in, offset, eps, qkv, H, KV, D, wq, wk, cos, sin, cs_stride, h, out, xq, xd, xs);
 }
 
 // out (M, E) = x + post_attn(o . y); then out += post_ff(down . (gelu_tanh(gate . h) * (up . h))), h = pre_ff(out).
 // y (M, A) the attention's output; o, gate_up (2 matrices), down packed; I the MLP's width (a multiple of 32: the
 // vector loop of PyTorch's gelu then covers every element). Scratch: t (M, E) twice, g (M, 2I), act (M, I).
+static inline EXACT void ffn_team(const float *x, const float *y, int64_t M, int64_t E, int64_t A, int64_t I,
+                                  const matrix *o, const matrix *gate_up, const matrix *down,
+                                  const float *w_post_attn, const float *w_pre_ff, const float *w_post_ff,
+                                  float offset, float eps, vec_fn tanh16, float *t, float *g, float *act, float *out,
+                                  int8_t *xq, float *xd, float *xs) {
+    float *h = t + M * E;
+    gemrun_mm_team(y, M, A, 1, o, t, xq, xd, xs);
+    norm_rows(t, M, E, w_post_attn, offset, eps, x, out);
+    norm_rows(out, M, E, w_pre_ff, offset, eps, NULL, h);
+    gemrun_mm_team(h, M, E, 2, gate_up, g, xq, xd, xs);
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < M * I; j += 16) {
+        int64_t m = j / I, i = j % I;
+        gelu_mul16(g + m * 2 * I + i, g + m * 2 * I + I + i, tanh16, act + j);
+    }
+    gemrun_mm_team(act, M, I, 1, down, t, xq, xd, xs);
+    norm_rows(t, M, E, w_post_ff, offset, eps, out, out);  // out = out + post_ff(t), row by row
+}
+
 EXACT void gemrun_block_ffn(const float *x, const float *y, int64_t M, int64_t E, int64_t A, int64_t I, const matrix *o,
                             const matrix *gate_up, const matrix *down, const float *w_post_attn,
                             const float *w_pre_ff, const float *w_post_ff, float offset, float eps, vec_fn tanh16,
                             float *t, float *g, float *act, float *out, int8_t *xq, float *xd, float *xs,
                             int nthreads) {
-    float *h = t + M * E;
+#pragma omp parallel num_threads(nthreads)
+    ffn_team(x, y, M, E, A, I, o, gate_up, down, w_post_attn, w_pre_ff, w_post_ff, offset, eps, tanh16, t, g, act,
+             out, xq, xd, xs);
+}
+
+// float -> bfloat16 bits as PyTorch converts: round to nearest even (a NaN becomes the quiet NaN 0x7fc0).
+static inline uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// A whole Gemma 3 block for one new token of one sequence, in one parallel region: block_qkv's arithmetic, the
+// new k and v stored in the cache (float32, or bfloat16 with kv_bf16) at `slot`, and its position in kv_pos where
+// the cache keeps positions (a sliding-window ring; NULL: slot s holds position s), attend1 over the first S slots,
+// then block_ffn's. The block's fixed shapes and weights come in `w` (made once, see native.py's BlockArgs);
+// scratch: h (E), qkv ((H + 2 KV) D), y (H D), att (attend1's), t (2 E), g (2 I), act (I).
+typedef struct {
+    int64_t E, H, KV, D, I, window;
+    float offset, eps, scale, softcap;
+    const float *w_in, *wq, *wk, *w_post_attn, *w_pre_ff, *w_post_ff;
+    const matrix *qkv, *o, *gate_up, *down;
+    vec_fn tanh16;
+} block_args;
+
+EXACT void gemrun_block_decode(const block_args *w, const float *x, const float *cos, const float *sin, void *k,
+                               void *v, int kv_bf16, int64_t kv_stride, int64_t slot, int64_t S, int64_t *kv_pos,
+                               const int64_t *q_pos, float *h, float *qkv, float *y, float *att, float *t, float *g,
+                               float *act, float *out, int8_t *xq, float *xd, float *xs, int nthreads) {
+    const int64_t H = w->H, KV = w->KV, D = w->D;
 #pragma omp parallel num_threads(nthreads)
     {
-        gemrun_mm_team(y, M, A, 1, o, t, xq, xd, xs);
-        norm_rows(t, M, E, w_post_attn, offset, eps, x, out);
-        norm_rows(out, M, E, w_pre_ff, offset, eps, NULL, h);
-        gemrun_mm_team(h, M, E, 2, gate_up, g, xq, xd, xs);
+        qkv_team(x, 1, w->E, w->w_in, w->offset, w->eps, w->qkv, H, KV, D, w->wq, w->wk, cos, sin, 0, h, qkv, xq, xd,
+                 xs);
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < M * I; j += 16) {
-            int64_t m = j / I, i = j % I;
-            gelu_mul16(g + m * 2 * I + i, g + m * 2 * I + I + i, tanh16, act + j);
+        for (int64_t kh = 0; kh < KV; kh++) {  // the new k and v into their slot
+            const float *nk = qkv + (H + kh) * D, *nv = qkv + (H + KV + kh) * D;
+            int64_t at = kh * kv_stride + slot * D;
+            if (kv_bf16)
+                for (int64_t j = 0; j < D; j++)
+                    ((uint16_t *)k)[at + j] = bf16_bits(nk[j]), ((uint16_t *)v)[at + j] = bf16_bits(nv[j]);
+            else
+                memcpy((float *)k + at, nk, D * 4), memcpy((float *)v + at, nv, D * 4);
+            if (kh == 0 && kv_pos) kv_pos[slot] = *q_pos;
         }
-        gemrun_mm_team(act, M, I, 1, down, t, xq, xd, xs);
-        norm_rows(t, M, E, w_post_ff, offset, eps, out, out);  // out = out + post_ff(t), row by row
+        attend1_team(qkv, H, D, k, v, kv_bf16, KV, kv_stride, S, kv_pos, q_pos, w->window, w->scale, w->softcap, y,
+                     att);
+        ffn_team(x, y, 1, w->E, H * D, w->I, w->o, w->gate_up, w->down, w->w_post_attn, w->w_pre_ff, w->w_post_ff,
+                 w->offset, w->eps, w->tanh16, t, g, act, out, xq, xd, xs);
     }
 }
