@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec, TextConfig
-from ..quant import native
+from ..quant import native, packed
 from ..quant.packed import native_packed
 from .decoder import Decoder
 from .layers import GatedMLP, RMSNorm, attend_positions, linears, norm_rope
@@ -68,6 +68,9 @@ class Block(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
     def forward(self, x, rope, cache, positions, blocks=None):
+        if (x.shape[0] == x.shape[1] == 1 and x.dtype == torch.float32 and x.is_cpu
+                and (args := self.decode_args()) is not None and (slot := cache.store_one()) is not None):
+            return native.block_decode(args, x.contiguous(), *rope, *slot, positions)  # see fused_forward
         if self.fused(x, rope):
             return self.fused_forward(x, rope, cache, positions, blocks)
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, positions, blocks))
@@ -84,12 +87,10 @@ class Block(nn.Module):
 
     def fused_forward(self, x, rope, cache, positions, blocks=None):
         """`forward`'s arithmetic in two native calls around the cache: the input norm, q/k/v projections, QK-norm
-        and RoPE in one; o_proj, both residual adds, the MLP and its norms in the other. One new token of one
-        sequence whose cache the kernel can write: everything in one call (`native.block_decode`)."""
+        and RoPE in one; o_proj, both residual adds, the MLP and its norms in the other. (One new token of one
+        sequence whose cache the kernel can write takes one call for everything: `native.block_decode`.)"""
         attn, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
         b, t, _ = x.shape
-        if b == t == 1 and (args := self.decode_args()) is not None and (slot := cache.store_one()) is not None:
-            return native.block_decode(args, x.contiguous(), *rope, *slot, positions)
         h, kv, d = attn.heads, attn.spec.num_kv_heads, attn.spec.head_dim
         qkv = native.block_qkv(x, self.input_layernorm.weight, RMSNorm.offset, eps,
                                attn.q_proj.plan(attn.k_proj, attn.v_proj), h, kv, d, attn.q_norm.weight,
@@ -102,23 +103,31 @@ class Block(nn.Module):
 
 
     def decode_args(self):
-        """`native.BlockArgs` of this block (kept while its weights stay where they are), or None where
-        `block_decode` does not take its shapes."""
-        attn, mlp = self.self_attn, self.mlp
-        norms = (self.input_layernorm.weight, attn.q_norm.weight, attn.k_norm.weight,
-                 self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
-                 self.post_feedforward_layernorm.weight)
-        plans = (attn.q_proj.plan(attn.k_proj, attn.v_proj), attn.o_proj.plan(), mlp.gate_proj.plan(mlp.up_proj),
-                 mlp.down_proj.plan())
-        key = (*plans, *(w.data_ptr() for w in norms))
+        """`native.BlockArgs` for `block_decode`, or None where the fused kernels do not take this block (float32
+        activations are the caller's to check). Made once and kept while no packed weight's buffers change and the
+        norm weights stay where they are; checked on every call, so read through the module dicts (nn.Module's
+        attribute lookup costs more than the rest of the call)."""
+        mods, attn = self._modules, self._modules["self_attn"]._modules
+        norms = (mods["input_layernorm"]._parameters["weight"], attn["q_norm"]._parameters["weight"],
+                 attn["k_norm"]._parameters["weight"], mods["post_attention_layernorm"]._parameters["weight"],
+                 mods["pre_feedforward_layernorm"]._parameters["weight"],
+                 mods["post_feedforward_layernorm"]._parameters["weight"])
+        key = (packed.generation(), *(w.data_ptr() for w in norms))
         made = self.__dict__.get("_decode_args")
         if made is None or made[0] != key:
-            d, kv = attn.spec.head_dim, attn.spec.num_kv_heads
-            fits = d % 16 == 0 and d <= 512 and attn.heads % kv == 0
-            made = self.__dict__["_decode_args"] = (key, native.block_args(
-                attn.heads, kv, d, attn.spec.window, RMSNorm.offset, self.input_layernorm.eps, attn.scale,
-                attn.softcap, norms, plans) if fits else None)
+            made = self.__dict__["_decode_args"] = (key, self._make_decode_args(norms))
         return made[1]
+
+    def _make_decode_args(self, norms):
+        attn, mlp = self.self_attn, self.mlp
+        d, kv = attn.spec.head_dim, attn.spec.num_kv_heads
+        probe = norms[0].new_empty(1, 1, norms[0].shape[0])  # what fused() asks of x, on a decode step's shape
+        if not (self.fused(probe, (probe[0, :, :d], None)) and d % 16 == 0 and d <= 512 and attn.heads % kv == 0):
+            return None
+        plans = (attn.q_proj.plan(attn.k_proj, attn.v_proj), attn.o_proj.plan(), mlp.gate_proj.plan(mlp.up_proj),
+                 mlp.down_proj.plan())
+        return native.block_args(attn.heads, kv, d, attn.spec.window, RMSNorm.offset, self.input_layernorm.eps,
+                                 attn.scale, attn.softcap, norms, plans)
 
 
 class Gemma3(Decoder):

@@ -423,10 +423,14 @@ def block_args(heads: int, kv_heads: int, d: int, window: int | None, offset: fl
     gate_up, down); the struct keeps the plans alive."""
     w_in, wq, wk, w_post_attn, w_pre_ff, w_post_ff = (w.data_ptr() for w in norms)
     qkv, o, gate_up, down = plans
-    args = BlockArgs(norms[0].shape[0], heads, kv_heads, d, gate_up.matrices[0].n, window or 0,
-                     offset, eps, scale, softcap or 0.0, w_in, wq, wk, w_post_attn, w_pre_ff, w_post_ff,
-                     *(ctypes.cast(q.array, ctypes.POINTER(Matrix)) for q in plans), _tanh16())
+    e, i = norms[0].shape[0], gate_up.matrices[0].n
+    args = BlockArgs(e, heads, kv_heads, d, i, window or 0, offset, eps, scale, softcap or 0.0, w_in, wq, wk,
+                     w_post_attn, w_pre_ff, w_post_ff, *(ctypes.cast(q.array, ctypes.POINTER(Matrix)) for q in plans),
+                     _tanh16())
     args.plans = plans
+    # block_decode's scratch in floats: h, qkv, y, then attend1's (heads per slot + a fixed part), t, g, act
+    args.sizes = (e, (heads + 2 * kv_heads) * d, heads * d, 2 * e, 2 * i, i)
+    args.widest = max(e, heads * d, i)
     return args
 
 
@@ -437,29 +441,29 @@ def block_decode(args: BlockArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch
     at `slot` of the cache k, v (1, KV, size, D) (float32 or bfloat16, contiguous) and its position at
     kv_positions[slot] (None: slot s holds position s), `attend1` over the first `used` slots, `block_ffn`.
     x (1, 1, E) float32 -> (1, 1, E)."""
-    e, h, d, i = args.E, args.H, args.D, args.I
+    h = args.H
     threads = torch.get_num_threads()
-    sizes = (e, (h + 2 * args.KV) * d, h * d, h * used + threads * h * (d + 2), 2 * e, 2 * i, i)
-    buf = _floats(sum(sizes))
-    ptrs, at = [], buf.data_ptr()
-    for n in sizes:
-        ptrs.append(at)
-        at += (n + 15) // 16 * 64
+    e, qkv, y, t, g, act = args.sizes
+    att = h * used + threads * h * (args.D + 2)
+    buf = _floats(e + qkv + y + att + t + g + act + 7 * 16).data_ptr()
+    ptrs = [buf]
+    for n in (e, qkv, y, att, t, g):  # each part 64-byte aligned
+        buf += (n + 15) // 16 * 64
+        ptrs.append(buf)
     out = torch.empty(1, 1, e)
     library().gemrun_block_decode(ctypes.byref(args), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
-                                  v.data_ptr(), int(k.dtype == torch.bfloat16), k.stride(1), slot, used,
+                                  v.data_ptr(), k.dtype == torch.bfloat16, k.stride(1), slot, used,
                                   None if kv_positions is None else kv_positions.data_ptr(), positions.data_ptr(),
-                                  *ptrs, out.data_ptr(), *_work(1, max(e, h * d, i)), threads)
+                                  *ptrs, out.data_ptr(), *_work(1, args.widest), threads)
     return out
 
 
 def _floats(n: int) -> torch.Tensor:
-    """This thread's float32 scratch of at least n floats (+ alignment), reused."""
-    need = n + 16 * 8
+    """This thread's float32 scratch of at least n floats, reused."""
     buf = getattr(_scratch, "floats", None)
-    if buf is None or buf.numel() < need:
+    if buf is None or buf.numel() < n:
         with torch.inference_mode(False):
-            buf = _scratch.floats = torch.empty(need, dtype=torch.float32)
+            buf = _scratch.floats = torch.empty(n, dtype=torch.float32)
     return buf
 
 

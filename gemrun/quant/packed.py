@@ -32,6 +32,13 @@ INNER_K_TILES = 2
 ZEROS = {4: (8,), 5: (16,), 8: (128, 16)}  # symmetric zero points: Q4_0 and HF int4; Q5_0; Q8_0 (int8 + 128), Q5_0
 
 
+_generation = 0  # bumped whenever a packed weight's buffers change: what was made from their pointers is stale
+
+
+def generation() -> int:
+    return _generation
+
+
 def symmetric_zero(scales: torch.Tensor, mins: torch.Tensor, bits: int) -> int | None:
     """The integer z with min = -z * scale in every group (scales as stored, fp16), or None: then the kernels need
     no minimum and the weights stay exact."""
@@ -84,6 +91,8 @@ class Groups:
         return super()._apply(fn, recurse)
 
     def _forget(self) -> None:
+        global _generation
+        _generation += 1
         self.__dict__.pop("_matrix", None)
         self.__dict__.pop("_plans", None)
 
