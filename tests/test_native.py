@@ -337,3 +337,29 @@ def test_fused_gelu_is_pytorchs():
     got = torch.empty_like(a)
     native.library().gemrun_gelu_mul(a.data_ptr(), u.data_ptr(), a.numel(), native._tanh16(), got.data_ptr())
     assert torch.equal(got, torch.nn.functional.gelu(a, approximate="tanh") * u)
+
+
+def test_one_call_decode_follows_replaced_weights(monkeypatch):
+    """The one-call decode keeps its weights' pointers between steps: a linear module swapped for another, or a
+    norm weight given new memory, after a step is what the next step uses (as the PyTorch path does)."""
+    from gemrun.model.gemma3 import Block
+
+    m = packed_tiny()
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(2))
+
+    def steps():
+        with torch.no_grad():
+            caches = m.make_caches()
+            m(ids[:, :4], caches)
+            return [m(ids[:, i:i + 1], caches) for i in (4, 5)]
+
+    steps()  # the blocks' arguments are made here
+    down = torch.nn.Linear(256, 128, bias=False)
+    down.weight.data = torch.randn(128, 256, generator=torch.Generator().manual_seed(3)) * 0.05
+    m.layers[1].mlp.down_proj = down  # a float module: that block leaves the fused path
+    m.layers[2].post_feedforward_layernorm.weight.data = torch.randn(128, generator=torch.Generator().manual_seed(4))
+    fused = steps()
+    monkeypatch.setattr(Block, "fused", lambda self, x, rope: False)
+    monkeypatch.setattr(Block, "decode_args", lambda self: None)
+    for a, b in zip(fused, steps(), strict=True):
+        assert torch.equal(a, b)

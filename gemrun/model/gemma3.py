@@ -101,18 +101,18 @@ class Block(nn.Module):
                                 self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
                                 self.post_feedforward_layernorm.weight, RMSNorm.offset, eps)
 
-
     def decode_args(self):
         """`native.BlockArgs` for `block_decode`, or None where the fused kernels do not take this block (float32
-        activations are the caller's to check). Made once and kept while no packed weight's buffers change and the
-        norm weights stay where they are; checked on every call, so read through the module dicts (nn.Module's
-        attribute lookup costs more than the rest of the call)."""
-        mods, attn = self._modules, self._modules["self_attn"]._modules
+        activations are the caller's to check). Made once and kept while the linear modules are the same ones, no
+        packed weight's buffers change and the norm weights stay where they are; checked on every call, so read
+        through the module dicts (nn.Module's attribute lookup costs more than the rest of the call)."""
+        mods, attn, mlp = self._modules, self._modules["self_attn"]._modules, self._modules["mlp"]._modules
         norms = (mods["input_layernorm"]._parameters["weight"], attn["q_norm"]._parameters["weight"],
                  attn["k_norm"]._parameters["weight"], mods["post_attention_layernorm"]._parameters["weight"],
                  mods["pre_feedforward_layernorm"]._parameters["weight"],
                  mods["post_feedforward_layernorm"]._parameters["weight"])
-        key = (packed.generation(), *(w.data_ptr() for w in norms))
+        key = (packed.generation(), attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"], mlp["gate_proj"],
+               mlp["up_proj"], mlp["down_proj"], *(w.data_ptr() for w in norms))
         made = self.__dict__.get("_decode_args")
         if made is None or made[0] != key:
             made = self.__dict__["_decode_args"] = (key, self._make_decode_args(norms))
