@@ -348,7 +348,7 @@ def attend1(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
     q, kv_positions, positions = q.contiguous(), kv_positions.contiguous(), positions.contiguous()
     out = torch.empty_like(q)
     threads = torch.get_num_threads()
-    scratch = torch.empty(h * s + threads * h * (d + 2), dtype=torch.float32)
+    scratch = _floats(_attend_floats(h, s, d, threads))
     library().gemrun_attend1(q.data_ptr(), h, d, k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), kvh,
                              k.stride(1), s, kv_positions.data_ptr(), positions.data_ptr(), window or 0, scale,
                              softcap or 0.0, out.data_ptr(), scratch.data_ptr(), threads)
@@ -409,7 +409,7 @@ def block_qkv(x: torch.Tensor, w_in: torch.Tensor, offset: float, eps: float, qk
 
 class BlockArgs(ctypes.Structure):
     """ops.c's `block_args`: a Gemma 3 block's fixed shapes and weights for `block_decode` (made once per block; it
-    holds pointers, so it is remade when a weight's memory changes: `block_args` keys it by them)."""
+    holds pointers, so the block remakes it when a weight's memory changes: `Block.decode_args`)."""
 
     _fields_ = [(n, ctypes.c_int64) for n in ("E", "H", "KV", "D", "I", "window")] + \
                [(n, ctypes.c_float) for n in ("offset", "eps", "scale", "softcap")] + \
@@ -444,7 +444,7 @@ def block_decode(args: BlockArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch
     h = args.H
     threads = torch.get_num_threads()
     e, qkv, y, t, g, act = args.sizes
-    att = h * used + threads * h * (args.D + 2)
+    att = _attend_floats(h, used, args.D, threads)
     buf = _floats(e + qkv + y + att + t + g + act + 7 * 16).data_ptr()
     ptrs = [buf]
     for n in (e, qkv, y, att, t, g):  # each part 64-byte aligned
@@ -456,6 +456,11 @@ def block_decode(args: BlockArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch
                                   None if kv_positions is None else kv_positions.data_ptr(), positions.data_ptr(),
                                   *ptrs, out.data_ptr(), *_work(1, args.widest), threads)
     return out
+
+
+def _attend_floats(heads: int, slots: int, d: int, threads: int) -> int:
+    """Floats of attend1's scratch: every head's scores, then each thread's partial results per head."""
+    return heads * slots + threads * heads * (d + 2)
 
 
 def _floats(n: int) -> torch.Tensor:
