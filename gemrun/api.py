@@ -10,6 +10,7 @@ import torch
 
 from .errors import ConfigError, GemrunError
 from .generate import Prompt, Stats, prefill, stream
+from .quant.native import release_openmp_workers
 from .runtime import Runtime, check_kv_type, open_checkpoint
 from .sampling import SamplingParams
 from .weights.embedded import default_model_path
@@ -134,4 +135,5 @@ def load(path: str | Path | None = None, device: str = "auto", dtype: str = "aut
     model = Model(loaded, loaded.tokenizer, max_context, kv_cache=kv_cache)
     if model.draft is not None:
         model.draft.k = model.draft.check_tokens(draft_tokens)
+    release_openmp_workers()  # loading ran parallel work here; generating may happen in another thread
     return model

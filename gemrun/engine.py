@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from .errors import GemrunError, ModelLost
 from .generate import Prompt, Sequence, Stats, Token, check_context, decode_step
+from .quant.native import release_openmp_workers
 from .sampling import SamplingParams
 
 log = logging.getLogger("gemrun.engine")
@@ -176,6 +177,9 @@ class Engine:
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> Engine:
+        """Start the step loop's thread, the one that computes from here on: the calling thread lets its OpenMP
+        workers go (`native.release_openmp_workers`), or each of the engine's parallel regions would run throttled."""
+        release_openmp_workers()
         self._thread = threading.Thread(target=self._run, name="gemrun-engine", daemon=True)
         self._thread.start()
         return self

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,60 @@ def test_spinning_threads_go_to_sleep_when_work_stops():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | chosen
     out = subprocess.run([sys.executable, "-c", IDLE], env=env, capture_output=True, text=True, check=True)
     assert float(out.stdout) < 0.3, f"{out.stdout.strip()} s of CPU in 1 s of idling"
+
+
+POOLS = """
+import asyncio, json, os, torch
+import gemrun
+from gemrun.engine import Engine
+from gemrun.generate import stop_ids_for
+from gemrun.quant.native import release_openmp_workers
+from gemrun.sampling import SamplingParams
+from gemrun.server.runner import Service
+
+torch.set_num_threads(2)
+threads = lambda: len(os.listdir("/proc/self/task"))
+parallel = lambda: torch.ones(1 << 22).exp_()  # a parallel region: the calling thread's pool gets a worker
+out = {}
+base = threads()
+parallel()
+out["main_pool"] = threads() - base
+release_openmp_workers()
+out["released"] = threads() - base
+
+m = gemrun.load()
+out["after_load"] = threads() - base
+parallel()  # a user computed here before handing the model to an engine
+engine = Engine(m).start()
+params = SamplingParams(temperature=0, max_tokens=2)
+list(engine.submit(m.prompts().text("Hello"), params, stop_ids_for(m.model, params)))
+out["engine"] = threads() - base  # the engine's thread and its worker; the caller's worker is gone
+
+service = Service(m, engine, "m")
+
+
+async def prompt_work():
+    await service._off_loop(lambda: None)  # the loop's worker thread exists from here on
+    idle = threads()
+    await service._off_loop(parallel)  # a prompt worker's parallel work (an image's encoder)
+    return threads() - idle
+
+
+out["prompt_worker"] = asyncio.run(prompt_work())
+engine.stop()
+print(json.dumps(out))
+"""
+
+
+def test_only_the_computing_thread_keeps_openmp_workers():
+    """libgomp throttles every barrier's spinning once more threads hold worker pools than there are cores: the
+    engine's prefill ran 1.4-2x slower after the loader or a prompt worker had run parallel work. A thread done
+    with the compute lets its workers go: the loader, a thread handing its model to an engine, a prompt worker."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    run = subprocess.run([sys.executable, "-c", POOLS], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["main_pool"] == 1 and out["released"] == 0, out
+    assert out["after_load"] == 0, out
+    assert out["engine"] == 2, out
+    assert out["prompt_worker"] == 0, out

@@ -139,6 +139,30 @@ def library() -> ctypes.CDLL | None:
         return _lib
 
 
+@functools.cache
+def _pause_openmp():
+    """libgomp's `omp_pause_resource_all` (the runtime torch loaded, which our kernels share: one library per
+    soname), or None under another OpenMP runtime."""
+    try:
+        fn = ctypes.CDLL("libgomp.so.1").omp_pause_resource_all
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def release_openmp_workers() -> None:
+    """Let the calling thread's OpenMP worker threads go (it gets new ones if it computes again). libgomp counts
+    every thread that ever led a parallel region, with its pool; once that count exceeds the cores, every thread
+    waiting at a barrier spins ~100 times and sleeps instead of spinning for milliseconds, so each of a forward's
+    hundreds of regions pays futex wake-ups: a second thread that once ran parallel work (the loader, a prompt
+    worker that encoded an image) made the engine thread's prefill 1.4-2x slower, with 100x the context switches.
+    A thread done with its share of the compute calls this."""
+    fn = _pause_openmp()
+    if fn is not None:
+        fn(1)  # omp_pause_soft; -1 (refused) inside a parallel region, where it is a no-op
+
+
 def available() -> bool:
     return library() is not None
 

@@ -15,6 +15,7 @@ from ..errors import GemrunError, InputError
 from ..formats.messages import forced
 from ..generate import Prompt, Stats, TextStream, Token, stop_ids_for
 from ..processing.source import CLIENT
+from ..quant.native import release_openmp_workers
 from ..runtime import Runtime
 from ..sampling import SamplingParams
 
@@ -105,8 +106,14 @@ class Service:
     async def _off_loop(self, fn, *args, **kw):
         """Run prompt work in a worker thread, at most PROMPT_WORKERS at a time: the event loop (and /health)
         stays responsive whatever a request holds."""
+        def work():
+            try:
+                return fn(*args, **kw)
+            finally:  # an image's encoder ran parallel regions in this long-lived pool thread: the engine's alone
+                release_openmp_workers()
+
         async with self.prompt_slots:
-            return await asyncio.to_thread(fn, *args, **kw)
+            return await asyncio.to_thread(work)
 
     async def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: Any = None,
                           think: bool | None = None, image_tokens: int | None = None) -> Prompt:
