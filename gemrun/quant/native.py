@@ -156,7 +156,7 @@ def release_openmp_workers() -> None:
     every thread that ever led a parallel region, with its pool; once that count exceeds the cores, every thread
     waiting at a barrier spins ~100 times and sleeps instead of spinning for milliseconds, so each of a forward's
     hundreds of regions pays futex wake-ups: a second thread that once ran parallel work (the loader, a prompt
-    worker that encoded an image) made the engine thread's prefill 1.4-2x slower, with 100x the context switches.
+    worker that encoded an image) made the engine thread's prefill 1.3-2x slower, with 100x the context switches.
     A thread done with its share of the compute calls this."""
     fn = _pause_openmp()
     if fn is not None:
