@@ -5,7 +5,7 @@ request to its first streamed token. The "new tokens only" column is what prefil
 takes at that depth (`gemrun bench --depth`), the goal for a warm turn.
 
     python benchmarks/multiturn.py --model 12b-q4_0.gguf --turns 10 --new-tokens 150 --threads 2 \\
-        [--llama-server /work/llamacpp/build/bin/llama-server] [--think]   (Gemma 4: thinking on)
+        [--llama-server /work/llamacpp/build/bin/llama-server] [--think] [--runs 3]   (Gemma 4: thinking on)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -104,7 +105,8 @@ def run_llama(args) -> list[dict]:
 def new_tokens_only(args, wanted: list[tuple[int, int]]) -> list[float]:
     """Seconds to prefill n tokens with `depth` already cached, for each (depth, n): `gemrun bench --depth`'s
     timed run, all in one process (the model loaded once, one run to warm up), with the server's defaults: float32
-    activations over packed weights, bf16 KV."""
+    activations over packed weights, bf16 KV. The median of --runs timings (a prefill's time moves 10-20% between
+    runs on a shared machine)."""
     import torch
 
     from gemrun.api import load
@@ -115,7 +117,7 @@ def new_tokens_only(args, wanted: list[tuple[int, int]]) -> list[float]:
     longest = max(d + n for d, n in wanted)
     every = bench_tokens(m, longest)
     timed_run(m, every[:wanted[0][0] + wanted[0][1]], wanted[0][0], 1)
-    return [n / timed_run(m, every[:d + n], d, 1)[0] for d, n in wanted]
+    return [statistics.median(n / timed_run(m, every[:d + n], d, 1)[0] for _ in range(args.runs)) for d, n in wanted]
 
 
 def main() -> None:
@@ -126,6 +128,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--llama-server")
     ap.add_argument("--think", action="store_true")
+    ap.add_argument("--runs", type=int, default=1, help="new-tokens-only timings per turn (their median)")
     args = ap.parse_args()
     warm = run_gemrun(args, 4.0)
     cold = run_gemrun(args, 0.0)
