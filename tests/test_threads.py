@@ -128,7 +128,7 @@ print(json.dumps(out))
 
 def test_only_the_computing_thread_keeps_openmp_workers():
     """libgomp throttles every barrier's spinning once more threads hold worker pools than there are cores: the
-    engine's prefill ran 1.4-2x slower after the loader or a prompt worker had run parallel work. A thread done
+    engine's prefill ran 1.3-2x slower after the loader or a prompt worker had run parallel work. A thread done
     with the compute lets its workers go: the loader, a thread handing its model to an engine, a prompt worker."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     run = subprocess.run([sys.executable, "-c", POOLS], env=env, capture_output=True, text=True, timeout=300)
