@@ -147,10 +147,12 @@ class Sequence:
         reused = None if pool is None else pool.take(self.prompt.cache_key, self.prompt.blocks, not keep_hidden)
         self.caches, cached, self.end_logits = reused or (model.make_caches(capacity=min(max_context, n + want),
                                                                             spare=spare), 0, None)
-        self.counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=device)
-        seen = torch.tensor([i for i in self.prompt.ids if i < model.config.vocab_size], dtype=torch.long,
-                            device=device)
-        self.counts.index_add_(0, seen, torch.ones(len(seen), device=device))
+        self.counts: torch.Tensor | None = None  # (V,) tokens seen, kept only when a penalty reads it
+        if params.penalized:
+            self.counts = torch.zeros(model.config.vocab_size, dtype=torch.float32, device=device)
+            seen = torch.tensor([i for i in self.prompt.ids if i < model.config.vocab_size], dtype=torch.long,
+                                device=device)
+            self.counts.index_add_(0, seen, torch.ones(len(seen), device=device))
         self.gen = params.generator(device)
         # an identical prompt's end came with its logits: one empty step (n, n) hands them over
         self.chunks = [(n, n)] if self.end_logits is not None else chunk_bounds(n, chunk, self.prompt.blocks,
@@ -237,7 +239,8 @@ class Sequence:
         if self.matcher is not None:
             self.matcher.accept(token.id)
         self.tokens.append(token)
-        self.counts[token.id] += 1
+        if self.counts is not None:
+            self.counts[token.id] += 1
         self.stats.generated_tokens += 1
         self.stats.decode_seconds = time.perf_counter() - self._t1
         if token.id in self.stop_ids or (self.matcher is not None and self.matcher.is_terminated):

@@ -74,16 +74,26 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty reads the counts of tokens seen."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """This request's own generator: seeded, or from the system's entropy (not `torch.seed()`, which reseeds
+        the process's default generators on every device type, ~1 ms a request)."""
         g = torch.Generator(device=device)
-        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        if self.seed is not None:
+            g.manual_seed(self.seed)
+        else:
+            g.seed()
         return g
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
     """logits (V,), counts (V,) of tokens seen so far (prompt and output). Only the seen entries change, so the
     cost follows the number of distinct tokens seen, not the 262k vocabulary."""
-    if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
+    if not p.penalized:
         return logits
     seen = counts.nonzero().squeeze(-1)
     x, n = logits[seen], counts[seen]
@@ -152,7 +162,7 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
 
 
-def sample(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+def sample(logits: torch.Tensor, counts: torch.Tensor | None, p: SamplingParams, gen: torch.Generator) -> int:
     """One token id from float32 logits (V,). Order as in HF: penalties, temperature, top-k, top-p, min-p.
     With top-k on, top-p and min-p run over the k survivors only (the same distribution, without sorting the
     whole vocabulary every token)."""
@@ -170,7 +180,7 @@ def sample(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams, gen: t
     return choice if ids is None else int(ids[choice])
 
 
-def probabilities(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, counts: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
     """The distribution `sample` draws from, as a full (V,) float32 vector (speculative sampling compares the
     target's and the drafter's)."""
     logits = apply_penalties(logits, counts, p)

@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -260,6 +262,34 @@ class PieceCodec:
         return ((self.id_to_token(i), i) for i in range(self.size()))
 
 
+class PieceCache:
+    """Ids of the text pieces between a template's control tokens, least recently used first out, bounded by the
+    characters it holds. A conversation's prompt repeats every earlier turn's pieces; tokenizing only the new ones
+    keeps its assembly from growing with the conversation (10 Gemma 4 turns, ~2,900 tokens: 7 -> <1 ms)."""
+
+    def __init__(self, max_chars: int = 2 << 20):
+        self.max_chars, self.chars = max_chars, 0
+        self.entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, text: str) -> tuple[int, ...] | None:
+        with self.lock:
+            ids = self.entries.get(text)
+            if ids is not None:
+                self.entries.move_to_end(text)
+            return ids
+
+    def put(self, text: str, ids: tuple[int, ...]) -> None:
+        if len(text) > self.max_chars // 4:
+            return
+        with self.lock:
+            if text not in self.entries:
+                self.entries[text] = ids
+                self.chars += len(text)
+            while self.chars > self.max_chars:
+                self.chars -= len(self.entries.popitem(last=False)[0])
+
+
 class Tokenizer:
     def __init__(self, codec: LibraryCodec | PieceCodec, bos_id: int = 2, eos_id: int = 1, pad_id: int = 0,
                  add_bos: bool = True, chat_template: str | None = None, max_token_bytes: int | None = None):
@@ -273,6 +303,7 @@ class Tokenizer:
         # at load, not inside the first long request (deriving it scans the vocabulary: ~0.5 s at 262K tokens)
         self.max_token_bytes = max_token_bytes or self.longest_piece_bytes()
         self.vocab_size = codec.size()
+        self.pieces_seen = PieceCache()
 
     @property
     def backend(self) -> Backend:
@@ -316,7 +347,13 @@ class Tokenizer:
         return ids + self._plain(rendered[pos:])
 
     def _plain(self, text: str) -> list[int]:
-        return self.codec.encode(_UNESCAPE.sub(r"\1", text)) if text else []
+        if not text:
+            return []
+        ids = self.pieces_seen.get(text)
+        if ids is None:
+            ids = tuple(self.codec.encode(_UNESCAPE.sub(r"\1", text)))
+            self.pieces_seen.put(text, ids)
+        return list(ids)
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.codec.decode(list(ids), skip_special)

@@ -105,3 +105,28 @@ def test_fast_top_k_and_argmax_equal_torch():
     assert not has_finite(torch.full((10,), float("-inf"))) and has_finite(torch.tensor([float("inf"), 0.0]))
     with pytest.raises(InputError, match="finite"):
         sample(torch.full((300,), float("nan")), torch.zeros(300), SamplingParams(), torch.Generator())
+
+
+def test_a_request_leaves_the_process_generators_alone_and_penalties_see_prompt_and_output():
+    """An unseeded request draws its own seed without reseeding torch's default generator (a caller's
+    torch.manual_seed stays in force); penalty counts cover the prompt and every generated token, and are kept
+    only when a penalty reads them."""
+    import tiny
+
+    from gemrun.generate import Sequence
+
+    model = tiny.ours_from(tiny.hf_model())
+    vocab = model.config.vocab_size
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    seq = Sequence(model, [2, 5, 6, 7], SamplingParams(), set(), 64, vocab)
+    assert torch.equal(torch.get_rng_state(), state) and seq.counts is None
+    while not seq.prefilled:
+        seq.prefill_step()
+    seq.choose(seq.logits)
+    penalized = Sequence(model, [2, 5, 6, 5], SamplingParams(temperature=0, presence_penalty=2.0), set(), 64,
+                         vocab)
+    while not penalized.prefilled:
+        penalized.prefill_step()
+    seen = [2, 5, 6, 5, penalized.choose(penalized.logits).id]
+    assert all(penalized.counts[t] == seen.count(t) for t in seen) and penalized.counts.sum() == len(seen)

@@ -73,3 +73,33 @@ def test_bad_messages(model_270m):
         normalize_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], tok)
     with pytest.raises(TemplateError, match="does not compile"):
         ChatTemplate("{% for %}")
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_time_limit_stops_a_render_in_and_out_of_the_main_thread(where, monkeypatch):
+    """The sandbox's clock: an interval timer in the main thread (no trace hook slowing every render), a trace
+    hook elsewhere; a loop that prints nothing is stopped either way and the timer does not outlive the render."""
+    import signal
+    import threading
+
+    from gemrun.formats import sandbox
+
+    monkeypatch.setattr(sandbox, "TIME_LIMIT", 0.2)
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% set x = i %}{% endfor %}{% endfor %}"
+    errors = []
+
+    def run():
+        try:
+            sandbox.render(loop, {})
+        except sandbox.SandboxError as e:
+            errors.append(str(e))
+        assert sandbox.render("{{ 1 + 1 }}", {}) == "2"
+
+    if where == "main":
+        run()
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    else:
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(20)
+    assert errors and "ran longer" in errors[0]

@@ -40,6 +40,34 @@ def test_template_special_tokens_are_control_tokens(tok):
     assert tok.specials["<start_of_image>"] == 255999
 
 
+def test_template_pieces_are_tokenized_once_and_the_cache_stays_bounded(tok, monkeypatch):
+    """The ids of a template's text pieces are remembered: the same ids as tokenizing afresh, each new piece
+    tokenized once, the cache bounded by the characters it holds."""
+    from gemrun.tokenizer import PieceCache
+
+    calls = []
+    real = tok.codec.encode
+    monkeypatch.setattr(tok.codec, "encode", lambda text: calls.append(text) or real(text))
+    turns = [f"<start_of_turn>user\n{s} {i}<end_of_turn>\n" for i, s in enumerate(SAMPLES)]
+    for bound in (1 << 20, 120):
+        monkeypatch.setattr(tok, "pieces_seen", PieceCache(max_chars=bound))
+        total = 0
+        for n in range(1, len(turns) + 1):
+            text = "<bos>" + "".join(turns[:n])
+            total += len(calls)
+            calls.clear()
+            ids = tok.encode_template(text)
+            fresh = [2]
+            for t in turns[:n]:
+                fresh += [105, *real(t[len("<start_of_turn>"):-len("<end_of_turn>\n")]), 106, *real("\n")]
+            assert ids == fresh
+            assert tok.pieces_seen.chars <= bound
+            if bound > 120:  # only the new turn's text (and on the first pass the newline)
+                assert len(calls) == 1 + (n == 1)
+        if bound == 120:  # evicted (or too long to keep) pieces are tokenized again
+            assert total + len(calls) > len(turns) + 1
+
+
 def test_stream_decoder_never_breaks_characters(tok):
     for text in SAMPLES:
         ids = tok.encode(text)

@@ -3,13 +3,18 @@ process: `python -I sandbox.py LIMIT` caps its address space at LIMIT bytes, the
 ({"source", "context"}) and answers one JSON line ({"text"} or {"error"}). jinja2's immutable sandbox forbids
 unsafe attributes and mutation; here a trace hook adds a time limit, the output is capped, and the memory cap
 bounds whatever a template builds (`'a' | center(10**9)`, format widths, joins, concatenation chains), including
-the constant expressions jinja2 evaluates while compiling."""
+the constant expressions jinja2 evaluates while compiling.
+
+The time limit is an interval timer (SIGALRM) where the platform has one: a trace hook, called on every line the
+template's code runs, made a long conversation's render ~5x slower (Gemma 4's template, 10 turns: 11 -> 2 ms)."""
 
 from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 
 from jinja2 import TemplateError as JinjaError
@@ -71,9 +76,28 @@ def _compile(source: str):
     return _checked(ENV.from_string, source)
 
 
-def render(source: str, context: dict) -> str:
-    """Compile and render, with the time limit (a trace hook also stops loops that print nothing) and the output
-    cap."""
+class _Late(BaseException):
+    """Raised by the timer: a BaseException, so no `except Exception` on the way swallows it (and the timer repeats
+    until the render has stopped)."""
+
+
+def _late(signum, frame):
+    raise _Late
+
+
+def _timed(run):
+    """run() under the time limit: the interval timer in the main thread where there is one, else a trace hook
+    (which also stops loops that print nothing)."""
+    if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGALRM, _late)
+        signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT, 0.05)
+        try:
+            return run()
+        except _Late:
+            raise SandboxError(f"chat template ran longer than {TIME_LIMIT} s") from None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
     deadline = time.monotonic() + TIME_LIMIT
 
     def tracer(frame, event, arg):
@@ -81,23 +105,33 @@ def render(source: str, context: dict) -> str:
             raise SandboxError(f"chat template ran longer than {TIME_LIMIT} s")
         return tracer
 
-    out, size = [], 0
     previous = sys.gettrace()
     sys.settrace(tracer)
     try:
+        return run()
+    finally:
+        sys.settrace(previous)
+
+
+def render(source: str, context: dict) -> str:
+    """Compile and render, with the time limit and the output cap."""
+
+    def run() -> str:
+        out, size = [], 0
         for chunk in _compile(source).generate(**context):
             size += len(chunk)
             if size > MAX_OUTPUT:
                 raise SandboxError(f"chat template output exceeds {MAX_OUTPUT} characters")
             out.append(chunk)
+        return "".join(out)
+
+    try:
+        return _timed(run)
     except SandboxError:
         raise
     except (JinjaError, TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError,
             OverflowError) as e:
         raise SandboxError(f"chat template failed: {type(e).__name__}: {e}") from None
-    finally:
-        sys.settrace(previous)
-    return "".join(out)
 
 
 def main() -> None:
@@ -114,6 +148,8 @@ def main() -> None:
             reply = {"text": render(request["source"], request["context"])}
         except SandboxError as e:
             reply = {"error": str(e)}
+        except _Late:  # the timer fired just as a render ended
+            reply = {"error": f"chat template ran longer than {TIME_LIMIT} s"}
         except MemoryError:
             reply = {"error": f"chat template needs more than {limit >> 20} MiB"}
         except (ValueError, KeyError, TypeError) as e:
