@@ -10,7 +10,7 @@ import torch
 
 from .errors import ConfigError, GemrunError
 from .generate import Prompt, Stats, prefill, stream
-from .quant.native import release_openmp_workers
+from .quant.native import release_openmp_workers, set_prefill
 from .runtime import Runtime, check_kv_type, open_checkpoint
 from .sampling import SamplingParams
 from .weights.embedded import default_model_path
@@ -111,7 +111,7 @@ def load(path: str | Path | None = None, device: str = "auto", dtype: str = "aut
          max_context: int | None = None, progress: Progress | None = None, mmproj: str | Path | None = None,
          pan_and_scan: bool = False, packed: bool | None = None, quantize: str | None = None,
          draft: str | Path | None = None, draft_tokens: int = 4, kv_cache: str = "auto",
-         tp: int | None = None) -> Model:
+         tp: int | None = None, prefill: str | None = None) -> Model:
     """Load a GGUF file or an HF directory (safetensors); with no path, the embedded Gemma 3 270M. A GGUF's
     vision encoder comes from a separate llama.cpp-style `mmproj` GGUF. Pan & Scan is off by default, as in
     the reference preprocessor. `packed` keeps a GGUF's quantized matrices low-bit for the CPU kernels.
@@ -122,10 +122,18 @@ def load(path: str | Path | None = None, device: str = "auto", dtype: str = "aut
     `kv_cache` is the KV caches' precision: "auto" (the activations' dtype), "f32", "bf16" or "q8_0" (int8 blocks
     with a scale per 32 values, as llama.cpp's `-ctk/-ctv q8_0`: about half of bf16's memory). `tp` > 1 splits the
     model over that many processes (tensor parallelism, `gemrun.distributed`): this one leads, the others are
-    spawned, or were started by torchrun (whose other ranks follow inside this call)."""
+    spawned, or were started by torchrun (whose other ranks follow inside this call). `prefill` chooses the
+    packed weights' kernel for long prompts, for the whole process: "auto" (one int8 level per activation block for
+    Q4_0 / Q8_0 / Q5_0, as llama.cpp; bf16 tiles for the other formats), "exact" (the decode kernel: ~14-bit
+    activations, every row's result the same in any batch), "bf16" or "int8" (`quant.native.PREFILLS`)."""
     from .distributed import open_parallel, wanted
 
     check_kv_type(kv_cache, ())  # a bad name fails before the weights are read
+    if prefill is not None:
+        try:
+            set_prefill(prefill)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if wanted(tp):
         if draft is not None or kv_cache != "auto":
             raise ConfigError("a drafter and --kv-cache other than auto do not run with tensor parallelism yet")

@@ -363,3 +363,59 @@ def test_one_call_decode_follows_replaced_weights(monkeypatch):
     monkeypatch.setattr(Block, "decode_args", lambda self: None)
     for a, b in zip(fused, steps(), strict=True):
         assert torch.equal(a, b)
+
+
+def one_level(x: torch.Tensor) -> torch.Tensor:
+    """x as the long-prompt int8 kernel sees it: per block of 32, d = max|x| / 127 and round-half-even(x / d)
+    clamped to -127..127, times d (float64)."""
+    b = x.float().reshape(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127  # in float32, as the kernel
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(b * inv).clamp(-127, 127)
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (5, True), (8, True), (8, False)])
+@pytest.mark.parametrize("rows, n, k", [(64, 96, 640), (69, 37, 1152), (130, 12, 384)])
+def test_long_prompt_int8_kernel_is_one_level_q8_arithmetic(bits, symmetric, rows, n, k):
+    """The long-prompt int8 kernel (4 x 2 tiles, panels of rows; odd rows and weight rows, chunks of 16, 8 and 4
+    groups) computes exactly x quantized to one int8 level per block of 32 times the packed weights (up to float32
+    summation), for every packed format, symmetric or with minimums."""
+    g = torch.Generator().manual_seed(rows + n + bits)
+    top = (1 << bits) - 1
+    q = torch.randint(0, top + 1, (n, k), generator=g)
+    s = (torch.rand(n, k // 32, generator=g) * 0.05 + 1e-3).half()
+    zero = (top + 1) // 2
+    m = None if symmetric else (-zero * s.float() + torch.randn(n, k // 32, generator=g) * 0.01).half()
+    mins = -zero * s.double() if m is None else m.double()
+    w = q.double() * s.double().repeat_interleave(32, 1) + mins.repeat_interleave(32, 1)
+    x = torch.randn(rows, k, generator=g) * 2
+    x[3, :32] = 0  # an all-zero block
+    stored = native.q8_reorder(q) if bits == 8 else native.pack_nibbles(q & 15)  # kept alive: `matrix` points in
+    high = native.pack_high(q) if bits == 5 else None
+    got = native.mm(x, [native.matrix(bits, stored, s, m, zero, high)], levels=1).double()
+    want = one_level(x) @ w.T
+    assert (got - want).abs().max() <= 2e-6 * want.abs().max()
+    exact = x.double() @ w.T  # one level is ~q8_0 away from the float product: near, not equal
+    assert 1e-5 * exact.abs().max() < (got - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
+def test_the_prefill_kernel_setting(monkeypatch):
+    """auto: one int8 level for symmetric formats (Q4_0 / Q8_0 / Q5_0), bf16 tiles where minimums are stored;
+    a set kernel applies to every format; a wrong name is refused; long prompts follow it, short ones never."""
+    nib, s, m, _ = q4_case()
+    monkeypatch.setattr(native, "PREFILL", "auto")
+    assert native.prefill_kernel(None) == "int8" and native.prefill_kernel(m) == "bf16"
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        native.set_prefill("fp8")
+    x = torch.randn(70, 640, generator=torch.Generator().manual_seed(9))
+    exact = native.mm(x, [native.matrix(4, nib, s, None, 8)])
+    results = {}
+    for kind in native.PREFILLS:
+        native.set_prefill(kind)
+        assert native.prefill_kernel(m) == (kind if kind != "auto" else "bf16")
+        results[kind] = native.q4_mm(x, nib, s, None, 8)
+        assert torch.equal(native.q4_mm(x[:5], nib, s, None, 8), exact[:5])  # short: the decode kernel always
+    assert torch.equal(results["exact"], exact)  # each row as alone
+    assert torch.equal(results["auto"], results["int8"]) and not torch.equal(results["int8"], exact)
+    assert not torch.equal(results["bf16"], results["int8"])

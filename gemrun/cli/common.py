@@ -64,9 +64,15 @@ KvOpt = Annotated[str, typer.Option("--kv-cache", help="KV cache precision: auto
                                     "| bf16 | q8_0 (about half of bf16's memory, as llama.cpp's -ctk/-ctv q8_0)")]
 
 
+PrefillOpt = Annotated[str | None, typer.Option("--prefill", help="packed weights' kernel for long prompts: auto "
+                                                "(int8 activations for Q4_0/Q8_0/Q5_0 as llama.cpp, bf16 otherwise) "
+                                                "| exact (the decode kernel, ~14-bit activations) | bf16 | int8")]
+
+
 def load_model(model: str | None, device: str, dtype: str, max_context: int | None = None, quiet: bool = False,
                mmproj: str | None = None, pan_and_scan: bool = False, quantize: str | None = None,
-               packed: bool | None = None, kv_cache: str = "auto", tp: int | None = None) -> Model:
+               packed: bool | None = None, kv_cache: str = "auto", tp: int | None = None,
+               prefill: str | None = None) -> Model:
     torch_module()
     from ..api import load
 
@@ -74,7 +80,7 @@ def load_model(model: str | None, device: str, dtype: str, max_context: int | No
                   transient=True, disable=quiet) as bar:
         task = bar.add_task("load", total=None)
         m = load(model, device=device, dtype=dtype, max_context=max_context, mmproj=mmproj,
-                 pan_and_scan=pan_and_scan, quantize=quantize, packed=packed, kv_cache=kv_cache, tp=tp,
+                 pan_and_scan=pan_and_scan, quantize=quantize, packed=packed, kv_cache=kv_cache, tp=tp, prefill=prefill,
                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     return m
 

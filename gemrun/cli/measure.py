@@ -19,6 +19,7 @@ from .common import (
     MmprojOpt,
     ModelOpt,
     PackedOpt,
+    PrefillOpt,
     QuantOpt,
     TpOpt,
     app,
@@ -51,11 +52,12 @@ ChunkOpt = Annotated[int, typer.Option(help="tokens per forward pass (packed CPU
 @app.command()
 def perplexity(file: Annotated[Path, typer.Argument(help="UTF-8 text file")], model: ModelOpt = None,
                context: ContextOpt = 1024, chunk: ChunkOpt = 256, device: DeviceOpt = "auto",
-               dtype: DtypeOpt = "auto", quantize: QuantOpt = None, packed: PackedOpt = None) -> None:
+               dtype: DtypeOpt = "auto", quantize: QuantOpt = None, packed: PackedOpt = None,
+               prefill: PrefillOpt = None) -> None:
     """Perplexity of FILE: the text is cut into windows of CONTEXT tokens, each starting with <bos>."""
     from ..quality import evaluate
 
-    m = load_model(model, device, dtype, quantize=quantize, packed=packed)
+    m = load_model(model, device, dtype, quantize=quantize, packed=packed, prefill=prefill)
     t0 = time.perf_counter()
     res = evaluate(m, _read_ids(m, file), context=context, chunk=chunk)
     print(json.dumps(res.as_dict()))
@@ -69,12 +71,13 @@ def quality(file: Annotated[Path, typer.Argument(help="UTF-8 text file")], model
             context: ContextOpt = 1024, chunk: ChunkOpt = 256, device: DeviceOpt = "auto",
             dtype: DtypeOpt = "auto", quantize: QuantOpt = None, packed: PackedOpt = None,
             ref_dtype: Annotated[str, typer.Option(help="dtype of the reference")] = "float32",
-            ref_quantize: Annotated[str | None, typer.Option(help="quantize the reference at load")] = None) -> None:
+            ref_quantize: Annotated[str | None, typer.Option(help="quantize the reference at load")] = None,
+            prefill: PrefillOpt = None) -> None:
     """What MODEL's format costs against REF on FILE: both perplexities, mean and max KL(REF || MODEL) of the
     next-token distributions, top-1 agreement (teacher-forced)."""
     from ..quality import evaluate
 
-    a = load_model(model, device, dtype, quantize=quantize, packed=packed)
+    a = load_model(model, device, dtype, quantize=quantize, packed=packed, prefill=prefill)
     b = load_model(ref or model, device, ref_dtype, quantize=ref_quantize)
     t0 = time.perf_counter()
     res = evaluate(a, _read_ids(b, file), ref=b, context=context, chunk=chunk)
@@ -137,20 +140,22 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
                                              "-d): prefill and decode at that depth")] = 0,
           device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
           packed: PackedOpt = None, quantize: QuantOpt = None, mmproj: MmprojOpt = None, draft: DraftOpt = None,
-          draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto", tp: TpOpt = None) -> None:
+          draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto", tp: TpOpt = None,
+          prefill: PrefillOpt = None) -> None:
     """Prefill tokens/s (PROMPT_TOKENS prompt), decode tokens/s (GEN_TOKENS, greedy, EOS ignored), time to
     first token, and peak RSS, as JSON on stdout (medians over REPEAT runs); with --depth, after DEPTH tokens
     already in the KV cache (filled untimed before each run)."""
     import statistics
 
     from ..api import load
+    from ..quant import native
 
     torch = torch_module()
     if threads is not None:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     m = load(model, device=device, dtype=dtype, packed=packed, quantize=quantize, mmproj=mmproj, draft=draft,
-             draft_tokens=draft_tokens, kv_cache=kv_cache, tp=check_tp(tp, draft))
+             draft_tokens=draft_tokens, kv_cache=kv_cache, tp=check_tp(tp, draft), prefill=prefill)
     load_s = time.perf_counter() - t0
     if depth and m.draft is not None:
         raise GemrunError("--depth and --draft together are not supported (drafted runs take no cached prefix)")
@@ -164,7 +169,8 @@ def bench(model: ModelOpt = None, prompt_tokens: Annotated[int, typer.Option(hel
     w = m.model
     out = {"model": str(m.loaded.path), "format": m.loaded.format, "dtype": str(w.dtype).replace("torch.", ""),
            "packed": type(w.layers[0].mlp.up_proj).__name__ != "Linear", "threads": torch.get_num_threads(),
-           "tp": getattr(w, "world", 1), "load_s": round(load_s, 2), "kv_cache": m.model.kv_type, "depth": depth,
+           "tp": getattr(w, "world", 1), "load_s": round(load_s, 2), "kv_cache": m.model.kv_type,
+           "prefill": native.PREFILL, "depth": depth,
            "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
            "prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
            "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),

@@ -22,6 +22,7 @@ from .common import (
     MmprojOpt,
     ModelOpt,
     PackedOpt,
+    PrefillOpt,
     Pres,
     QuantOpt,
     Rep,
@@ -53,12 +54,12 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")], mo
              dtype: DtypeOpt = "auto", max_context: MaxCtx = None,
              quantize: QuantOpt = None, packed: PackedOpt = None, draft: DraftOpt = None,
              draft_tokens: DraftTokens = 4, mmproj: MmprojOpt = None, kv_cache: KvOpt = "auto",
-             tp: TpOpt = None) -> None:
+             tp: TpOpt = None, prefill: PrefillOpt = None) -> None:
     """Continue PROMPT as raw text and stream the continuation only."""
     params = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                       frequency_penalty, seed, stop)
     m = load_model(model, device, dtype, max_context, quantize=quantize, packed=packed, mmproj=mmproj,
-                   kv_cache=kv_cache, tp=check_tp(tp, draft))
+                   kv_cache=kv_cache, tp=check_tp(tp, draft), prefill=prefill)
     use_drafter(m, draft, draft_tokens)
     clamp(params, m)
     emit(m.generate(prompt, params, stream=True))
@@ -91,7 +92,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
          image_tokens: Annotated[int | None, typer.Option("--image-tokens", help="Gemma 4 soft tokens per image: "
                                                           "70, 140, 280 (default), 560, 1120 (OCR)")] = None,
          draft: DraftOpt = None, draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto",
-         tp: TpOpt = None) -> None:
+         tp: TpOpt = None, prefill: PrefillOpt = None) -> None:
     """Chat through the model's template. Interactive (like `ollama run`): /help lists the commands (/system,
     /image, /reset, /save FILE, /load FILE, /bye); end a line with \\ to continue it; Ctrl-C stops a reply."""
     from ..repl import Conversation, Repl
@@ -99,7 +100,7 @@ def chat(model: ModelOpt = None, message: Annotated[str | None, typer.Option("--
     params = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                       frequency_penalty, seed, stop)
     m = load_model(model, device, dtype, max_context, mmproj=mmproj, pan_and_scan=pan_and_scan, quantize=quantize,
-                   packed=packed, kv_cache=kv_cache, tp=check_tp(tp, draft))
+                   packed=packed, kv_cache=kv_cache, tp=check_tp(tp, draft), prefill=prefill)
     use_drafter(m, draft, draft_tokens)
     clamp(params, m)
     kinds = m.prompts().media_kinds
@@ -154,7 +155,7 @@ def serve(model: ModelOpt = None,
           quantize: QuantOpt = None,
           log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
           draft: DraftOpt = None, draft_tokens: DraftTokens = 4, kv_cache: KvOpt = "auto",
-          tp: TpOpt = None) -> None:
+          tp: TpOpt = None, prefill: PrefillOpt = None) -> None:
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs, batching concurrent requests."""
     import logging
 
@@ -203,7 +204,7 @@ def serve(model: ModelOpt = None,
         from ..api import load
 
         m = load(model, device=device, dtype=dtype, max_context=max_context, mmproj=mmproj,
-                 quantize=quantize, kv_cache=serve_kv, tp=tp)
+                 quantize=quantize, kv_cache=serve_kv, tp=tp, prefill=prefill)
         if hasattr(m.model, "on_lost"):  # a rank died: requests get 503, and the server exits non-zero
             m.model.on_lost = lambda reason: (lost.append(reason), setattr(server, "should_exit", True))
         return m

@@ -26,8 +26,8 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c
          "-shared", "-fPIC"]
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}
 GROUP = 32
-DENSE_ROWS = 64  # from this many activation rows on (long prompts), dequantize to bf16 and use a dense matmul;
-# batched decoding stays below it (the engine's batch limit), so a sequence's decode never changes kernels
+DENSE_ROWS = 64  # from this many activation rows on (long prompts) the prefill kernel (PREFILL) runs; batched
+# decoding stays below it (the engine's batch limit), so a sequence's decode never changes kernels
 
 MAX_TOGETHER = 8  # matrices in one `mm` call (gemrun_mm's bound)
 
@@ -57,6 +57,23 @@ class Plan:
         self.count, self.n = len(matrices), sum(w.n for w in matrices)
 
 
+PREFILLS = ("auto", "exact", "bf16", "int8")
+# the kernel of long prompts (DENSE_ROWS rows and more): "exact" the decode kernel (two int8 levels per activation,
+# batch-invariant), "bf16" dequantized tiles through a dense bf16 matmul, "int8" one int8 level per block of 32 in
+# tiles of many rows; "auto" see `prefill_kernel`. GEMRUN_PREFILL sets it for a process, `--prefill` per command.
+PREFILL = "auto"
+
+
+def set_prefill(kind: str) -> None:
+    """Choose the kernel of long prompts for this process (PREFILLS)."""
+    global PREFILL
+    if kind not in PREFILLS:
+        raise ValueError(f"prefill must be one of {', '.join(PREFILLS)}, got {kind!r}")
+    PREFILL = kind
+
+
+if os.environ.get("GEMRUN_PREFILL"):
+    set_prefill(os.environ["GEMRUN_PREFILL"])
 _lib: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
@@ -100,7 +117,8 @@ def _build() -> ctypes.CDLL | None:
             os.replace(tmp_so, out)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gemrun_mm.argtypes = [p, i64, i64, i32, ctypes.POINTER(Matrix), p, p, p, p, i32]
+    lib.gemrun_mm.argtypes = lib.gemrun_mm1.argtypes = [p, i64, i64, i32, ctypes.POINTER(Matrix), p, p, p, p, i32]
+    lib.gemrun_mm1.restype = None
     lib.gemrun_q8_dequant.argtypes = [p, p, p, i64, i64, i64, p, i32]
     lib.gemrun_nibble_dequant.argtypes = [p, p, p, p, i64, i64, i64, p, i32]
     lib.gemrun_mm.restype = lib.gemrun_nibble_dequant.restype = lib.gemrun_q8_dequant.restype = None
@@ -230,9 +248,11 @@ def _dense(x: torch.Tensor, n: int, k: int, fill) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
-def mm(x: torch.Tensor, weights: list[Matrix] | Plan) -> torch.Tensor:
+def mm(x: torch.Tensor, weights: list[Matrix] | Plan, levels: int = 2) -> torch.Tensor:
     """(..., K) activations x several packed weights sharing them -> float32 (..., N_0 + N_1 + ...): the
-    activations are quantized once and one parallel region covers the rows of every matrix."""
+    activations are quantized once and one parallel region covers the rows of every matrix. `levels` 2: about 14
+    bits per activation, each row's result the same in any batch (decode); 1: one int8 level per block of 32, as
+    llama.cpp's Q8_0 activations, in tiles of many rows (long prompts)."""
     plan = weights if isinstance(weights, Plan) else Plan(weights)
     k = x.shape[-1]
     a = x.reshape(-1, k)
@@ -240,15 +260,28 @@ def mm(x: torch.Tensor, weights: list[Matrix] | Plan) -> torch.Tensor:
         a = a.to(torch.float32).contiguous()
     m = a.shape[0]
     y = torch.empty(m, plan.n, dtype=torch.float32)
-    library().gemrun_mm(a.data_ptr(), m, k, plan.count, plan.array, y.data_ptr(), *_work(m, k),
-                        torch.get_num_threads())
+    if levels == 2:
+        library().gemrun_mm(a.data_ptr(), m, k, plan.count, plan.array, y.data_ptr(), *_work(m, k),
+                            torch.get_num_threads())
+    else:
+        library().gemrun_mm1(a.data_ptr(), m, k, plan.count, plan.array, y.data_ptr(), *_work(m, k),
+                             torch.get_num_threads())
     return y.view(*x.shape[:-1], plan.n)
+
+
+def prefill_kernel(mins: torch.Tensor | None) -> str:
+    """The kernel for many activation rows: PREFILL, where "auto" is "int8" for symmetric formats (Q4_0, Q8_0,
+    Q5_0: llama.cpp's own arithmetic for them, ~1.7x the bf16 path on a CPU without AMX) and "bf16" for the rest."""
+    if PREFILL != "auto":
+        return PREFILL
+    return "int8" if mins is None else "bf16"
 
 
 def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
         zero: int, high: torch.Tensor | None = None) -> torch.Tensor:
     n, k = q.shape[0], x.shape[-1]
-    if x.numel() // k >= DENSE_ROWS:
+    kernel = prefill_kernel(mins) if x.numel() // k >= DENSE_ROWS else "exact"
+    if kernel == "bf16":
         lib, threads = library(), torch.get_num_threads()
 
         def fill(r: int, t: int, out: int) -> None:  # rows r..r+t as bf16 (4 and 5 bits: one nibble dequantizer)
@@ -260,7 +293,7 @@ def _mm(bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins:
                 lib.gemrun_nibble_dequant(args[0], _ptr(None if high is None else high[r:]), *args[1:])
 
         return _dense(x, n, k, fill)
-    return mm(x, [matrix(bits, q, scales, mins, zero, high)])
+    return mm(x, [matrix(bits, q, scales, mins, zero, high)], 1 if kernel == "int8" else 2)
 
 
 def q4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -48,7 +48,8 @@ static inline __m512i level16(__m512 t) {
 
 // One group of 32 values v -> hi and lo levels (element order) and (d, s) as `quantize_rows` describes. The sum of
 // the levels h + l / 128 is exact in float (at most 20 significant bits), so it is taken from integer sums.
-static inline void quantize_group(const float *v, int8_t *hi, int8_t *lo, float *d, float *s) {
+static inline __attribute__((always_inline)) void quantize_group(const float *v, int8_t *hi, int8_t *lo, float *d,
+                                                                  float *s, const int levels) {
     const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
     // max |v|, NaN counting as 0 (fmaxf's choice)
     __m512 a0 = _mm512_mask_abs_ps(_mm512_setzero_ps(), _mm512_cmp_ps_mask(v0, v0, _CMP_ORD_Q), v0);
@@ -58,22 +59,27 @@ static inline void quantize_group(const float *v, int8_t *hi, int8_t *lo, float 
     const __m512 vid = _mm512_set1_ps(id), k128 = _mm512_set1_ps(128.f);
     __m512 t0 = _mm512_mul_ps(v0, vid), t1 = _mm512_mul_ps(v1, vid);
     __m512i h0 = level16(t0), h1 = level16(t1);
-    __m512i l0 = level16(_mm512_mul_ps(_mm512_sub_ps(t0, _mm512_cvtepi32_ps(h0)), k128));
-    __m512i l1 = level16(_mm512_mul_ps(_mm512_sub_ps(t1, _mm512_cvtepi32_ps(h1)), k128));
     _mm_storeu_si128((__m128i *)hi, _mm512_cvtepi32_epi8(h0));
     _mm_storeu_si128((__m128i *)(hi + 16), _mm512_cvtepi32_epi8(h1));
+    int sh = _mm512_reduce_add_epi32(_mm512_add_epi32(h0, h1));
+    if (levels == 1) {  // one level: x ~ dd * hi
+        *d = dd, *s = dd * (float)sh;
+        return;
+    }
+    *d = dd / 128.f;
+    __m512i l0 = level16(_mm512_mul_ps(_mm512_sub_ps(t0, _mm512_cvtepi32_ps(h0)), k128));
+    __m512i l1 = level16(_mm512_mul_ps(_mm512_sub_ps(t1, _mm512_cvtepi32_ps(h1)), k128));
     _mm_storeu_si128((__m128i *)lo, _mm512_cvtepi32_epi8(l0));
     _mm_storeu_si128((__m128i *)(lo + 16), _mm512_cvtepi32_epi8(l1));
-    int sh = _mm512_reduce_add_epi32(_mm512_add_epi32(h0, h1));
     int sl = _mm512_reduce_add_epi32(_mm512_add_epi32(l0, l1));
-    *d = dd / 128.f;
     *s = dd * ((float)(sh * 128 + sl) / 128.f);
 }
 
 // x (M, K) fp32 -> hi levels xq[m*K ..], lo levels xq[M*K + m*K ..] in lane order; d (M, K/32) = block scale / 128
 // (the integer dots come out scaled by 128); s (M, K/32) = block sums of the quantized values, unscaled by 128.
 // Called inside a parallel region: the chunks of every row are shared out among its threads.
-static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *d, float *s) {
+static inline __attribute__((always_inline)) void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq,
+                                                                 float *d, float *s, const int levels) {
     const int64_t G = K / QK, full = G / 16, chunks = full + (G % 16 >= 8) + (G % 8 >= 4);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < M * chunks; item++) {
@@ -83,10 +89,10 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, floa
         int8_t *hi = xq + m * K + c * QK, *lo = xq + M * K + m * K + c * QK;
         for (int gg = 0; gg < cg; gg++) {
             int8_t h[QK], l[QK];
-            quantize_group(x + m * K + (c + gg) * QK, h, l, d + m * G + c + gg, s + m * G + c + gg);
+            quantize_group(x + m * K + (c + gg) * QK, h, l, d + m * G + c + gg, s + m * G + c + gg, levels);
             for (int slot = 0; slot < QK / 4; slot++) {  // values 4 slot .. 4 slot + 3 to their lane
                 memcpy(hi + slot_position(cg, gg, slot), h + 4 * slot, 4);
-                memcpy(lo + slot_position(cg, gg, slot), l + 4 * slot, 4);
+                if (levels == 2) memcpy(lo + slot_position(cg, gg, slot), l + 4 * slot, 4);
             }
         }
     }
@@ -114,7 +120,8 @@ typedef struct matrix {
 static inline __attribute__((always_inline)) void dot_chunk(const matrix *w, int64_t n, int64_t K, const int8_t *xq,
                                                             const int8_t *xl, const float *xd, const float *xs,
                                                             const int nr, const int mt, const int bits, const int cg,
-                                                            int64_t c, __m512 acc[4][MT], __m512 accm[4][MT]) {
+                                                            int64_t c, __m512 acc[4][MT], __m512 accm[4][MT],
+                                                            const int levels) {
     const int64_t G = K / QK, stride = bits == 8 ? K : K / 2, base = c * QK;
     const uint8_t *rows = w->q + n * stride;
     const __m512i lo4 = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
@@ -127,7 +134,8 @@ static inline __attribute__((always_inline)) void dot_chunk(const matrix *w, int
         for (int i = 0; i < mt; i++) {
             const int8_t *h = xq + i * K + base + r * 64, *l = xl + i * K + base + r * 64;
             h0[i] = _mm512_loadu_si512((const void *)h), h1[i] = _mm512_loadu_si512((const void *)(h + 64));
-            l0[i] = _mm512_loadu_si512((const void *)l), l1[i] = _mm512_loadu_si512((const void *)(l + 64));
+            if (levels == 2)
+                l0[i] = _mm512_loadu_si512((const void *)l), l1[i] = _mm512_loadu_si512((const void *)(l + 64));
         }
         for (int j = 0; j < nr; j++) {
             __m512i wa, wb;
@@ -151,13 +159,33 @@ static inline __attribute__((always_inline)) void dot_chunk(const matrix *w, int
             }
             for (int i = 0; i < mt; i++) {
                 dh[j][i] = _mm512_dpbusd_epi32(dh[j][i], wa, h0[i]);
-                dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wa, l0[i]);
+                if (levels == 2) dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wa, l0[i]);
                 dh[j][i] = _mm512_dpbusd_epi32(dh[j][i], wb, h1[i]);
-                dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wb, l1[i]);
+                if (levels == 2) dl[j][i] = _mm512_dpbusd_epi32(dl[j][i], wb, l1[i]);
             }
         }
     }
     const uint16_t *ws = w->scales + n * G + c, *wm = w->mins ? w->mins + n * G + c : 0;
+    if (levels == 1 && !wm) {
+        // one level, symmetric weights: acc += s_w * (d_x * dot - zero * sum_x), 3 instructions a tile entry
+        __m512 xdv[MT], zxs[MT];
+        const __m512 z = _mm512_set1_ps((float)w->zero);
+        for (int i = 0; i < mt; i++) {
+            xdv[i] = _mm512_maskz_loadu_ps(k, xd + i * G + c);
+            zxs[i] = _mm512_mul_ps(z, _mm512_maskz_loadu_ps(k, xs + i * G + c));
+            // fewer groups: lane l holds part of group l % cg; the sum term stays in lanes < cg (counted once)
+            if (cg != 16) xdv[i] = _mm512_permutexvar_ps(lane_groups(cg), xdv[i]);
+        }
+        for (int j = 0; j < nr; j++) {
+            _mm_prefetch((const char *)(ws + (j + PF) * G), _MM_HINT_T1);
+            __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + j * G));
+            if (cg != 16) sv = _mm512_permutexvar_ps(lane_groups(cg), sv);
+            for (int i = 0; i < mt; i++)
+                acc[j][i] = _mm512_fmadd_ps(sv, _mm512_fmsub_ps(xdv[i], _mm512_cvtepi32_ps(dh[j][i]), zxs[i]),
+                                            acc[j][i]);
+        }
+        return;
+    }
     for (int j = 0; j < nr; j++) {
         _mm_prefetch((const char *)(ws + (j + PF) * G), _MM_HINT_T1);
         if (wm) _mm_prefetch((const char *)(wm + (j + PF) * G), _MM_HINT_T1);
@@ -167,7 +195,7 @@ static inline __attribute__((always_inline)) void dot_chunk(const matrix *w, int
         for (int i = 0; i < mt; i++) {
             __m512 f = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xd + i * G + c));
             if (cg != 16) f = _mm512_permutexvar_ps(lane_groups(cg), f);  // 16 groups: lane l is group l
-            __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dh[j][i], 7), dl[j][i]);
+            __m512i dot = levels == 2 ? _mm512_add_epi32(_mm512_slli_epi32(dh[j][i], 7), dl[j][i]) : dh[j][i];
             acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[j][i]);
             accm[j][i] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + i * G + c), accm[j][i]);
         }
@@ -181,15 +209,15 @@ static inline __attribute__((always_inline)) void dot_chunk(const matrix *w, int
 static inline __attribute__((always_inline)) void dot_block(const matrix *w, int64_t n, int64_t K, const int8_t *xq,
                                                             const int8_t *xl, const float *xd, const float *xs,
                                                             const int nr, const int mt, const int bits, float *out,
-                                                            int64_t ostride) {
+                                                            int64_t ostride, const int levels) {
     const int64_t G = K / QK;
     __m512 acc[4][MT], accm[4][MT];
     for (int j = 0; j < nr; j++)
         for (int i = 0; i < mt; i++) acc[j][i] = accm[j][i] = _mm512_setzero_ps();
     int64_t c = 0;
-    for (; c + 16 <= G; c += 16) dot_chunk(w, n, K, xq, xl, xd, xs, nr, mt, bits, 16, c, acc, accm);
-    if (G - c >= 8) dot_chunk(w, n, K, xq, xl, xd, xs, nr, mt, bits, 8, c, acc, accm), c += 8;
-    if (G - c >= 4) dot_chunk(w, n, K, xq, xl, xd, xs, nr, mt, bits, 4, c, acc, accm);
+    for (; c + 16 <= G; c += 16) dot_chunk(w, n, K, xq, xl, xd, xs, nr, mt, bits, 16, c, acc, accm, levels);
+    if (G - c >= 8) dot_chunk(w, n, K, xq, xl, xd, xs, nr, mt, bits, 8, c, acc, accm, levels), c += 8;
+    if (G - c >= 4) dot_chunk(w, n, K, xq, xl, xd, xs, nr, mt, bits, 4, c, acc, accm, levels);
     const __m512 mz = _mm512_set1_ps(w->mins ? 1.f : -(float)w->zero);
     for (int j = 0; j < nr; j++)
         for (int i = 0; i < mt; i++) out[i * ostride + j] = hsum(_mm512_fmadd_ps(accm[j][i], mz, acc[j][i]));
@@ -206,7 +234,7 @@ static inline __attribute__((always_inline)) void rows_block_bits(const matrix *
         const int8_t *h = xq + m0 * K, *l = xq + M * K + m0 * K;
         const float *d = xd + m0 * G, *s = xs + m0 * G;
         float *o = y + m0 * ldy;
-#define DOT(NR, MTT, J) dot_block(w, n + (J), K, h, l, d, s, NR, MTT, bits, o + (J), ldy)
+#define DOT(NR, MTT, J) dot_block(w, n + (J), K, h, l, d, s, NR, MTT, bits, o + (J), ldy, 2)
         if (left == 1 && nr == RB) DOT(4, 1, 0);
         else if (left == 2 && nr == RB) DOT(2, 2, 0), DOT(2, 2, 2);
         else
@@ -236,7 +264,7 @@ void gemrun_mm_team(const float *x, int64_t M, int64_t K, int count, const matri
     int64_t ldy = 0, items = 0;
     int64_t first[8], col[8];
     for (int i = 0; i < count; i++) first[i] = items, col[i] = ldy, items += (ws[i].n + RB - 1) / RB, ldy += ws[i].n;
-    quantize_rows(x, M, K, xq, xd, xs);  // ends with the barrier of its omp for
+    quantize_rows(x, M, K, xq, xd, xs, 2);  // ends with the barrier of its omp for
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; it++) {
         int i = count - 1;
@@ -252,6 +280,59 @@ void gemrun_mm(const float *x, int64_t M, int64_t K, int count, const matrix *ws
                float *xs, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     gemrun_mm_team(x, M, K, count, ws, y, xq, xd, xs);
+}
+
+#define PANEL 32  // activation rows whose one-level values (PANEL x K bytes) stay in L2 while the weights pass
+
+// Weight rows [n, n + nr) against activation rows [0, M) at one level: tiles of 4 weight rows x 2 activation rows
+// (16 integer and 8 float accumulators stay in registers: 4 x 4 tiles spill and run at half the speed).
+static inline __attribute__((always_inline)) void rows_block1_bits(const matrix *w, int64_t n, int nr, int64_t M,
+    int64_t K, const int8_t *xq, const float *xd, const float *xs, float *y, int64_t ldy, const int bits) {
+    const int64_t G = K / QK;
+    for (int64_t m0 = 0; m0 < M; m0 += 2) {
+        const int8_t *h = xq + m0 * K;
+        const float *d = xd + m0 * G, *s = xs + m0 * G;
+        float *o = y + m0 * ldy;
+        const int mt = M - m0 >= 2 ? 2 : 1;
+#define DOT(NR, MTT, J) dot_block(w, n + (J), K, h, h, d, s, NR, MTT, bits, o + (J), ldy, 1)
+        if (nr == RB && mt == 2) DOT(4, 2, 0);
+        else if (nr == RB) DOT(4, 1, 0);
+        else
+            for (int j = 0; j < nr; j++) {
+                if (mt == 2) DOT(1, 2, j);
+                else DOT(1, 1, j);
+            }
+#undef DOT
+    }
+}
+
+// y (M, sum of N) for many activation rows (prompt chunks): the activations quantized at one int8 level per block
+// of 32 (x ~ d * q, as llama.cpp's Q8_0), then panels of PANEL rows against all weight rows.
+void gemrun_mm1(const float *x, int64_t M, int64_t K, int count, const matrix *ws, float *y, int8_t *xq,
+                float *xd, float *xs, int nthreads) {
+    int64_t ldy = 0, items = 0;
+    int64_t first[8], col[8];
+    for (int i = 0; i < count; i++) first[i] = items, col[i] = ldy, items += (ws[i].n + RB - 1) / RB, ldy += ws[i].n;
+    const int64_t G = K / QK;
+#pragma omp parallel num_threads(nthreads)
+    {
+        quantize_rows(x, M, K, xq, xd, xs, 1);
+        for (int64_t p = 0; p < M; p += PANEL) {
+            int64_t rows = M - p < PANEL ? M - p : PANEL;
+#pragma omp for schedule(static)
+            for (int64_t it = 0; it < items; it++) {
+                int i = count - 1;
+                while (first[i] > it) i--;
+                int64_t n = (it - first[i]) * RB;
+                int nr = ws[i].n - n < RB ? (int)(ws[i].n - n) : RB;
+                const matrix *w = &ws[i];
+                float *o = y + p * ldy + col[i] + n;
+                if (w->bits == 4) rows_block1_bits(w, n, nr, rows, K, xq + p * K, xd + p * G, xs + p * G, o, ldy, 4);
+                else if (w->bits == 5) rows_block1_bits(w, n, nr, rows, K, xq + p * K, xd + p * G, xs + p * G, o, ldy, 5);
+                else rows_block1_bits(w, n, nr, rows, K, xq + p * K, xd + p * G, xs + p * G, o, ldy, 8);
+            }
+        }
+    }
 }
 
 // 16 floats -> bf16 bits, round to nearest even (finite inputs)
