@@ -3,7 +3,9 @@
 // y (M, N) = x (M, K) . W^T with W stored packed. The activations are quantized in blocks of 32 to two int8 levels
 // (x ~ d * (hi + lo / 128): about 14 bits, finer than bf16) and each block's dot product runs on integers
 // (vpdpbusd), then is scaled and summed in fp32. Every (m, n) output is computed by the same instructions whatever
-// M is, so a row's result does not depend on the batch it is in.
+// M is, so a row's result does not depend on the batch it is in. Long prompts (`gemrun_mm1`) may take one int8
+// level per block instead (llama.cpp's Q8_0 activations): half the integer products, in tiles of 4 weight rows x 2
+// activation rows, with the scales folded in by 3 instructions per tile entry for symmetric formats.
 //
 // Layout ("lanes"): K is cut into chunks of cg = 16, 8 or 4 groups of 32. A chunk is cg/2 vectors of 64 values;
 // in vector r, int32 lane l (bytes 4l..4l+3) holds elements e = 4 * (r * (16 / cg) + l / cg) + j, j = 0..3, of
@@ -77,6 +79,7 @@ static inline __attribute__((always_inline)) void quantize_group(const float *v,
 
 // x (M, K) fp32 -> hi levels xq[m*K ..], lo levels xq[M*K + m*K ..] in lane order; d (M, K/32) = block scale / 128
 // (the integer dots come out scaled by 128); s (M, K/32) = block sums of the quantized values, unscaled by 128.
+// One level (levels 1, the long-prompt kernel): hi only, d the block scale itself, s = d * (sum of hi).
 // Called inside a parallel region: the chunks of every row are shared out among its threads.
 static inline __attribute__((always_inline)) void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq,
                                                                  float *d, float *s, const int levels) {
@@ -326,10 +329,12 @@ void gemrun_mm1(const float *x, int64_t M, int64_t K, int count, const matrix *w
                 int64_t n = (it - first[i]) * RB;
                 int nr = ws[i].n - n < RB ? (int)(ws[i].n - n) : RB;
                 const matrix *w = &ws[i];
+                const int8_t *q = xq + p * K;
+                const float *d = xd + p * G, *sx = xs + p * G;
                 float *o = y + p * ldy + col[i] + n;
-                if (w->bits == 4) rows_block1_bits(w, n, nr, rows, K, xq + p * K, xd + p * G, xs + p * G, o, ldy, 4);
-                else if (w->bits == 5) rows_block1_bits(w, n, nr, rows, K, xq + p * K, xd + p * G, xs + p * G, o, ldy, 5);
-                else rows_block1_bits(w, n, nr, rows, K, xq + p * K, xd + p * G, xs + p * G, o, ldy, 8);
+                if (w->bits == 4) rows_block1_bits(w, n, nr, rows, K, q, d, sx, o, ldy, 4);
+                else if (w->bits == 5) rows_block1_bits(w, n, nr, rows, K, q, d, sx, o, ldy, 5);
+                else rows_block1_bits(w, n, nr, rows, K, q, d, sx, o, ldy, 8);
             }
         }
     }
