@@ -262,18 +262,35 @@ static void rows_block(const matrix *w, int64_t n, int nr, int64_t M, int64_t K,
 // quantized once (into xq (2M, K), xd and xs (M, K/32)) and the rows of all matrices shared out among the threads.
 // Every thread of a parallel region calls it (ops.c's fused decode blocks run several in one region); it ends with
 // a barrier.
+// The work items of `count` matrices (RB weight rows each): the first item and output column of each matrix; returns
+// the number of items, *ldy the output row length.
+static int64_t work_items(int count, const matrix *ws, int64_t first[8], int64_t col[8], int64_t *ldy) {
+    int64_t items = 0;
+    *ldy = 0;
+    for (int i = 0; i < count; i++) first[i] = items, col[i] = *ldy, items += (ws[i].n + RB - 1) / RB, *ldy += ws[i].n;
+    return items;
+}
+
+// Work item `it` -> its matrix, first weight row *n and row count *nr.
+static inline int work_item(int count, const matrix *ws, const int64_t first[8], int64_t it, int64_t *n,
+                            int *nr) {
+    int i = count - 1;
+    while (first[i] > it) i--;
+    *n = (it - first[i]) * RB;
+    *nr = ws[i].n - *n < RB ? (int)(ws[i].n - *n) : RB;
+    return i;
+}
+
 void gemrun_mm_team(const float *x, int64_t M, int64_t K, int count, const matrix *ws, float *y, int8_t *xq,
                     float *xd, float *xs) {
-    int64_t ldy = 0, items = 0;
-    int64_t first[8], col[8];
-    for (int i = 0; i < count; i++) first[i] = items, col[i] = ldy, items += (ws[i].n + RB - 1) / RB, ldy += ws[i].n;
+    int64_t first[8], col[8], ldy;
+    const int64_t items = work_items(count, ws, first, col, &ldy);
     quantize_rows(x, M, K, xq, xd, xs, 2);  // ends with the barrier of its omp for
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; it++) {
-        int i = count - 1;
-        while (first[i] > it) i--;
-        int64_t n = (it - first[i]) * RB;
-        int nr = ws[i].n - n < RB ? (int)(ws[i].n - n) : RB;
+        int64_t n;
+        int nr;
+        int i = work_item(count, ws, first, it, &n, &nr);
         rows_block(&ws[i], n, nr, M, K, xq, xd, xs, y + col[i] + n, ldy);
     }
 }
@@ -313,10 +330,8 @@ static inline __attribute__((always_inline)) void rows_block1_bits(const matrix 
 // of 32 (x ~ d * q, as llama.cpp's Q8_0), then panels of PANEL rows against all weight rows.
 void gemrun_mm1(const float *x, int64_t M, int64_t K, int count, const matrix *ws, float *y, int8_t *xq,
                 float *xd, float *xs, int nthreads) {
-    int64_t ldy = 0, items = 0;
-    int64_t first[8], col[8];
-    for (int i = 0; i < count; i++) first[i] = items, col[i] = ldy, items += (ws[i].n + RB - 1) / RB, ldy += ws[i].n;
-    const int64_t G = K / QK;
+    int64_t first[8], col[8], ldy;
+    const int64_t items = work_items(count, ws, first, col, &ldy), G = K / QK;
 #pragma omp parallel num_threads(nthreads)
     {
         quantize_rows(x, M, K, xq, xd, xs, 1);
@@ -324,11 +339,10 @@ void gemrun_mm1(const float *x, int64_t M, int64_t K, int count, const matrix *w
             int64_t rows = M - p < PANEL ? M - p : PANEL;
 #pragma omp for schedule(static)
             for (int64_t it = 0; it < items; it++) {
-                int i = count - 1;
-                while (first[i] > it) i--;
-                int64_t n = (it - first[i]) * RB;
-                int nr = ws[i].n - n < RB ? (int)(ws[i].n - n) : RB;
-                const matrix *w = &ws[i];
+                int64_t n;
+                int nr;
+                const matrix *w = &ws[work_item(count, ws, first, it, &n, &nr)];
+                const int i = (int)(w - ws);
                 const int8_t *q = xq + p * K;
                 const float *d = xd + p * G, *sx = xs + p * G;
                 float *o = y + p * ldy + col[i] + n;
