@@ -105,19 +105,30 @@ def run_llama(args) -> list[dict]:
 def new_tokens_only(args, wanted: list[tuple[int, int]]) -> list[float]:
     """Seconds to prefill n tokens with `depth` already cached, for each (depth, n): `gemrun bench --depth`'s
     timed run, all in one process (the model loaded once, one run to warm up), with the server's defaults: float32
-    activations over packed weights, bf16 KV. The median of --runs timings (a prefill's time moves 10-20% between
-    runs on a shared machine)."""
+    activations over packed weights, bf16 KV. The turns run in order as one growing sequence (each depth's untimed
+    fill starts from the previous turn's prompt, as a conversation does), --runs times over; the median per turn
+    (a prefill's time moves 10-20% between runs on a shared machine)."""
     import torch
 
     from gemrun.api import load
     from gemrun.cli.measure import bench_tokens, timed_run
+    from gemrun.prefix import PrefixPool
 
     torch.set_num_threads(args.threads)
     m = load(args.model, kv_cache="bf16")
-    longest = max(d + n for d, n in wanted)
-    every = bench_tokens(m, longest)
+    every = bench_tokens(m, max(d + n for d, n in wanted))
     timed_run(m, every[:wanted[0][0] + wanted[0][1]], wanted[0][0], 1)
-    return [statistics.median(n / timed_run(m, every[:d + n], d, 1)[0] for _ in range(args.runs)) for d, n in wanted]
+    seconds = [[] for _ in wanted]
+    for _ in range(args.runs):
+        pool = PrefixPool(1 << 62)
+        for (d, n), times in zip(wanted, seconds):
+            times.append(n / timed_run(m, every[:d + n], d, 1, pool)[0])
+    return [statistics.median(t) for t in seconds]
+
+
+def median_turns(runs: list[list[dict]]) -> list[dict]:
+    """Per turn, the run whose TTFT is the median of the runs' (the same conversation each time)."""
+    return [sorted(turn, key=lambda t: t["ttft_s"])[len(turn) // 2] for turn in zip(*runs)]
 
 
 def main() -> None:
@@ -128,9 +139,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--llama-server")
     ap.add_argument("--think", action="store_true")
-    ap.add_argument("--runs", type=int, default=1, help="new-tokens-only timings per turn (their median)")
+    ap.add_argument("--runs", type=int, default=1, help="warm conversations and new-tokens-only timings per turn (medians)")
     args = ap.parse_args()
-    warm = run_gemrun(args, 4.0)
+    warm = median_turns([run_gemrun(args, 4.0) for _ in range(args.runs)])
     cold = run_gemrun(args, 0.0)
     llama = run_llama(args) if args.llama_server else None
     rows = []

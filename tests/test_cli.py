@@ -157,6 +157,22 @@ def test_bench_at_depth(tiny_path):
     assert bad.returncode != 0 and "exceed the context" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_timed_runs_chained_through_one_pool(tiny_path):
+    """benchmarks/multiturn.py's new-tokens-only timings: with the caller's pool, each depth's untimed fill starts
+    from the previous run's prompt (its prompt end is a checkpoint, also for the sliding layers) and every timed
+    prompt finds exactly its depth cached."""
+    from gemrun.api import load
+    from gemrun.cli.measure import bench_tokens, timed_run
+    from gemrun.prefix import PrefixPool
+
+    m = load(tiny_path)
+    every, pool = bench_tokens(m, 48), PrefixPool(1 << 40)
+    assert timed_run(m, every[:28], 20, 2, pool)[5] == 20
+    assert (pool.hits, pool.misses, pool.reused_tokens) == (1, 1, 20)  # first fill from nothing
+    assert timed_run(m, every[:48], 40, 2, pool)[5] == 40
+    assert (pool.hits, pool.misses, pool.reused_tokens) == (3, 1, 20 + 28 + 40)  # the fill reused the 28-token prompt
+
+
 # --- the REPL through a pseudo-terminal, as a person types ---------------------------------------------------------
 
 def _repl(*args):

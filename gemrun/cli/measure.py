@@ -103,18 +103,19 @@ def bench_tokens(m: Model, n: int) -> list[int]:
     return m.tokenizer.encode(text, bos=True)[:n]
 
 
-def timed_run(m: Model, every: list[int], depth: int, gen_tokens: int) -> tuple:
+def timed_run(m: Model, every: list[int], depth: int, gen_tokens: int, pool=None) -> tuple:
     """Prefill every[depth:] after every[:depth] and decode gen_tokens greedily (EOS ignored): (prefill tok/s,
     decode tok/s, time to first token, draft acceptance, (start, first token, end) on CLOCK_MONOTONIC, cached
     tokens). The depth's KV is made untimed first and handed over through a prefix pool, as a reused prefix is;
-    its caches are sized for the whole run, as llama-bench sizes its context (depth + prompt + gen)."""
+    its caches are sized for the whole run, as llama-bench sizes its context (depth + prompt + gen). A `pool`
+    given by the caller is used and kept: the untimed fill starts from its longest prefix of every[:depth] (an
+    earlier run's prompt), and this run's caches go back into it."""
     from ..generate import Prompt, Sequence, Stats, generate_ids
     from ..prefix import PrefixPool
     from ..sampling import SamplingParams
 
-    pool = None
     if depth:
-        pool = PrefixPool(1 << 62)
+        pool = pool if pool is not None else PrefixPool(1 << 62)
         reserve = SamplingParams(temperature=0, max_tokens=len(every) - depth + gen_tokens)
         fill = Sequence(m.model, every[:depth], reserve, set(), m.max_context, m.tokenizer.vocab_size, pool=pool)
         while not fill.prefilled:
