@@ -102,28 +102,29 @@ def run_llama(args) -> list[dict]:
         proc.wait(120)
 
 
-def new_tokens_only(args, wanted: list[tuple[int, int]]) -> list[float]:
+class NewTokensOnly:
     """Seconds to prefill n tokens with `depth` already cached, for each (depth, n): `gemrun bench --depth`'s
-    timed run, all in one process (the model loaded once, one run to warm up), with the server's defaults: float32
-    activations over packed weights, bf16 KV. The turns run in order as one growing sequence (each depth's untimed
-    fill starts from the previous turn's prompt, as a conversation does), --runs times over; the median per turn
-    (a prefill's time moves 10-20% between runs on a shared machine)."""
-    import torch
+    timed run, in this process (the model loaded once, one run to warm up), with the server's defaults: float32
+    activations over packed weights, bf16 KV. A chain runs the turns in order as one growing sequence (each
+    depth's untimed fill starts from the previous turn's prompt, as a conversation does)."""
 
-    from gemrun.api import load
-    from gemrun.cli.measure import bench_tokens, timed_run
-    from gemrun.prefix import PrefixPool
+    def __init__(self, args, wanted: list[tuple[int, int]]):
+        import torch
 
-    torch.set_num_threads(args.threads)
-    m = load(args.model, kv_cache="bf16")
-    every = bench_tokens(m, max(d + n for d, n in wanted))
-    timed_run(m, every[:wanted[0][0] + wanted[0][1]], wanted[0][0], 1)
-    seconds = [[] for _ in wanted]
-    for _ in range(args.runs):
+        from gemrun.api import load
+        from gemrun.cli.measure import bench_tokens, timed_run
+
+        torch.set_num_threads(args.threads)
+        self.m, self.wanted = load(args.model, kv_cache="bf16"), wanted
+        self.every = bench_tokens(self.m, max(d + n for d, n in wanted))
+        timed_run(self.m, self.every[:wanted[0][0] + wanted[0][1]], wanted[0][0], 1)
+
+    def chain(self) -> list[float]:
+        from gemrun.cli.measure import timed_run
+        from gemrun.prefix import PrefixPool
+
         pool = PrefixPool(1 << 62)
-        for (d, n), times in zip(wanted, seconds):
-            times.append(n / timed_run(m, every[:d + n], d, 1, pool)[0])
-    return [statistics.median(t) for t in seconds]
+        return [n / timed_run(self.m, self.every[:d + n], d, 1, pool)[0] for d, n in self.wanted]
 
 
 def median_turns(runs: list[list[dict]]) -> list[dict]:
@@ -139,15 +140,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--llama-server")
     ap.add_argument("--think", action="store_true")
-    ap.add_argument("--runs", type=int, default=1, help="warm conversations and new-tokens-only timings per turn (medians)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="warm conversations and new-tokens-only chains, alternated (medians per turn)")
     args = ap.parse_args()
-    warm = median_turns([run_gemrun(args, 4.0) for _ in range(args.runs)])
+    # --runs warm conversations, each followed by one new-tokens-only chain: the two sides alternate, so both sample
+    # the machine at the same times (a prefill's speed drifts 10-20% over minutes on a shared machine); medians
+    warm_runs, chains, timer = [], [], None
+    for _ in range(args.runs):
+        warm_runs.append(run_gemrun(args, 4.0))
+        reused = {k: (w["cached_tokens"], w["prompt_tokens"] - w["cached_tokens"]) for k, w in
+                  enumerate(warm_runs[0], 1) if k > 1 and w["prompt_tokens"] and w["cached_tokens"]}
+        if reused:
+            timer = timer or NewTokensOnly(args, list(reused.values()))
+            chains.append(timer.chain())
+            time.sleep(1)  # this process's OpenMP workers stop spinning before the next server samples the load
+    del timer
+    warm = median_turns(warm_runs)
+    only = dict(zip(reused, map(statistics.median, zip(*chains)))) if chains else {}
     cold = run_gemrun(args, 0.0)
     llama = run_llama(args) if args.llama_server else None
     rows = []
-    reused = {k: (w["cached_tokens"], w["prompt_tokens"] - w["cached_tokens"]) for k, w in enumerate(warm, 1)
-              if k > 1 and w["prompt_tokens"] and w["cached_tokens"]}
-    only = dict(zip(reused, new_tokens_only(args, list(reused.values())))) if reused else {}
     for k, (w, c) in enumerate(zip(warm, cold), 1):
         row = {"turn": k, "warm_ttft_s": w["ttft_s"], "cold_ttft_s": c["ttft_s"], "prompt_tokens": w["prompt_tokens"],
                "cached_tokens": w["cached_tokens"]}

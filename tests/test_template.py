@@ -103,3 +103,30 @@ def test_time_limit_stops_a_render_in_and_out_of_the_main_thread(where, monkeypa
         t.start()
         t.join(20)
     assert errors and "ran longer" in errors[0]
+
+
+def test_worker_reply_is_read_to_its_newline_or_given_up():
+    """The worker's pipe is read without a thread: a line split over several writes comes back whole; a worker
+    that says nothing is given up after the timeout, and one that closes mid-line gives nothing."""
+    import os
+    import threading
+    import time
+
+    from gemrun.formats.template import _read_line
+
+    r, w = os.pipe()
+    try:
+        writer = threading.Timer(0.05, lambda: (os.write(w, b'{"text": "a'), os.write(w, b'b"}\n')))
+        writer.start()
+        assert _read_line(r, 5) == b'{"text": "ab"}\n'
+        writer.join()
+        t0 = time.monotonic()
+        assert _read_line(r, 0.2) == b"" and 0.2 <= time.monotonic() - t0 < 2
+        os.write(w, b'{"text": "cut')
+        os.close(w)
+        w = None
+        assert _read_line(r, 5) == b""
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)

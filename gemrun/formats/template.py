@@ -6,9 +6,12 @@ memory or hang it. A worker that fails is replaced."""
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +32,27 @@ class _Worker:
 
     def render(self, source: str, context: dict) -> str:
         try:
-            request = json.dumps({"source": source, "context": context}, ensure_ascii=False) + "\n"
+            request = (json.dumps({"source": source, "context": context}, ensure_ascii=False) + "\n").encode()
         except (TypeError, ValueError) as e:
             raise TemplateError(f"chat template input is not JSON: {e}") from None
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
                 self.proc = subprocess.Popen(  # -I: isolated, only jinja2 from site-packages is needed
                     [sys.executable, "-I", str(Path(sandbox.__file__)), str(MEMORY_LIMIT)], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
-            proc, reply, error = self.proc, [], None
-            reader = threading.Thread(target=lambda: reply.append(proc.stdout.readline()), daemon=True)
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            error = None
             try:
-                proc.stdin.write(request)
-                proc.stdin.flush()
-                reader.start()
-                reader.join(TIME_LIMIT + 10)  # its own limit stops it first; this catches a worker stuck anyway
+                self.proc.stdin.write(request)
+                self.proc.stdin.flush()
+                # its own limit stops it first; this catches a worker stuck anyway
+                reply = _read_line(self.proc.stdout.fileno(), TIME_LIMIT + 10)
             except (OSError, ValueError):
                 error = "the chat template worker stopped"
-            if error is None and (not reply or not reply[0]):
+            if error is None and not reply:
                 error = "chat template ran out of time or memory"
             if error is None:
                 try:
-                    answer = json.loads(reply[0])
+                    answer = json.loads(reply)
                 except ValueError:
                     error = "the chat template worker answered garbage"
             if error is not None:
@@ -65,6 +67,21 @@ class _Worker:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+def _read_line(fd: int, timeout: float) -> bytes:
+    """One line from the worker's pipe (read here with select, not by a reader thread per render: ~0.5 ms less
+    a render), or b"" when it closes first or `timeout` seconds pass. Its buffered file object is never read, so
+    nothing waits there unseen."""
+    parts, end = [], time.monotonic() + timeout
+    while not parts or not parts[-1].endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return b""
+        if not (part := os.read(fd, 1 << 20)):
+            return b""
+        parts.append(part)
+    return b"".join(parts)
 
 
 _worker = _Worker()
