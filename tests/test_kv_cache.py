@@ -203,6 +203,35 @@ def test_attention_over_a_part_gives_the_masked_softmax_and_its_lse(softcap):
     assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2])) and bool((lse[:, :, 2] == float("-inf")).all())
 
 
+@pytest.mark.parametrize("cached", [0, 1500])
+def test_a_chunk_deep_in_a_cache_attends_its_open_keys_without_a_mask(cached, monkeypatch):
+    """A chunk after `cached` keys every query sees: those keys are attended unmasked and the chunk's own with the
+    causal mask, merged by log-sum-exp; equal to the masked softmax over all of them. A part seen whole (lse) too.
+    With the split turned off (OPEN_KEYS past the keys), the same within float32 rounding."""
+    from gemrun.model import layers
+
+    g = torch.Generator().manual_seed(3)
+    t, s = 6, cached + 6
+    q, k, v = torch.randn(1, 4, t, 32, generator=g), torch.randn(1, 2, s, 32, generator=g), torch.randn(1, 2, s, 32,
+                                                                                                          generator=g)
+    mask = torch.ones(t, s, dtype=torch.bool)
+    mask[:, cached:] = torch.ones(t, t, dtype=torch.bool).tril()
+    kk, vv = k.repeat_interleave(2, dim=1).double(), v.repeat_interleave(2, dim=1).double()
+    want = torch.softmax(((q.double() @ kk.transpose(-1, -2)) * 0.2).masked_fill(~mask, float("-inf")), -1) @ vv
+    calls = []
+    real = layers._flash
+    monkeypatch.setattr(layers, "_flash", lambda *a: calls.append(a[3] is None) or real(*a))
+    out = layers.attend(q, k, v, mask, 0.2)
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    assert calls == ([True, False] if cached >= layers.OPEN_KEYS else [])  # unmasked open keys, masked chunk
+    monkeypatch.setattr(layers, "OPEN_KEYS", 10**9)
+    assert torch.allclose(layers.attend(q, k, v, mask, 0.2), out, atol=1e-5)
+    whole, lse = real(q, k, v, torch.ones(t, s, dtype=torch.bool), 0.2)
+    scores = (q.double() @ kk.transpose(-1, -2)) * 0.2
+    assert torch.allclose(whole.double(), torch.softmax(scores, -1) @ vv, atol=1e-5)
+    assert torch.allclose(lse.double(), torch.logsumexp(scores, -1, keepdim=True), atol=1e-5)
+
+
 def test_large_converted_reads_reuse_a_buffer_until_the_prompt_is_read():
     """Converted-read buffers over SCRATCH_BYTES are reused while a prompt is read (a new one's pages fault in) and
     freed by `trim_buffers`; small ones stay."""
