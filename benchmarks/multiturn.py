@@ -145,13 +145,14 @@ def main() -> None:
     args = ap.parse_args()
     # --runs warm conversations, each followed by one new-tokens-only chain: the two sides alternate, so both sample
     # the machine at the same times (a prefill's speed drifts 10-20% over minutes on a shared machine); medians
-    warm_runs, chains, timer = [], [], None
+    warm_runs, chains, timer, reused = [], [], None, {}
     for _ in range(args.runs):
         warm_runs.append(run_gemrun(args, 4.0))
-        reused = {k: (w["cached_tokens"], w["prompt_tokens"] - w["cached_tokens"]) for k, w in
-                  enumerate(warm_runs[0], 1) if k > 1 and w["prompt_tokens"] and w["cached_tokens"]}
-        if reused:
-            timer = timer or NewTokensOnly(args, list(reused.values()))
+        if timer is None:  # every run is the same conversation: the first says what each turn reused
+            reused = {k: (w["cached_tokens"], w["prompt_tokens"] - w["cached_tokens"]) for k, w in
+                      enumerate(warm_runs[0], 1) if k > 1 and w["prompt_tokens"] and w["cached_tokens"]}
+            timer = NewTokensOnly(args, list(reused.values())) if reused else False
+        if timer:
             chains.append(timer.chain())
             time.sleep(1)  # this process's OpenMP workers stop spinning before the next server samples the load
     del timer
