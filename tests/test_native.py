@@ -419,3 +419,92 @@ def test_the_prefill_kernel_setting(monkeypatch):
     assert torch.equal(results["exact"], exact)  # each row as alone
     assert torch.equal(results["auto"], results["int8"]) and not torch.equal(results["int8"], exact)
     assert not torch.equal(results["bf16"], results["int8"])
+
+
+def _open_reference(q, k, v, scale):
+    """float64 attention where every query sees every key -> out (B, H, T, D), lse (B, H, T, 1)."""
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    s = q.double().reshape(b, kv, h // kv * t, d) @ k.double().transpose(-1, -2) * scale
+    out = torch.softmax(s, -1) @ v.double()
+    return out.reshape(b, h, t, d), torch.logsumexp(s, -1, keepdim=True).reshape(b, h, t, 1)
+
+
+bf16_dots = pytest.mark.skipif(not native._bf16_dots(), reason="CPU without AVX-512 BF16")
+
+
+@bf16_dots
+@pytest.mark.parametrize("heads, kv_heads, t, d, s", [(4, 1, 128, 256, 1300), (4, 1, 37, 256, 1025),
+                                                       (16, 8, 64, 256, 700), (8, 2, 20, 512, 513),
+                                                       (2, 2, 33, 32, 3), (8, 4, 16, 128, 2049)])
+def test_open_attention_in_bf16_products(heads, kv_heads, t, d, s):
+    """The long-cache kernel (attn.c): a bfloat16 cache read as stored, query and weights rounded to bfloat16,
+    float32 sums. Against float64: the output within bf16 rounding (~0.3% of its norm), the log-sum-exp within
+    bf16 rounding of the scores; ragged tiles (rows not a multiple of 64, keys of no block size, odd) included."""
+    g = torch.Generator().manual_seed(heads * s + t)
+    q = torch.randn(1, heads, t, d, generator=g)
+    k = (torch.randn(1, kv_heads, s, d, generator=g) * 1.5).bfloat16()
+    v = torch.randn(1, kv_heads, s, d, generator=g).bfloat16()
+    scale = d ** -0.5
+    out, lse = native.flash_open(q, k, v, scale)
+    want, want_lse = _open_reference(q, k, v, scale)
+    assert (out.double() - want).norm() <= 1e-2 * want.norm()
+    assert (lse.double() - want_lse).abs().max() <= 2e-2
+    exact_q, _ = _open_reference(q.bfloat16(), k, v, scale)  # q rounded alone costs about as much as the kernel
+    assert (out.double() - want).norm() <= 4 * (exact_q - want).norm() + 1e-3 * want.norm()
+
+
+@bf16_dots
+def test_open_attention_rescales_when_the_maximum_moves():
+    """Scores that grow along the keys (every block's maximum passes the kept one) and one key far above the rest
+    late in the sequence: the lazy maximum is moved and the sums rescaled, so the late key carries the output."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 32, 64, generator=g)
+    k = torch.randn(1, 1, 2000, 64, generator=g) * torch.linspace(0.1, 4, 2000)[None, None, :, None]
+    k[0, 0, 1700] = q[0, :, :, :].mean((0, 1)) * 40
+    k, v = k.bfloat16(), torch.randn(1, 1, 2000, 64, generator=g).bfloat16()
+    out, lse = native.flash_open(q, k, v, 0.125)
+    want, want_lse = _open_reference(q, k, v, 0.125)
+    assert torch.isfinite(out).all() and (out.double() - want).norm() <= 1e-2 * want.norm()
+    assert ((lse.double() - want_lse).abs() <= 1e-2 * want_lse.abs().clamp(min=1)).all()
+
+
+@bf16_dots
+def test_open_attention_is_declined_where_it_does_not_apply(monkeypatch):
+    """float32 keys, too few query rows, a head_dim not a multiple of 32, and `--prefill exact` all keep the
+    float32 path (None)."""
+    q, k = torch.randn(1, 4, 16, 64), torch.randn(1, 1, 100, 64).bfloat16()
+    assert native.flash_open(q, k, k, 0.1) is not None
+    assert native.flash_open(q, k.float(), k.float(), 0.1) is None
+    assert native.flash_open(q[:, :, :7], k, k, 0.1) is None
+    assert native.flash_open(q[..., :48], k[..., :48], k[..., :48], 0.1) is None
+    monkeypatch.setattr(native, "PREFILL", "exact")
+    assert native.flash_open(q, k, k, 0.1) is None
+
+
+@bf16_dots
+@pytest.mark.parametrize("prefill", ["auto", "exact"])
+def test_a_chunk_deep_in_a_bf16_cache_reads_it_as_stored(monkeypatch, prefill):
+    """A chunk of new tokens over a long bfloat16 cache under float32 activations: the keys every query sees go to
+    the bf16 kernel as stored, the chunk's own keys take the causal mask, merged by log-sum-exp; the result is the
+    masked attention within bf16 rounding. Under `--prefill exact` the stored cache is declined (read in float32
+    chunks instead)."""
+    from gemrun.model.layers import OPEN_KEYS, attend, attend_positions, attention_mask
+
+    g = torch.Generator().manual_seed(11)
+    s, t = OPEN_KEYS + 300, 40
+    q = torch.randn(1, 4, t, 64, generator=g)
+    k = torch.randn(1, 2, s, 64, generator=g).bfloat16()
+    v = torch.randn(1, 2, s, 64, generator=g).bfloat16()
+    pos, kv_pos = torch.arange(s - t, s), torch.arange(s)
+    want = attend(q.double(), k.double(), v.double(), attention_mask(pos, kv_pos, None), 0.125)
+    monkeypatch.setattr(native, "PREFILL", prefill)
+    calls = []
+    real = native.flash_open
+    monkeypatch.setattr(native, "flash_open", lambda q, k, *a: calls.append(k.shape[2]) or real(q, k, *a))
+    got = attend_positions(q, k, v, pos, kv_pos, None, 0.125, stored=True)
+    if prefill == "exact":
+        assert got is None and not calls
+        return
+    assert calls == [s - t + 1]  # the keys before the chunk's, and its first (every query sees it)
+    assert (got.double() - want).norm() <= 1e-2 * want.norm()

@@ -137,7 +137,11 @@ def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         out = native.attend1(q, k, v, positions, kv_positions, window, scale, softcap)
         if out is not None:
             return out
-    if stored:
+    if stored:  # a chunk deep in a bfloat16 cache under float32 activations: its open part read as stored
+        if q.shape[2] > 1 and softcap is None and native.flash_open_fits(q, k, v):
+            mask = attention_mask(positions, kv_positions, window, blocks, block_in_window)
+            if (n := _seen_by_all(mask)) >= OPEN_KEYS:
+                return _split(q, k, v, mask, scale, n)
         return None
     mask = attention_mask(positions, kv_positions, window, blocks, block_in_window)
     return attend(q, k, v, mask, scale, softcap, lse)
@@ -152,14 +156,27 @@ def _seen_by_all(mask: torch.Tensor) -> int:
     return int(hidden.int().argmax()) if bool(hidden.any()) else mask.shape[1]
 
 
+def _split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, n: int):
+    """Attention of a chunk whose first n keys every query sees (a global layer's cached part, deep in a context):
+    those without a mask (a (T, S) additive mask costs the flash kernel ~20% at 24K keys), the rest (the chunk's
+    own keys) with the causal one, merged by log-sum-exp."""
+    whole = _flash(q, k[:, :, :n], v[:, :, :n], None, scale)
+    if n == k.shape[2]:
+        return whole[0]
+    return merge([whole, _flash(q, k[:, :, n:], v[:, :, n:], mask[:, n:], scale)])
+
+
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
     """PyTorch's CPU flash kernel, no (T, S) scores held -> (out (B, H, T, D), lse (B, H, T, 1)); the query heads
     of a KV head side by side (B, KV, G*T, D), so k and v are never copied per query head. `mask` None: every query
-    sees every key. A query that sees no key gets 0 and -inf."""
+    sees every key, and a bfloat16 k, v go to the native kernel with bfloat16 products where it applies
+    (`native.flash_open`). A query that sees no key gets 0 and -inf."""
     b, h, t, d = q.shape
     kv = k.shape[1]
     if mask is not None and bool(mask.all()):
         mask = None  # a part every query sees whole: no additive mask for the kernel to read
+    if mask is None and (fast := native.flash_open(q, k, v, scale)) is not None:
+        return fast
     bias = None
     if mask is not None:
         bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf")).repeat(h // kv, 1)
@@ -180,12 +197,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     b, h, t, d = q.shape
     kv = k.shape[1]
     if not lse and softcap is None and q.device.type == "cpu" and t > 1 and (n := _seen_by_all(mask)) >= OPEN_KEYS:
-        # a chunk deep in a global layer: the cached keys, which every query sees, need no mask (a (T, S) additive
-        # mask costs the flash kernel ~20% at 24K keys); the chunk's own keys take the causal one; merged by lse
-        whole = _flash(q, k[:, :, :n], v[:, :, :n], None, scale)
-        if n == k.shape[2]:
-            return whole[0]
-        return merge([whole, _flash(q, k[:, :, n:], v[:, :, n:], mask[:, n:], scale)])
+        return _split(q, k, v, mask, scale, n)
     if lse and softcap is None and q.device.type == "cpu":
         return _flash(q, k, v, mask, scale)
     if lse:  # the query heads of a KV head side by side (B, KV, G*T, D): no copy of k, v per query head

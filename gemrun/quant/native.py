@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 log = logging.getLogger("gemrun")
-SOURCES = [Path(__file__).with_name("q4q8.c"), Path(__file__).with_name("ops.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("q4q8.c", "ops.c", "attn.c")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
          "-shared", "-fPIC"]
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}
@@ -139,6 +139,8 @@ def _build() -> ctypes.CDLL | None:
                                         p, p, p, p, p, p, p, p, i32]
     lib.gemrun_block_decode.restype = None
     lib.gemrun_block_qkv.restype = lib.gemrun_block_ffn.restype = lib.gemrun_gelu_mul.restype = None
+    lib.gemrun_flash_bf16.argtypes = [p, i64, i64, i64, p, p, i64, i64, f32, p, p, i32]
+    lib.gemrun_flash_bf16.restype = None
     return lib
 
 
@@ -375,6 +377,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, offset: float, eps: f
     library().gemrun_rms_norm(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], _ptr(w), offset, eps,
                               out.data_ptr())
     return out
+
+
+@functools.cache
+def _bf16_dots() -> bool:
+    return available() and "avx512_bf16" in _cpu_flags()
+
+
+def flash_open_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `flash_open` takes these: one sequence, bfloat16 keys and values of one layout, at least 32 query
+    rows per KV head (its tiles hold 64), head_dim a multiple of 32, the CPU's BF16 dot products, and a prefill
+    kernel other than "exact" (which keeps float32 attention)."""
+    b, h, t, d = q.shape
+    kvh = k.shape[1]
+    return (PREFILL != "exact" and b == 1 and k.shape[0] == 1 and h % kvh == 0 and h // kvh * t >= 32
+            and d % 32 == 0 and k.shape[2] > 0 and k.dtype == v.dtype == torch.bfloat16 and k.stride() == v.stride()
+            and k.stride(-1) == 1 and k.stride(-2) == d and q.dtype in (torch.float32, torch.bfloat16) and q.is_cpu
+            and _bf16_dots())
+
+
+def flash_open(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention where every query sees every key (a chunk over the cached part of a global layer): q (1, H, T, D)
+    float32 or bfloat16, k and v (1, KV, S, D) bfloat16 views of one layout, read as stored -> (out (1, H, T, D),
+    lse (1, H, T, 1) float32), with bfloat16 products (attn.c). None where `flash_open_fits` says no."""
+    if not flash_open_fits(q, k, v):
+        return None
+    _, h, t, d = q.shape
+    kvh = k.shape[1]
+    qf = q.float().contiguous()
+    out = torch.empty(1, h, t, d)
+    lse = torch.empty(1, h, t, 1)
+    library().gemrun_flash_bf16(qf.data_ptr(), kvh, h // kvh * t, d, k.data_ptr(), v.data_ptr(), k.stride(1),
+                                k.shape[2], scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    return out.to(q.dtype), lse
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, offset: float, eps: float, cos: torch.Tensor,
