@@ -27,6 +27,9 @@ from .config import LayerSpec
 CHUNK = 1024  # the fewest positions converted at a time when the cache's precision is not the activations'
 READ_BYTES = 256 << 20  # the most bytes of converted K and V at a time (the 12B's 16K positions, the 270M's 128K)
 APPEND_MIN = 64  # the fewest slots a sliding cache's checkpoint appends at a time (each growth copies the ring)
+REWIND = 16  # spare slots of the sliding rings of a sequence kept for prefix reuse, so that its prompt's last
+# tokens can be taken back: a next turn renders the generation prompt differently (Gemma 4 with thinking off: the
+# empty thought channel the prompt ends on is not in the history), and reuse must rewind to before it
 KV_TYPES = ("auto", "f32", "bf16", "q8_0")
 Q8_BLOCK = 32  # values per q8_0 block (one fp16 scale each), along the head dimension
 VALUE_BYTES = {"f32": 4, "bf16": 2, "q8_0": 1 + 2 / Q8_BLOCK}  # bytes a cached value takes, by KV type
@@ -341,8 +344,8 @@ class SlidingCache(_Cache):
     stays fixed whatever the context; what the window no longer sees is overwritten.
 
     Decoding one token writes it first and attends over the ring. A chunk of several tokens attends over
-    (ring before the write) + (the chunk), then keeps its last positions. `spare` slots let a sequence be
-    rewound by `trim` (speculative decoding rewinds up to k tokens).
+    (ring before the write) + (the chunk), then keeps its last positions. `spare` slots let a sequence be rewound
+    by `trim` (speculative decoding rewinds up to k tokens; prefix reuse a prompt's last tokens, `REWIND`).
 
     A checkpoint (`checkpoint()`, set at a prompt's end for prefix reuse) freezes the ring: positions from it on
     are appended after the ring instead of overwriting it, so the cache can later be rewound to any length from
@@ -439,7 +442,9 @@ class SlidingCache(_Cache):
     def rewind_point(self, n: int) -> int:
         if n >= min(self.floor, self.length):
             return n
-        return self.snap[0] if self.snap is not None and self.snap[0] <= n else 0
+        if self.snap is None:
+            return 0
+        return min(n, self.snap[0]) if n >= _floor(self.snap[3], self.window, self.snap[0]) else 0
 
     @property
     def nbytes(self) -> int:
@@ -463,14 +468,15 @@ class SlidingCache(_Cache):
     @property
     def floor(self) -> int:
         """The shortest length the cache can be rewound to: every position its window needs is still held."""
-        held = self.pos[self.pos >= 0]
-        lowest = int(held.min()) if len(held) else self.length
-        return 0 if lowest == 0 else lowest + self.window - 1
+        return _floor(self.pos, self.window, self.length)
 
     def trim(self, n: int) -> None:
         n = min(n, self.length)
-        if self.snap is not None and self.length - n == self.snap[0] < min(self.floor, self.length):
-            (self.length, self.k, self.v, self.pos), self.hold, self.snap = self.snap, None, None  # the checkpoint
+        if (self.snap is not None and self.length - n < min(self.floor, self.length)
+                and _floor(self.snap[3], self.window, self.snap[0]) <= self.length - n <= self.snap[0]):
+            target = self.length - n  # the checkpoint's ring back, then cut to the target within it
+            (self.length, self.k, self.v, self.pos), self.hold, self.snap = self.snap, None, None
+            self.trim(self.length - target)
             return
         if self.length - n < min(self.floor, self.length):
             raise ValueError(f"cannot rewind a sliding cache of {self.length} tokens by {n}: its window then needs "
@@ -479,6 +485,14 @@ class SlidingCache(_Cache):
         self.pos[self.pos >= self.length] = -1
         if self.hold is not None and self.length < self.hold:
             self.hold = self.length  # the appended part is empty again; the ring slots of the rest are free
+
+
+def _floor(pos: torch.Tensor, window: int, length: int) -> int:
+    """The shortest length a sliding cache holding positions `pos` (-1: empty) can be rewound to: from there on,
+    every position its window needs is held."""
+    held = pos[pos >= 0]
+    lowest = int(held.min()) if len(held) else length
+    return 0 if lowest == 0 else lowest + window - 1
 
 
 class SharedCache(Cache):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import trim_buffers
+from .cache import REWIND, trim_buffers
 from .errors import InputError
 from .sampling import SamplingParams, probabilities, sample, speculative_choice
 from .tokenizer import Tokenizer
@@ -145,6 +145,8 @@ class Sequence:
         want = params.max_tokens if reserve is None else min(params.max_tokens, reserve)
         self.pool = pool
         reused = None if pool is None else pool.take(self.prompt.cache_key, self.prompt.blocks, not keep_hidden)
+        if pool is not None:
+            spare = max(spare, REWIND)  # a next turn may diverge a few tokens before this prompt's end
         self.caches, cached, self.end_logits = reused or (model.make_caches(capacity=min(max_context, n + want),
                                                                             spare=spare), 0, None)
         self.counts: torch.Tensor | None = None  # (V,) tokens seen, kept only when a penalty reads it

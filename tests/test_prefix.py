@@ -107,26 +107,32 @@ def test_an_identical_prompt_computes_nothing_and_samples_as_a_cold_run(tiny3):
     assert run(tiny3, longer, pool)[2] < len(longer.ids)  # a different prompt still prefills its own end
 
 
+@pytest.mark.parametrize("think", [True, False])
 @pytest.mark.parametrize("reply", [8, 24])  # within the sliding window of 8, and longer (a long thought)
-def test_gemma4_with_thoughts_stripped(tmp_path, reply):
+def test_gemma4_with_thoughts_stripped(tmp_path, reply, think):
     """Thinking on: the history's replies lose their thoughts, so the next prompt diverges at the previous
     reply; the prompt-end checkpoint of the sliding layers is what makes the prefix reusable, also when the reply
-    outgrew the window (the checkpoint's ring was copied aside)."""
+    outgrew the window (the checkpoint's ring was copied aside). Thinking off: the prompt ends on an empty thought
+    channel the history does not repeat, so the next prompt diverges a few tokens before the previous one's end;
+    the rings' spare slots (`cache.REWIND`) let the cache be rewound there."""
     from tiny_gemma4 import write_model_dir
+
+    from gemrun.prefix import _common
 
     m = gemrun.load(str(write_model_dir(tmp_path / "g4")), dtype="float32")
     pool, rng, params = PrefixPool(1 << 30), random.Random(2), SamplingParams(temperature=0, max_tokens=reply)
     for _ in range(3):
-        messages, before = [], 0
+        messages, before = [], []
         for turn in range(3):
             messages.append({"role": "user", "content": sentence(rng)})
-            prompt = m.chat_prompt(messages, think=True)
+            prompt = m.chat_prompt(messages, think=think)
             warm = run(m, prompt, pool, params)
             same(warm, run(m, prompt, None, params))
-            assert warm[2] >= before  # at least the previous prompt, whose end is where this one diverges
-            before = len(prompt.ids)
-            messages.append({"role": "assistant",
-                             "content": f"<|channel>thought\nturn {turn} thoughts<channel|>{sentence(rng)}"})
+            shared = _common(before, prompt.ids, len(before))  # where it diverges from the previous prompt
+            assert warm[2] >= shared and (not before or shared >= len(before) - (0 if think else 4))
+            before = prompt.ids
+            thought = f"<|channel>thought\nturn {turn} thoughts<channel|>" if think else ""
+            messages.append({"role": "assistant", "content": thought + sentence(rng)})
 
 
 def test_images_are_part_of_the_key(tmp_path):
