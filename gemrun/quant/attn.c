@@ -7,7 +7,7 @@
 // Layout. The queries sit in the vector lanes: a tile is 64 query rows (4 vectors of 16) of one KV head, packed
 // once as bfloat16 pairs along the head dimension, so a key's pair of elements is broadcast from its row as
 // stored and no key is repacked. Per block of NB keys: scores (NB x 64), an online softmax with a lazy maximum (the
-// running sums are rescaled only when a block's maximum passes the kept one by 2^8), the weights as bfloat16
+// running sums are rescaled only when a block's maximum passes the kept one by e^5.5), the weights as bfloat16
 // pairs of keys, and the values' pairs of keys interleaved once per super-block of SB keys (kept in L2 and used by
 // every tile of the head). Each thread takes a run of tiles and passes over the keys once per head.
 //
@@ -21,35 +21,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec.h"
+
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #define QT 64    // query rows per tile (4 vectors)
 #define NB 64    // keys per softmax block
 #define SB 512   // keys whose values are interleaved at once
-#define LAZY 8.f // the kept maximum moves only when a block's passes it by this much (log2 units)
-
-static inline uint16_t round_bf16(float f) {  // nearest even; NaN stays NaN
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// 2^x for 16 floats: 2^n * e^(r ln2), n = round(x), |r| <= 1/2 (degree-6 Taylor, ~1e-7); 0 below -126
-static inline BF16 __m512 exp2_16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-126.f);
-    __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(127.f));
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT);
-    __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.693147180559945309f));
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f));
-    return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
-}
+#define LAZY 5.5f  // the kept maximum moves only when a block's passes it by this much (e^5.5 ~ 2^8)
 
 static inline BF16 __m512 bcast_pair(const uint16_t *p) {  // one 32-bit pair of bfloat16 values to every lane
     int32_t w;
@@ -61,7 +39,7 @@ static inline BF16 __m512 bcast_pair(const uint16_t *p) {  // one 32-bit pair of
 static void pack_queries(const float *q, int64_t n, int64_t D, uint16_t *qp) {
     memset(qp, 0, (size_t)D * QT * 2);
     for (int64_t r = 0; r < n; r++)
-        for (int64_t d = 0; d < D; d++) qp[(d >> 1) * QT * 2 + r * 2 + (d & 1)] = round_bf16(q[r * D + d]);
+        for (int64_t d = 0; d < D; d++) qp[(d >> 1) * QT * 2 + r * 2 + (d & 1)] = bf16_bits(q[r * D + d]);
 }
 
 // Value rows [0, n) (row stride D) as pairs of keys [ceil(n/2)][D][2]; a missing last key is zero.
@@ -83,7 +61,7 @@ static BF16 void pack_values(const uint16_t *v, int64_t n, int64_t D, uint16_t *
 
 typedef struct {
     float *ot;     // (D, QT): the unnormalized output, transposed
-    float m[QT];   // the kept maximum (log2 units)
+    float m[QT];   // the kept maximum of the scaled scores
     float l[QT];   // the sum of weights under it
     uint16_t *qp;  // packed queries
 } tile;
@@ -125,7 +103,7 @@ static BF16 void weigh(tile *t, const float *st, int64_t nb, int64_t D, uint16_t
         __m512 l = _mm512_loadu_ps(t->l + g * 16);
         if (move) {
             __m512 m2 = _mm512_mask_mov_ps(m, move, mb);
-            __m512 alpha = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), move, exp2_16(_mm512_sub_ps(m, m2)));
+            __m512 alpha = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), move, exp16(_mm512_sub_ps(m, m2)));
             l = _mm512_mul_ps(l, alpha);
             for (int64_t d = 0; d < D; d++) {
                 float *o = t->ot + d * QT + g * 16;
@@ -135,8 +113,8 @@ static BF16 void weigh(tile *t, const float *st, int64_t nb, int64_t D, uint16_t
             _mm512_storeu_ps(t->m + g * 16, m);
         }
         for (int64_t j = 0; j < nb; j += 2) {
-            __m512 a = exp2_16(_mm512_sub_ps(_mm512_loadu_ps(st + j * QT + g * 16), m));
-            __m512 b = j + 1 < nb ? exp2_16(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * QT + g * 16), m))
+            __m512 a = exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j * QT + g * 16), m));
+            __m512 b = j + 1 < nb ? exp16(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * QT + g * 16), m))
                                   : _mm512_setzero_ps();
             l = _mm512_add_ps(l, _mm512_add_ps(a, b));
             __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // a in the low half, b in the high
@@ -171,7 +149,7 @@ static BF16 void accumulate(tile *t, const uint16_t *pp, const uint16_t *vp, int
 BF16 void gemrun_flash_bf16(const float *q, int64_t KV, int64_t R, int64_t D, const uint16_t *k, const uint16_t *v,
                             int64_t head_stride, int64_t S, float scale, float *out, float *lse, int nthreads) {
     const int64_t tiles = (R + QT - 1) / QT, items = KV * tiles;
-    const float c = scale * 1.44269504088896341f;  // scores in log2 units
+    const float c = scale;
     tile *ts = calloc((size_t)items, sizeof(tile));
     float *ot = aligned_alloc(64, (size_t)items * D * QT * 4);
     uint16_t *qp = aligned_alloc(64, (size_t)items * D * QT * 2);
@@ -216,7 +194,7 @@ BF16 void gemrun_flash_bf16(const float *q, int64_t KV, int64_t R, int64_t D, co
                 const float inv = 1.f / t->l[r];
                 float *o = out + (h * R + r0 + r) * D;
                 for (int64_t d = 0; d < D; d++) o[d] = t->ot[d * QT + r] * inv;
-                lse[h * R + r0 + r] = (t->m[r] + log2f(t->l[r])) * 0.693147180559945309f;
+                lse[h * R + r0 + r] = t->m[r] + logf(t->l[r]);
             }
         }
     }

@@ -1,6 +1,6 @@
 """gemrun's native CPU kernels: the AVX-512 VNNI matrix products of `q4q8.c` and the small fused decode-step
-operations of `ops.c` (norms, RoPE, one token's attention, a Gemma 3 block around its attention), compiled with
-the system C compiler on first use, cached by source hash, called through ctypes. Where the CPU lacks the
+operations of `ops.c` (norms, RoPE, one token's attention, a Gemma 3 block around its attention), the long-cache
+attention of `attn.c` (AVX-512 BF16 CPUs only), compiled with the system C compiler on first use, cached by source hash, called through ctypes. Where the CPU lacks the
 instructions or no compiler is found, `available()` is False and the packed modules fall back to PyTorch's own
 weight-only kernels (set GEMRUN_NATIVE=0 to force that)."""
 
@@ -22,6 +22,7 @@ import torch
 
 log = logging.getLogger("gemrun")
 SOURCES = [Path(__file__).with_name(name) for name in ("q4q8.c", "ops.c", "attn.c")]
+HEADERS = [Path(__file__).with_name("vec.h")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
          "-shared", "-fPIC"]
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}
@@ -102,7 +103,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     from ..tokenizer import cache_dir
 
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"q4q8-{key}.so"
     if not out.exists():

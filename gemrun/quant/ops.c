@@ -3,13 +3,15 @@
 // function here replaces 5-10 of them. The arithmetic follows the PyTorch code it replaces (model/layers.py)
 // operation by operation (no fused multiply-adds where PyTorch has none), except for the order of the sums.
 //
-// Built with q4q8.c into one library by gemrun/quant/native.py.
+// Built with q4q8.c and attn.c into one library by gemrun/quant/native.py (vec.h: helpers shared with attn.c).
 
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "vec.h"
 
 #define EXACT __attribute__((optimize("fp-contract=off")))
 
@@ -69,25 +71,6 @@ static inline __m512 load16(const void *p, int bf16, int64_t i) {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     return _mm512_loadu_ps((const float *)p + i);
-}
-
-// exp(x) for 16 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2 (degree-6 polynomial, ~1 ulp); 0 below -87
-static inline __m512 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.f);
-    __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-    x = _mm512_max_ps(x, lo);
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
 #define KEYS 32  // cache rows per block: read from memory once (widened to float32 once), then used by every head
@@ -387,14 +370,6 @@ EXACT void gemrun_block_ffn(const float *x, const float *y, int64_t M, int64_t E
 #pragma omp parallel num_threads(nthreads)
     ffn_team(x, y, M, E, A, I, o, gate_up, down, w_post_attn, w_pre_ff, w_post_ff, offset, eps, tanh16, t, g, act,
              out, xq, xd, xs);
-}
-
-// float -> bfloat16 bits as PyTorch converts: round to nearest even (a NaN becomes the quiet NaN 0x7fc0).
-static inline uint16_t bf16_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 // A whole Gemma 3 block for one new token of one sequence, in one parallel region: block_qkv's arithmetic, the
