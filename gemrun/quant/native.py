@@ -1,8 +1,9 @@
-"""gemrun's native CPU kernels: the AVX-512 VNNI matrix products of `q4q8.c` and the small fused decode-step
-operations of `ops.c` (norms, RoPE, one token's attention, a Gemma 3 block around its attention), the long-cache
-attention of `attn.c` (AVX-512 BF16 CPUs only), compiled with the system C compiler on first use, cached by source hash, called through ctypes. Where the CPU lacks the
-instructions or no compiler is found, `available()` is False and the packed modules fall back to PyTorch's own
-weight-only kernels (set GEMRUN_NATIVE=0 to force that)."""
+"""gemrun's native CPU kernels: the AVX-512 VNNI matrix products of `q4q8.c`, the small fused decode-step
+operations of `ops.c` (norms, RoPE, one token's attention, a Gemma 3 block around its attention) and the
+long-cache attention of `attn.c` (AVX-512 BF16 CPUs only), compiled with the system C compiler on first use,
+cached by source hash, called through ctypes. Where the CPU lacks the instructions or no compiler is found,
+`available()` is False and the packed modules fall back to PyTorch's own weight-only kernels (set GEMRUN_NATIVE=0
+to force that)."""
 
 from __future__ import annotations
 
