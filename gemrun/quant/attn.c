@@ -145,8 +145,9 @@ static BF16 void accumulate(tile *t, const uint16_t *pp, const uint16_t *vp, int
 }
 
 // q (KV, R, D) float32; k, v bfloat16, head h's key s at k + h * head_stride + s * D, S keys; every query sees
-// every key. -> out (KV, R, D) float32, lse (KV, R) (natural log of the sum of exp(score * scale)).
-BF16 void gemrun_flash_bf16(const float *q, int64_t KV, int64_t R, int64_t D, const uint16_t *k, const uint16_t *v,
+// every key. -> out (KV, R, D) float32, lse (KV, R) (natural log of the sum of exp(score * scale)); 0, or -1 when
+// its scratch could not be allocated (nothing written).
+BF16 int gemrun_flash_bf16(const float *q, int64_t KV, int64_t R, int64_t D, const uint16_t *k, const uint16_t *v,
                             int64_t head_stride, int64_t S, float scale, float *out, float *lse, int nthreads) {
     const int64_t tiles = (R + QT - 1) / QT, items = KV * tiles;
     const float c = scale;
@@ -155,6 +156,10 @@ BF16 void gemrun_flash_bf16(const float *q, int64_t KV, int64_t R, int64_t D, co
     uint16_t *qp = aligned_alloc(64, (size_t)items * D * QT * 2);
     const size_t per_thread = (size_t)(SB * D + NB * QT) * 2 + (size_t)NB * QT * 4;
     char *work = aligned_alloc(64, ((per_thread + 63) / 64 * 64) * nthreads);
+    if (!ts || !ot || !qp || !work) {
+        free(work), free(qp), free(ot), free(ts);
+        return -1;
+    }
 #pragma omp parallel num_threads(nthreads)
     {
         const int id = omp_get_thread_num(), n = omp_get_num_threads();
@@ -202,4 +207,5 @@ BF16 void gemrun_flash_bf16(const float *q, int64_t KV, int64_t R, int64_t D, co
     free(qp);
     free(ot);
     free(ts);
+    return 0;
 }

@@ -142,7 +142,7 @@ def _build() -> ctypes.CDLL | None:
     lib.gemrun_block_decode.restype = None
     lib.gemrun_block_qkv.restype = lib.gemrun_block_ffn.restype = lib.gemrun_gelu_mul.restype = None
     lib.gemrun_flash_bf16.argtypes = [p, i64, i64, i64, p, p, i64, i64, f32, p, p, i32]
-    lib.gemrun_flash_bf16.restype = None
+    lib.gemrun_flash_bf16.restype = i32
     return lib
 
 
@@ -402,7 +402,8 @@ def flash_open(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Attention where every query sees every key (a chunk over the cached part of a global layer): q (1, H, T, D)
     float32 or bfloat16, k and v (1, KV, S, D) bfloat16 views of one layout, read as stored -> (out (1, H, T, D),
-    lse (1, H, T, 1) float32), with bfloat16 products (attn.c). None where `flash_open_fits` says no."""
+    lse (1, H, T, 1) float32), with bfloat16 products (attn.c). None where `flash_open_fits` says no (or its scratch
+    cannot be allocated)."""
     if not flash_open_fits(q, k, v):
         return None
     _, h, t, d = q.shape
@@ -410,8 +411,9 @@ def flash_open(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     qf = q.float().contiguous()
     out = torch.empty(1, h, t, d)
     lse = torch.empty(1, h, t, 1)
-    library().gemrun_flash_bf16(qf.data_ptr(), kvh, h // kvh * t, d, k.data_ptr(), v.data_ptr(), k.stride(1),
-                                k.shape[2], scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    if library().gemrun_flash_bf16(qf.data_ptr(), kvh, h // kvh * t, d, k.data_ptr(), v.data_ptr(), k.stride(1),
+                                   k.shape[2], scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads()):
+        return None  # no memory for its scratch: the float32 path
     return out.to(q.dtype), lse
 
 
