@@ -4,6 +4,7 @@ next turn, a retried request), bounded by bytes, least recently used out first."
 from __future__ import annotations
 
 import threading
+from array import array
 
 import torch
 
@@ -19,7 +20,8 @@ class PrefixPool:
 
     def __init__(self, max_bytes: int, max_entries: int | None = None):
         self.max_bytes, self.max_entries = max_bytes, max_entries
-        self.entries: list[tuple[list[int], list, tuple | None]] = []  # (key, caches, end); most recently used last
+        # (key as int64 ids, caches, end); most recently used last
+        self.entries: list[tuple[torch.Tensor, list, tuple | None]] = []
         self.hits = self.misses = self.reused_tokens = 0
         self.lock = threading.Lock()
 
@@ -34,14 +36,16 @@ class PrefixPool:
         soft tokens (`blocks`: they attend to each other and are computed together). With `exact`, an entry whose
         prompt was `key` itself comes back whole with the logits that prompt ended on (length len(key)): an
         identical request computes nothing and samples from the very logits a cold run would."""
-        best = None
+        best, ids = None, _ids(key)
         with self.lock:
             for i, (held, caches, end) in enumerate(self.entries):
                 whole = exact and end is not None and end[0] == len(key) and _point(caches, len(key)) == len(key)
-                if whole and _common(held, key, len(key)) == len(key):
+                if whole and _common(held, ids, len(key)) == len(key):
                     best = (i, len(key), end[1])
                     break
-                n = _common(held, key, len(key) - 1)
+                n = _common(held, ids, len(key) - 1)
+                if best is not None and n <= best[1]:
+                    continue  # rewinding only shortens it: it cannot beat the best so far
                 while n > 0 and blocks is not None and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
                     n -= 1
                 n = _point(caches, n)  # sliding layers: within the window, or exactly at the prompt's end
@@ -66,7 +70,7 @@ class PrefixPool:
         with self.lock:
             if _size(caches, end) > self.max_bytes:
                 return
-            self.entries.append((key, caches, end))
+            self.entries.append((_ids(key), caches, end))
             while self.nbytes > self.max_bytes or (self.max_entries and len(self.entries) > self.max_entries):
                 self.entries.pop(0)
 
@@ -87,11 +91,15 @@ def _size(caches: list, end: tuple[int, torch.Tensor] | None) -> int:
     return cache_bytes(caches) + (end[1].nbytes if end is not None else 0)
 
 
-def _common(a: list[int], b: list[int], limit: int) -> int:
+def _ids(key: list[int]) -> torch.Tensor:
+    """Token ids as int64, through an array: torch.tensor on a list of 2,000 ints takes ~0.3 ms, this ~25 us."""
+    return torch.frombuffer(array("q", key), dtype=torch.int64) if key else torch.zeros(0, dtype=torch.int64)
+
+
+def _common(a: torch.Tensor, b: torch.Tensor, limit: int) -> int:
     """Length of the common prefix of a and b, at most `limit`."""
     n = min(len(a), len(b), limit)
     if n <= 0:
         return 0
-    x, y = torch.tensor(a[:n]), torch.tensor(b[:n])
-    differ = (x != y).nonzero()
+    differ = (a[:n] != b[:n]).nonzero()
     return int(differ[0]) if len(differ) else n

@@ -117,7 +117,7 @@ def test_gemma4_with_thoughts_stripped(tmp_path, reply, think):
     the rings' spare slots (`cache.REWIND`) let the cache be rewound there."""
     from tiny_gemma4 import write_model_dir
 
-    from gemrun.prefix import _common
+    from gemrun.prefix import _common, _ids
 
     m = gemrun.load(str(write_model_dir(tmp_path / "g4")), dtype="float32")
     pool, rng, params = PrefixPool(1 << 30), random.Random(2), SamplingParams(temperature=0, max_tokens=reply)
@@ -128,7 +128,7 @@ def test_gemma4_with_thoughts_stripped(tmp_path, reply, think):
             prompt = m.chat_prompt(messages, think=think)
             warm = run(m, prompt, pool, params)
             same(warm, run(m, prompt, None, params))
-            shared = _common(before, prompt.ids, len(before))  # where it diverges from the previous prompt
+            shared = _common(_ids(before), _ids(prompt.ids), len(before))  # where it diverges from the previous prompt
             assert warm[2] >= shared and (not before or shared >= len(before) - (0 if think else 4))
             before = prompt.ids
             thought = f"<|channel>thought\nturn {turn} thoughts<channel|>" if think else ""

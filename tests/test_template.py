@@ -63,6 +63,23 @@ def test_template_worker_survives_a_failure():
     assert ChatTemplate("{{ messages[0].content }}!").render([{"role": "user", "content": "fine"}]) == "fine!"
 
 
+def test_remembered_attribute_verdicts_stay_per_type_and_name():
+    """The sandbox decides an attribute once per (type, name): what is safe on one type or under one name never
+    makes another safe, the second render (from remembered verdicts) included."""
+    from gemrun.formats import sandbox
+
+    context = {"messages": [{"content": "a,b"}], "items": [3, 1]}
+    for _ in range(2):
+        assert sandbox.render("{{ messages[0].get('content').split(',') | length }}{{ items.index(1) }}",
+                              context) == "21"
+        for source in ("{{ messages[0].pop('content') }}", "{{ items.pop() }}", "{{ items.sort() }}"):
+            with pytest.raises(sandbox.SandboxError, match="unsafe"):
+                sandbox.render(source, context)
+        for source in ("{{ messages[0].get.__self__ }}", "{{ items.index.__func__ }}", "{{ items.__class__ }}"):
+            assert sandbox.render(source, context) == ""  # undefined
+    assert context == {"messages": [{"content": "a,b"}], "items": [3, 1]}
+
+
 def test_bad_messages(model_270m):
     tok = model_270m.tokenizer
     for bad in ([], "hi", [{"role": "root", "content": "x"}], [{"role": "user", "content": 3}],
