@@ -2,10 +2,12 @@
 llama.cpp's server (`cache_prompt`, native build) on the same GGUF and threads. Each turn adds a user message of
 about --new-tokens tokens to the conversation (and the previous reply); the TTFT of turn k is the time from the
 request to its first streamed token. The "new tokens only" column is what prefilling just the turn's new tokens
-takes at that depth (`gemrun bench --depth`), the goal for a warm turn.
+takes at that depth (`gemrun bench --depth`), the goal for a warm turn. With --in-process the warm and cold
+conversations go through the Python API (`Model.chat_events`, whose pool keeps the conversation's cache) instead of
+`serve`: the same reuse without HTTP, the template worker's hop excepted.
 
     python benchmarks/multiturn.py --model 12b-q4_0.gguf --turns 10 --new-tokens 150 --threads 2 \\
-        [--llama-server /work/llamacpp/build/bin/llama-server] [--think] [--runs 3]   (Gemma 4: thinking on)
+        [--llama-server /work/llamacpp/build/bin/llama-server] [--think] [--runs 3] [--in-process]
 """
 
 from __future__ import annotations
@@ -43,10 +45,14 @@ def wait(url: str, proc: subprocess.Popen) -> None:
     raise RuntimeError("server died while starting")
 
 
+def user_turn(rng: random.Random, new_tokens: int) -> dict:
+    return {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(new_tokens))}
+
+
 def conversation_ttfts(url: str, name: str, turns: int, new_tokens: int, think: bool, seed: int = 0) -> list[dict]:
     rng, messages, out = random.Random(seed), [], []
     for _ in range(turns):
-        messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(new_tokens))})
+        messages.append(user_turn(rng, new_tokens))
         body = {"model": name, "messages": messages, "max_tokens": 32, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         if think:
@@ -89,6 +95,34 @@ def run_gemrun(args, cache_ram: float) -> list[dict]:
         proc.wait(120)
 
 
+def api_ttfts(m, turns: int, new_tokens: int, think: bool, seed: int = 0) -> list[dict]:
+    """The conversation of `conversation_ttfts` through the Python API: from the call to the first event."""
+    from gemrun.sampling import SamplingParams
+
+    rng, messages, out = random.Random(seed), [], []
+    for _ in range(turns):
+        messages.append(user_turn(rng, new_tokens))
+        t0, first, text = time.perf_counter(), None, ""
+        for kind, value in m.chat_events(messages, SamplingParams(temperature=0, max_tokens=32),
+                                         think=True if think else None):
+            first = first or time.perf_counter() - t0
+            text += value if kind == "content" else ""
+        messages.append({"role": "assistant", "content": text})
+        out.append({"ttft_s": round(first or time.perf_counter() - t0, 4),
+                    "prompt_tokens": m.last_stats.prompt_tokens, "cached_tokens": m.last_stats.cached_tokens})
+    return out
+
+
+def run_api(args, m, reuse: bool) -> list[dict]:
+    from gemrun.prefix import PrefixPool
+
+    kept, m.pool = m.pool, PrefixPool(4 << 30 if reuse else 0)  # as `serve --cache-ram 4` (or 0)
+    try:
+        return api_ttfts(m, args.turns, args.new_tokens, args.think)
+    finally:
+        m.pool = kept
+
+
 def run_llama(args) -> list[dict]:
     port = free_port()
     proc = subprocess.Popen([args.llama_server, "-m", args.model, "-t", str(args.threads), "--port", str(port),
@@ -108,14 +142,10 @@ class NewTokensOnly:
     activations over packed weights, bf16 KV. A chain runs the turns in order as one growing sequence (each
     depth's untimed fill starts from the previous turn's prompt, as a conversation does)."""
 
-    def __init__(self, args, wanted: list[tuple[int, int]]):
-        import torch
-
-        from gemrun.api import load
+    def __init__(self, args, wanted: list[tuple[int, int]], m=None):
         from gemrun.cli.measure import bench_tokens, timed_run
 
-        torch.set_num_threads(args.threads)
-        self.m, self.wanted = load(args.model, kv_cache="bf16"), wanted
+        self.m, self.wanted = m or load_model(args), wanted
         self.every = bench_tokens(self.m, max(d + n for d, n in wanted))
         timed_run(self.m, self.every[:wanted[0][0] + wanted[0][1]], wanted[0][0], 1)
 
@@ -125,6 +155,15 @@ class NewTokensOnly:
 
         pool = PrefixPool(1 << 62)
         return [n / timed_run(self.m, self.every[:d + n], d, 1, pool)[0] for d, n in self.wanted]
+
+
+def load_model(args):
+    import torch
+
+    from gemrun.api import load
+
+    torch.set_num_threads(args.threads)
+    return load(args.model, kv_cache="bf16")  # the server's defaults
 
 
 def median_turns(runs: list[list[dict]]) -> list[dict]:
@@ -140,25 +179,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--llama-server")
     ap.add_argument("--think", action="store_true")
+    ap.add_argument("--in-process", action="store_true", help="warm and cold turns through the Python API")
     ap.add_argument("--runs", type=int, default=1,
                     help="warm conversations and new-tokens-only chains, alternated (medians per turn)")
     args = ap.parse_args()
     # --runs warm conversations, each followed by one new-tokens-only chain: the two sides alternate, so both sample
     # the machine at the same times (a prefill's speed drifts 10-20% over minutes on a shared machine); medians
     warm_runs, chains, timer, reused = [], [], None, {}
+    m = load_model(args) if args.in_process else None
     for _ in range(args.runs):
-        warm_runs.append(run_gemrun(args, 4.0))
+        warm_runs.append(run_api(args, m, True) if m else run_gemrun(args, 4.0))
         if timer is None:  # every run is the same conversation: the first says what each turn reused
             reused = {k: (w["cached_tokens"], w["prompt_tokens"] - w["cached_tokens"]) for k, w in
                       enumerate(warm_runs[0], 1) if k > 1 and w["prompt_tokens"] and w["cached_tokens"]}
-            timer = NewTokensOnly(args, list(reused.values())) if reused else False
+            timer = NewTokensOnly(args, list(reused.values()), m) if reused else False
         if timer:
             chains.append(timer.chain())
             time.sleep(1)  # this process's OpenMP workers stop spinning before the next server samples the load
     del timer
     warm = median_turns(warm_runs)
     only = dict(zip(reused, map(statistics.median, zip(*chains)))) if chains else {}
-    cold = run_gemrun(args, 0.0)
+    cold = run_api(args, m, False) if m else run_gemrun(args, 0.0)
     llama = run_llama(args) if args.llama_server else None
     rows = []
     for k, (w, c) in enumerate(zip(warm, cold), 1):

@@ -15,7 +15,16 @@ from tiny4 import REFERENCE_SHA256, REFERENCE_TEMPLATE, gemma4_tokenizer, hf_tok
 
 from gemrun.config import gemma4_from_hf_config
 from gemrun.errors import InputError
-from gemrun.formats import GEMMA4_TEMPLATE, is_gemma4, normalize_messages, prompt_tokens, render_prompt, template_for
+from gemrun.formats import (
+    GEMMA4_TEMPLATE,
+    ChatTemplate,
+    format_for,
+    is_gemma4,
+    normalize_messages,
+    prompt_tokens,
+    render_prompt,
+    template_for,
+)
 from gemrun.formats.gemma4 import (
     Gemma4OutputParser,
     ThinkingSplitter,
@@ -157,6 +166,42 @@ def test_fact_sheet_examples(tok):
                          '<|tool_response>response:get_weather{value:<|"|>{"temp": 18, "sky": "sunny"}<|"|>}'
                          "<tool_response|>")  # no new model turn after a tool response: the same turn continues
     assert render_prompt(tok, PARIS, tools=[WEATHER], enable_thinking=True).endswith("<|channel>thought\n")
+
+
+def test_native_rendering_equals_the_template(tok):
+    """Plain conversations are written directly (`Gemma4Format.native`) while the built-in template is in use: the
+    same text as the sandboxed template, over random conversations with the edges the template has (a system or
+    developer turn first or later, consecutive replies and user turns, surrounding whitespace, thought markers and
+    control-token spellings in the text, thinking on / off / unset, with and without the generation prompt).
+    Anything else (tools, tool turns, reasoning fields, content parts, other variables) goes to the template."""
+    fmt = format_for(tok)
+    bos = tok.id_to_token(tok.bos_id)
+    assert fmt.builtin and not format_for(tok, ChatTemplate(GEMMA4_TEMPLATE + " ")).builtin
+    rng = random.Random(0)
+    roles = ["system", "developer", "user", "assistant", "user", "assistant", "model"]
+    pieces = ["hi", " spaced ", "\n\tline\n", "", "  ", "a<|channel>thought\nx<channel|>b", "<channel|>", "<|channel>",
+              "\u3000x\u3000", "<turn|>", "<|turn>model\n", "é"]
+    for _ in range(400):
+        messages = [{"role": rng.choice(roles), "content": "".join(rng.choices(pieces, k=rng.randint(0, 3)))}
+                    for _ in range(rng.randint(1, 7))]
+        think, gen = rng.choice([None, False, True]), rng.random() < 0.7
+        extra = {} if think is None else {"enable_thinking": think}
+        msgs = normalize_messages(messages, tok, past_reply=fmt.past_reply)
+        native = fmt.native(msgs, gen, bos, extra)
+        assert native is not None
+        assert native == fmt.template.render(msgs, bos_token=bos, add_generation_prompt=gen, **extra)
+        assert fmt.render_template(messages, gen, **extra) == native
+        raw = [{"role": "assistant" if m["role"] == "model" else m["role"], "content": m["content"]} for m in messages]
+        assert fmt.native(raw, gen, bos, extra) == fmt.template.render(raw, bos_token=bos, add_generation_prompt=gen,
+                                                                       **extra)  # as written: markers and all
+    plain = [{"role": "user", "content": "Hi"}]
+    for messages, extra in (
+            (plain, {"tools": native_tools(TOOLS, "auto")}), (plain, {"preserve_thinking": True}),
+            ([*plain, {"role": "assistant", "content": "", "tool_calls": [call("search", {"q": "x"}, "c1")]},
+              {"role": "tool", "tool_call_id": "c1", "content": "found"}], {}),
+            ([*plain, {"role": "assistant", "content": "4", "reasoning_content": "2+2"}], {}),
+            ([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], {})):
+        assert fmt.native(normalize_messages(messages, tok, past_reply=fmt.past_reply), True, bos, extra) is None
 
 
 def test_builtin_template_is_the_reference(tok):

@@ -47,6 +47,7 @@ class ChatFormat:
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None = None):
         self.tokenizer = tokenizer
         self.template = template or ChatTemplate(tokenizer.chat_template or self.default_template)
+        self.builtin = self.template.source == self.default_template  # the family's own template, byte for byte
 
     # --- prompt side ---
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
@@ -66,9 +67,16 @@ class ChatFormat:
             extra["tools"] = escape_tree(extra["tools"], tok, "tools")
         msgs = normalize_messages(messages, tok, media.get("image"), media.get("audio"), media.get("video"),
                                   past_reply=self.past_reply)
-        return self.template.render(msgs, bos_token=tok.id_to_token(tok.bos_id) or "<bos>",
-                                    eos_token=tok.id_to_token(tok.eos_id) or "<eos>",
+        bos = tok.id_to_token(tok.bos_id) or "<bos>"
+        if self.builtin and (text := self.native(msgs, add_generation_prompt, bos, extra)) is not None:
+            return text
+        return self.template.render(msgs, bos_token=bos, eos_token=tok.id_to_token(tok.eos_id) or "<eos>",
                                     add_generation_prompt=add_generation_prompt, **extra)
+
+    def native(self, messages: list[dict], add_generation_prompt: bool, bos: str, extra: dict) -> str | None:
+        """The family's own template's text written directly for the checked messages it covers (None: render
+        the template). Used only while that template is the one in use."""
+        return None
 
     past_reply = None  # rewrites past assistant text before escaping (None: kept as written)
 

@@ -28,6 +28,7 @@ CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 HEADER = "thought"  # the channel's name, then an optional newline, right after CHANNEL_OPEN
 IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = "<|image|>", "<|video|>", "<|audio|>"
 BOI, EOI, BOA, EOA = "<|image>", "<image|>", "<|audio>", "<audio|>"
+PLAIN_ROLES = ("system", "developer", "user", "assistant")  # the roles `Gemma4Format.native` writes
 
 
 def strip_thinking(text: str) -> str:
@@ -240,6 +241,33 @@ class Gemma4Format(ChatFormat):
             extra["tools"] = declared
         text = self.render_template(messages, add_generation_prompt, media, **extra)
         return Rendered(text, media, opens_in_thought(text))
+
+    def native(self, messages, add_generation_prompt, bos, extra):
+        """Google's template's text for a conversation of plain text turns (system or developer first, user,
+        assistant; no tools, tool turns, reasoning fields or content parts), the same bytes (tests/test_template4.py
+        holds it to the template and to transformers) in one pass: the sandboxed render of 10 turns took ~1.5 ms,
+        growing with the conversation, on every request."""
+        if set(extra) - {"enable_thinking"} or any(
+                len(m) != 2 or m["role"] not in PLAIN_ROLES or not isinstance(m["content"], str) for m in messages):
+            return None
+        think, turns, out = bool(extra.get("enable_thinking")), messages, [bos]
+        system = messages[0]["role"] in ("system", "developer")
+        if think or system:
+            out.append("<|turn>system\n" + ("<|think|>\n" if think else ""))
+            if system:
+                out.append(messages[0]["content"].strip())
+                turns = messages[1:]
+            out.append("<turn|>\n")
+        for i, m in enumerate(turns):
+            model = m["role"] == "assistant"
+            if not (model and i and turns[i - 1]["role"] == "assistant"):  # consecutive replies are one model turn
+                out.append("<|turn>" + ("model" if model else m["role"]) + "\n")
+            out.append(strip_thinking(m["content"]) if model else m["content"].strip())
+            if not (model and i + 1 < len(turns) and turns[i + 1]["role"] == "assistant"):
+                out.append("<turn|>\n")
+        if add_generation_prompt:
+            out.append("<|turn>model\n" + ("" if think else "<|channel>thought\n<channel|>"))
+        return "".join(out)
 
     def expand_media(self, text, slots):
         return expand_media(text, slots) if slots else text
