@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
@@ -297,7 +297,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
         self.chat_template = chat_template
         self.specials = codec.specials()
-        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.specials, key=len, reverse=True)))
+        self._lengths = sorted({len(s) for s in self.specials}, reverse=True)  # of the control tokens' spellings
         starts = sorted({s[0] for s in self.specials})  # "<" for every Gemma control token
         self._starts = re.compile("[" + "".join(re.escape(c) for c in starts) + "]") if starts else None
         # at load, not inside the first long request (deriving it scans the vocabulary: ~0.5 s at 262K tokens)
@@ -340,11 +340,24 @@ class Tokenizer:
         is plain. The text between specials is tokenized piecewise, as the reference does around added tokens."""
         ids: list[int] = []
         pos = 0
-        for m in self._special_re.finditer(rendered) if self.specials else ():
-            ids += self._plain(rendered[pos:m.start()])
-            ids.append(self.specials[m.group(0)])
-            pos = m.end()
+        for start, end in self.special_spans(rendered):
+            ids += self._plain(rendered[pos:start])
+            ids.append(self.specials[rendered[start:end]])
+            pos = end
         return ids + self._plain(rendered[pos:])
+
+    def special_spans(self, text: str) -> Iterator[tuple[int, int]]:
+        """(start, end) of each control token's spelling in `text`, left to right, the longest where several
+        begin at one place: what a regex alternation of every spelling finds, but asked only where a spelling can
+        begin and only for the lengths spellings have (Gemma's 6,000+ spellings in one alternation took ~0.45 ms
+        on a 10-turn prompt)."""
+        at = self._starts.search(text) if self._starts else None
+        while at is not None:
+            i = at.start()
+            end = next((i + n for n in self._lengths if i + n <= len(text) and text[i:i + n] in self.specials), None)
+            if end is not None:
+                yield i, end
+            at = self._starts.search(text, end or i + 1)
 
     def _plain(self, text: str) -> list[int]:
         if not text:

@@ -40,6 +40,23 @@ def test_template_special_tokens_are_control_tokens(tok):
     assert tok.specials["<start_of_image>"] == 255999
 
 
+def test_control_token_spans_equal_one_alternation_of_every_spelling(tok):
+    """`special_spans` finds what a regex alternation of all 6,000+ spellings (longest first) finds: spellings that
+    share prefixes, run together, are cut short or sit among escaped user text."""
+    import random
+    import re
+
+    every = re.compile("|".join(re.escape(s) for s in sorted(tok.specials, key=len, reverse=True)))
+    spellings = ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<start_of_image>", "<end_of_image>",
+                 "<unused1>", "<unused12>", "<unused123>", "<pad>", "<mask>", "[multimodal]"]
+    spellings = [sp for sp in spellings if sp in tok.specials] + random.Random(1).sample(sorted(tok.specials), 40)
+    fragments = ["<", ">", "<<", "x", " ", "\n", "_of_", "<start_of", "unused", tok.escape("<bos>"), "é<"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(spellings if rng.random() < 0.5 else fragments) for _ in range(rng.randint(0, 12)))
+        assert list(tok.special_spans(text)) == [m.span() for m in every.finditer(text)], text
+
+
 def test_template_pieces_are_tokenized_once_and_the_cache_stays_bounded(tok, monkeypatch):
     """The ids of a template's text pieces are remembered: the same ids as tokenizing afresh, each new piece
     tokenized once, the cache bounded by the characters it holds."""
