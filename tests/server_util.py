@@ -10,7 +10,7 @@ import httpx
 import uvicorn
 
 from gemrun.server.app import create_app
-from gemrun.server.lifecycle import server_config
+from gemrun.server.lifecycle import listen, server_config
 from gemrun.server.settings import Settings
 
 # How long a test waits for the server before calling it broken. It only detects failures: on a busy machine a
@@ -26,11 +26,13 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, loader, **settings):
-        self.port = free_port()
+        # the socket `gemrun serve` listens on, made the same way (`listen`)
+        self.listener = listen("127.0.0.1", 0)
+        self.port = self.listener.getsockname()[1]
         self.settings = Settings(port=self.port, **settings)
         self.app = create_app(loader, self.settings)
         self.server = uvicorn.Server(server_config(self.app, self.settings))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.listener]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -51,6 +53,7 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.listener.close()
 
     def metric(self, name: str, labels: str = "") -> float:
         """A value from /metrics (`labels` as written there, e.g. 'reason="cancelled"')."""

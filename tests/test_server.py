@@ -493,6 +493,21 @@ def test_port_in_use_fails_before_loading(tmp_path):
     assert out.returncode == 2 and "cannot listen" in out.stderr and "serving on" not in out.stderr
 
 
+def test_connections_send_at_once(model):
+    """The listening socket is a TCP socket by name (`listen`), so asyncio turns Nagle's algorithm off on every
+    connection: with it on, each reply on a kept-alive connection waited ~40 ms for the client's delayed ACK."""
+    import socket
+
+    with LiveServer(lambda: model) as s, httpx.Client(timeout=PATIENCE) as client:
+        for _ in range(2):  # the second request rides the kept-alive connection
+            assert client.get(s.url + "/health").status_code == 200
+        connections = list(s.server.server_state.connections)
+        assert connections
+        for protocol in connections:
+            sock = protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def test_timeouts_are_reported_as_such(model):
     with LiveServer(lambda: model, request_timeout=0.001, cache_ram=0) as s:
         r = httpx.post(s.url + "/v1/chat/completions", timeout=PATIENCE,

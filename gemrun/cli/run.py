@@ -160,7 +160,7 @@ def serve(model: ModelOpt = None,
     import logging
 
     from ..server.app import create_app
-    from ..server.lifecycle import Server, server_config
+    from ..server.lifecycle import Server, listen, server_config
     from ..server.settings import Settings, is_loopback
 
     if not 0 < port < 65536:
@@ -192,7 +192,7 @@ def serve(model: ModelOpt = None,
 
     tp = check_tp(tp, draft)
     follower = is_follower()  # torchrun's ranks but 0 serve nothing: they load their part and follow rank 0
-    listener = None if follower else _listen(host, port)  # a port in use fails here, before anything is loaded
+    listener = None if follower else listen(host, port)  # a port in use fails here, before anything is loaded
     torch_module()
     # auto: what `generate` and `chat` run (on the CPU float32 activations over the packed weights: decode 22%
     # faster than bf16 activations on the 270M, 8% on the 12B; batched rows stay bit-equal to each alone), with a
@@ -217,20 +217,3 @@ def serve(model: ModelOpt = None,
     server.run(sockets=[listener])
     if lost:
         raise GemrunError(f"tensor parallelism failed: {lost[0]}")
-
-
-def _listen(host: str, port: int):
-    """The server's listening socket, bound now so that an address in use is a clean error (exit 2)."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise GemrunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
