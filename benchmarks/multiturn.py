@@ -4,7 +4,11 @@ about --new-tokens tokens to the conversation (and the previous reply); the TTFT
 request to its first streamed token. The "new tokens only" column is what prefilling just the turn's new tokens
 takes at that depth (`gemrun bench --depth`), the goal for a warm turn. With --in-process the warm and cold
 conversations go through the Python API (`Model.chat_events`, whose pool keeps the conversation's cache) instead of
-`serve`: the same reuse without HTTP, the template worker's hop excepted.
+`serve`: the same reuse without HTTP, the template worker's hop excepted. Each warm turn also reports the server's
+own prefill time of it (`timings.prompt_ms`, llama.cpp's field, which gemrun reports too: over the reused cache) and the
+rest of its TTFT ("fixed": the HTTP exchange, validation, template, tokenizer, cache lookup and first chunk, which
+a request with nothing to prefill pays as well; on a small model, whose turn prefills in milliseconds, it is of the
+same size as the prefill).
 
     python benchmarks/multiturn.py --model 12b-q4_0.gguf --turns 10 --new-tokens 150 --threads 2 \\
         [--llama-server /work/llamacpp/build/bin/llama-server] [--think] [--runs 3] [--in-process]
@@ -49,7 +53,29 @@ def user_turn(rng: random.Random, new_tokens: int) -> dict:
     return {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(new_tokens))}
 
 
+def ask(client: httpx.Client, url: str, body: dict) -> tuple[float, str, dict, dict]:
+    """One streamed chat request: (seconds to its first piece of text or reasoning, the reply's text, usage, the
+    server's `timings`: llama.cpp's, which gemrun reports too)."""
+    t0, first, text, usage, timings = time.perf_counter(), None, "", {}, {}
+    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            usage, timings = chunk.get("usage") or usage, chunk.get("timings") or timings
+            for c in chunk.get("choices", []):
+                delta = c.get("delta", {})
+                piece = delta.get("content") or delta.get("reasoning_content") or ""
+                if piece and first is None:
+                    first = time.perf_counter() - t0
+                text += delta.get("content") or ""
+    return first or time.perf_counter() - t0, text, usage, timings
+
+
 def conversation_ttfts(url: str, name: str, turns: int, new_tokens: int, think: bool, seed: int = 0) -> list[dict]:
+    """TTFT of each turn of the conversation, and the server's own prefill time of the turn (`timings.prompt_ms`):
+    the rest of the TTFT is the request's fixed work (the HTTP exchange, validation, template and tokenizer, the
+    cache lookup, the first chunk's delivery)."""
     rng, messages, out = random.Random(seed), [], []
     # One client for the conversation, as the OpenAI SDK keeps one: its connection is kept alive between turns
     # (httpx connects again, inside the timed request, where a server closed it). Made before any clock starts:
@@ -61,23 +87,11 @@ def conversation_ttfts(url: str, name: str, turns: int, new_tokens: int, think: 
                 "stream_options": {"include_usage": True}}
         if think:
             body["chat_template_kwargs"] = {"enable_thinking": True}
-        t0, first, text, usage = time.perf_counter(), None, "", {}
-        with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                usage = chunk.get("usage") or usage
-                for c in chunk.get("choices", []):
-                    delta = c.get("delta", {})
-                    piece = delta.get("content") or delta.get("reasoning_content") or ""
-                    if piece and first is None:
-                        first = time.perf_counter() - t0
-                    text += delta.get("content") or ""
-        messages.append({"role": "assistant", "content": text})
+        ttft, text, usage, timings = ask(client, url, body)
         details = usage.get("prompt_tokens_details") or {}
-        out.append({"ttft_s": round(first or time.perf_counter() - t0, 4), "prompt_tokens": usage.get("prompt_tokens"),
-                    "cached_tokens": details.get("cached_tokens")})
+        out.append({"ttft_s": round(ttft, 4), "prompt_tokens": usage.get("prompt_tokens"),
+                    "cached_tokens": details.get("cached_tokens"), "prefill_s": timings.get("prompt_ms", 0) / 1000})
+        messages.append({"role": "assistant", "content": text})
     client.close()
     return out
 
@@ -101,17 +115,21 @@ def api_ttfts(m, turns: int, new_tokens: int, think: bool, seed: int = 0) -> lis
     """The conversation of `conversation_ttfts` through the Python API: from the call to the first event."""
     from gemrun.sampling import SamplingParams
 
-    rng, messages, out = random.Random(seed), [], []
-    for _ in range(turns):
-        messages.append(user_turn(rng, new_tokens))
+    def ask_api() -> tuple[float, str]:
         t0, first, text = time.perf_counter(), None, ""
         for kind, value in m.chat_events(messages, SamplingParams(temperature=0, max_tokens=32),
                                          think=True if think else None):
             first = first or time.perf_counter() - t0
             text += value if kind == "content" else ""
+        return first or time.perf_counter() - t0, text
+
+    rng, messages, out = random.Random(seed), [], []
+    for _ in range(turns):
+        messages.append(user_turn(rng, new_tokens))
+        ttft, text = ask_api()
+        out.append({"ttft_s": round(ttft, 4), "prompt_tokens": m.last_stats.prompt_tokens,
+                    "cached_tokens": m.last_stats.cached_tokens, "prefill_s": m.last_stats.prefill_seconds})
         messages.append({"role": "assistant", "content": text})
-        out.append({"ttft_s": round(first or time.perf_counter() - t0, 4),
-                    "prompt_tokens": m.last_stats.prompt_tokens, "cached_tokens": m.last_stats.cached_tokens})
     return out
 
 
@@ -208,9 +226,15 @@ def main() -> None:
         row = {"turn": k, "warm_ttft_s": w["ttft_s"], "cold_ttft_s": c["ttft_s"], "prompt_tokens": w["prompt_tokens"],
                "cached_tokens": w["cached_tokens"]}
         if k in only:
-            row |= {"new_tokens_only_s": round(only[k], 3), "warm_over_new_only": round(w["ttft_s"] / only[k], 2)}
+            row |= {"new_tokens_only_s": round(only[k], 4), "warm_over_new_only": round(w["ttft_s"] / only[k], 2)}
+            if w["prefill_s"]:  # the warm turn's own prefill (reuse included) against the new tokens' alone, and
+                # the rest of its TTFT: the request's fixed work, which a request with nothing to prefill pays too
+                row |= {"warm_prefill_s": round(w["prefill_s"], 4),
+                        "warm_prefill_over_new_only": round(w["prefill_s"] / only[k], 2),
+                        "fixed_s": round(w["ttft_s"] - w["prefill_s"], 4)}
         if llama:
             row["llama_server_ttft_s"] = llama[k - 1]["ttft_s"]
+            row["llama_server_prefill_s"] = round(llama[k - 1]["prefill_s"], 4)
         rows.append(row)
     print(json.dumps(rows, indent=1))
 

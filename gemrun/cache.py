@@ -472,17 +472,20 @@ class SlidingCache(_Cache):
 
     def trim(self, n: int) -> None:
         n = min(n, self.length)
-        if (self.snap is not None and self.length - n < min(self.floor, self.length)
-                and _floor(self.snap[3], self.window, self.snap[0]) <= self.length - n <= self.snap[0]):
-            target = self.length - n  # the checkpoint's ring back, then cut to the target within it
+        if n <= 0:
+            return
+        target, low = self.length - n, min(self.floor, self.length)
+        if (target < low and self.snap is not None
+                and _floor(self.snap[3], self.window, self.snap[0]) <= target <= self.snap[0]):
+            # the checkpoint's ring back, then cut to the target within it
             (self.length, self.k, self.v, self.pos), self.hold, self.snap = self.snap, None, None
             self.trim(self.length - target)
             return
-        if self.length - n < min(self.floor, self.length):
+        if target < low:
             raise ValueError(f"cannot rewind a sliding cache of {self.length} tokens by {n}: its window then needs "
                              "positions it no longer holds")
-        self.length -= n
-        self.pos[self.pos >= self.length] = -1
+        self.length = target
+        self.pos.masked_fill_(self.pos >= target, -1)
         if self.hold is not None and self.length < self.hold:
             self.hold = self.length  # the appended part is empty again; the ring slots of the rest are free
 
@@ -490,8 +493,7 @@ class SlidingCache(_Cache):
 def _floor(pos: torch.Tensor, window: int, length: int) -> int:
     """The shortest length a sliding cache holding positions `pos` (-1: empty) can be rewound to: from there on,
     every position its window needs is held."""
-    held = pos[pos >= 0]
-    lowest = int(held.min()) if len(held) else length
+    lowest = int(torch.where(pos >= 0, pos, length).min())  # held positions are all below the length
     return 0 if lowest == 0 else lowest + window - 1
 
 

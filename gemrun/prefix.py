@@ -20,8 +20,8 @@ class PrefixPool:
 
     def __init__(self, max_bytes: int, max_entries: int | None = None):
         self.max_bytes, self.max_entries = max_bytes, max_entries
-        # (key as int64 ids, caches, end); most recently used last
-        self.entries: list[tuple[torch.Tensor, list, tuple | None]] = []
+        # (key as the bytes of its int64 ids, caches, end); most recently used last
+        self.entries: list[tuple[bytes, list, tuple | None]] = []
         self.hits = self.misses = self.reused_tokens = 0
         self.lock = threading.Lock()
 
@@ -36,16 +36,21 @@ class PrefixPool:
         soft tokens (`blocks`: they attend to each other and are computed together). With `exact`, an entry whose
         prompt was `key` itself comes back whole with the logits that prompt ended on (length len(key)): an
         identical request computes nothing and samples from the very logits a cold run would."""
-        best, ids = None, _ids(key)
+        ids = _ids(key)
         with self.lock:
-            for i, (held, caches, end) in enumerate(self.entries):
-                whole = exact and end is not None and end[0] == len(key) and _point(caches, len(key)) == len(key)
-                if whole and _common(held, ids, len(key)) == len(key):
+            # candidates longest common prefix first (the oldest of equals): rewinding only shortens one, so once a
+            # candidate's common length is no longer than the best usable length found, none after it can beat it
+            ranked = sorted((-_common(held, ids, len(key)), i) for i, (held, _, _) in enumerate(self.entries))
+            best = None
+            for full, i in ranked:
+                full, (_, caches, end) = -full, self.entries[i]
+                if (exact and full == len(key) and end is not None and end[0] == len(key)
+                        and _point(caches, len(key)) == len(key)):
                     best = (i, len(key), end[1])
                     break
-                n = _common(held, ids, len(key) - 1)
+                n = min(full, len(key) - 1)
                 if best is not None and n <= best[1]:
-                    continue  # rewinding only shortens it: it cannot beat the best so far
+                    break
                 while n > 0 and blocks is not None and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
                     n -= 1
                 n = _point(caches, n)  # sliding layers: within the window, or exactly at the prompt's end
@@ -91,15 +96,23 @@ def _size(caches: list, end: tuple[int, torch.Tensor] | None) -> int:
     return cache_bytes(caches) + (end[1].nbytes if end is not None else 0)
 
 
-def _ids(key: list[int]) -> torch.Tensor:
-    """Token ids as int64, through an array: torch.tensor on a list of 2,000 ints takes ~0.3 ms, this ~25 us."""
-    return torch.frombuffer(array("q", key), dtype=torch.int64) if key else torch.zeros(0, dtype=torch.int64)
+def _ids(key: list[int]) -> bytes:
+    """Token ids as the bytes of int64s: compared with memcmp (`_common`), and made through an array (~25 us for
+    2,000 ids, where a tensor from the list takes ~0.3 ms)."""
+    return array("q", key).tobytes()
 
 
-def _common(a: torch.Tensor, b: torch.Tensor, limit: int) -> int:
-    """Length of the common prefix of a and b, at most `limit`."""
-    n = min(len(a), len(b), limit)
-    if n <= 0:
-        return 0
-    differ = (a[:n] != b[:n]).nonzero()
-    return int(differ[0]) if len(differ) else n
+def _common(a: bytes, b: bytes, limit: int) -> int:
+    """Length in tokens of the common prefix of the ids a and b (`_ids`), at most `limit`: a binary search of
+    equal prefixes, each compared by memcmp (a tensor compare and nonzero took ~0.13 ms at 2,000 tokens)."""
+    lo, hi = 0, min(len(a), len(b)) // 8
+    hi = max(0, min(hi, limit))
+    if a[:8 * hi] == b[:8 * hi]:
+        return hi
+    while hi - lo > 1:  # a's and b's first lo tokens are equal, their first hi are not
+        mid = (lo + hi) // 2
+        if a[8 * lo:8 * mid] == b[8 * lo:8 * mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -5,6 +5,7 @@ a window of 8), with Gemma 4's thoughts stripped between turns (the next prompt 
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -107,6 +108,23 @@ def test_an_identical_prompt_computes_nothing_and_samples_as_a_cold_run(tiny3):
     assert run(tiny3, longer, pool)[2] < len(longer.ids)  # a different prompt still prefills its own end
 
 
+def test_common_prefix_of_keys():
+    """The pool compares keys as bytes (`_ids`) by a binary search of memcmp'd prefixes: the same length as
+    walking the two lists, at any limit."""
+    from gemrun.prefix import _common, _ids
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        a = [rng.randrange(4) for _ in range(rng.randrange(40))]
+        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(40))]
+        limit = rng.randrange(-2, 45)
+        n = 0
+        while n < min(len(a), len(b), limit) and a[n] == b[n]:
+            n += 1
+        assert _common(_ids(a), _ids(b), limit) == n
+    assert _common(_ids([5, 2**40, 7]), _ids([5, 0, 7]), 9) == 1  # ids differing only past their low bytes
+
+
 @pytest.mark.parametrize("think", [True, False])
 @pytest.mark.parametrize("reply", [8, 24])  # within the sliding window of 8, and longer (a long thought)
 def test_gemma4_with_thoughts_stripped(tmp_path, reply, think):
@@ -178,8 +196,23 @@ def test_server_reports_cached_tokens(tiny3):
         msgs += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                  {"role": "user", "content": "and the sky"}]
         second = httpx.post(s.url + "/v1/chat/completions", json={**body, "messages": msgs}, timeout=PATIENCE).json()
-        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
-        assert 0 < cached < second["usage"]["prompt_tokens"]
+        cached, usage = second["usage"]["prompt_tokens_details"]["cached_tokens"], second["usage"]
+        assert 0 < cached < usage["prompt_tokens"]
+        timings = second["timings"]  # llama.cpp server's: what was reused, what was prefilled and how fast
+        assert timings["cache_n"] == cached and timings["prompt_n"] == usage["prompt_tokens"] - cached
+        assert timings["predicted_n"] == usage["completion_tokens"] and timings["prompt_ms"] > 0
+        assert timings["prompt_per_second"] == pytest.approx(1000 * timings["prompt_n"] / timings["prompt_ms"])
+        # streamed, n = 2: the last choice's final chunk carries them, once; the identical prompt prefills nothing
+        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=PATIENCE,
+                          json={**body, "messages": msgs, "stream": True, "n": 2,
+                                "stream_options": {"include_usage": True}}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        timed = [i for i, c in enumerate(chunks) if "timings" in c]
+        ends = [i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert timed == ends[-1:] and len(ends) == 2
+        again = chunks[timed[0]]["timings"]
+        assert again["cache_n"] == usage["prompt_tokens"] and again["prompt_n"] == 0
+        assert again["predicted_n"] == chunks[-1]["usage"]["completion_tokens"] > 0
         tiny3.pool.clear()
         cold = tiny3.chat(msgs, SamplingParams(temperature=0, max_tokens=6))
         assert second["choices"][0]["message"]["content"] == cold

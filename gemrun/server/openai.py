@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from ..engine import Unavailable
 from ..errors import InputError
 from ..formats import normalize_tool_choice, validate_tools
+from ..generate import Stats
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .runner import Event, Service, ready
 from .streaming import event_stream, openai_error_event, sse
@@ -48,24 +49,52 @@ def active_tools(tools: list | None, tool_choice) -> tuple[list[dict] | None, st
 
 
 class Usage:
-    """Token counts over a request's choices, and speculative decoding's acceptance when a drafter ran."""
+    """Token counts over a request's choices, speculative decoding's acceptance when a drafter ran, and
+    llama.cpp's `timings`."""
 
-    def __init__(self):
+    def __init__(self, n: int = 1):
         self.prompt, self.completion, self.drafted, self.accepted, self.speculative = 0, 0, 0, 0, False
         self.reasoning = 0  # tokens of the thought channel
         self.cached = 0  # prompt tokens whose KV was reused (prefix cache)
+        self.n, self.finished = n, 0  # choices asked for, and ended
+        self.lead: Stats | None = None  # the first choice's stats (its prompt's prefill)
+        self.decode_seconds = 0.0  # the longest choice's (choices decode together)
+
+    @property
+    def complete(self) -> bool:
+        return self.finished >= self.n
 
     def add(self, ev: Event) -> None:
         if ev.reasoning:
             self.reasoning += len(ev.tokens)
         if ev.usage:
             self.prompt, self.completion = ev.usage[0], self.completion + ev.usage[1]
+        if ev.finish_reason is not None:
+            self.finished += 1
         if ev.stats is not None:
             self.cached = max(self.cached, ev.stats.cached_tokens)
+            if ev.index == 0 or self.lead is None:
+                self.lead = ev.stats
+            self.decode_seconds = max(self.decode_seconds, ev.stats.decode_seconds)
         if ev.stats is not None and ev.stats.drafted_tokens:
             self.speculative = True
             self.drafted += ev.stats.drafted_tokens
             self.accepted += ev.stats.accepted_tokens
+
+    def timings(self) -> dict | None:
+        """llama.cpp server's `timings` (top level of a reply, and of a stream's last chunk): the prompt tokens
+        reused (cache_n) and prefilled (prompt_n) with the prefill's milliseconds, then the generated tokens
+        (predicted_n) with their milliseconds (from the end of the prefill)."""
+        if self.lead is None:
+            return None
+        prompt_n, prompt_ms = self.lead.prompt_tokens - self.lead.cached_tokens, 1000 * self.lead.prefill_seconds
+        predicted_ms = 1000 * self.decode_seconds
+        return {"cache_n": self.lead.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+                "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+                "prompt_per_second": 1000 * prompt_n / prompt_ms if prompt_ms else 0.0,
+                "predicted_n": self.completion, "predicted_ms": predicted_ms,
+                "predicted_per_token_ms": predicted_ms / self.completion if self.completion else 0.0,
+                "predicted_per_second": 1000 * self.completion / predicted_ms if predicted_ms else 0.0}
 
     def extension(self) -> dict | None:
         """gemrun's figures beyond OpenAI's usage (under usage.gemrun): speculative decoding's acceptance."""
@@ -85,10 +114,14 @@ class Usage:
 
 def openai_stream(chunks: AsyncIterator[dict], events, head: dict, include_usage: bool,
                   usage: Usage) -> StreamingResponse:
-    """SSE of OpenAI chunks (`head` + each chunk's fields), then the usage chunk when asked for, then [DONE]."""
+    """SSE of OpenAI chunks (`head` + each chunk's fields), then the usage chunk when asked for, then [DONE].
+    `chunks` adds each event to `usage` before yielding its chunk."""
 
     async def lines():
+        timed = False
         async for chunk in chunks:
+            if usage.complete and not timed:  # the last choice's end: its chunk carries llama.cpp's timings
+                chunk, timed = {**chunk, "timings": usage.timings()}, True
             yield sse({**head, **chunk})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage.chat()})
@@ -99,7 +132,7 @@ def openai_stream(chunks: AsyncIterator[dict], events, head: dict, include_usage
 async def collect(events: AsyncIterator[Event], n: int) -> tuple[list[dict], Usage]:
     """Non-streaming: gather each choice's text, reasoning, tokens, tool calls and finish reason."""
     choices = [{"text": "", "reasoning": "", "tokens": [], "calls": [], "finish": None} for _ in range(n)]
-    usage = Usage()
+    usage = Usage(n)
     async for ev in events:
         c = choices[ev.index]
         c["text"] += ev.text
@@ -154,7 +187,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "system_fingerprint": "gemrun"}
 
     if body.stream:
-        usage = Usage()
+        usage = Usage(body.n)
 
         async def chunks():
             calls = [0] * body.n
@@ -162,6 +195,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 yield {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}]}
             async for ev in events:
+                usage.add(ev)
                 delta: dict = {}
                 if ev.tool_call:
                     delta["tool_calls"] = [{"index": calls[ev.index], **ev.tool_call}]
@@ -174,7 +208,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 if delta or lp or ev.finish_reason:
                     yield {"choices": [{"index": ev.index, "delta": delta, "logprobs": lp,
                                         "finish_reason": ev.finish_reason}]}
-                usage.add(ev)
 
         return openai_stream(chunks(), events, head, _include_usage(body), usage)
 
@@ -189,7 +222,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         lp = {"content": chat_logprobs(tk, c["tokens"])} if logprobs is not None else None
         out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": c["finish"]})
     return {"id": rid, "object": "chat.completion", "created": created, "model": s.name,
-            "system_fingerprint": "gemrun", "choices": out, "usage": usage.chat()}
+            "system_fingerprint": "gemrun", "choices": out, "usage": usage.chat(), "timings": usage.timings()}
 
 
 def completion_logprobs(tk, tokens, offset: int) -> dict:
@@ -226,7 +259,7 @@ async def completions(body: CompletionRequest, request: Request):
             "system_fingerprint": "gemrun"}
 
     if body.stream:
-        usage = Usage()
+        usage = Usage(body.n)
 
         async def chunks():
             offsets = [len(echo)] * body.n
@@ -234,12 +267,12 @@ async def completions(body: CompletionRequest, request: Request):
                 for i in range(body.n):
                     yield {"choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}]}
             async for ev in events:
+                usage.add(ev)
                 lp = completion_logprobs(tk, ev.tokens, offsets[ev.index]) if logprobs is not None else None
                 offsets[ev.index] += len(ev.text)
                 if ev.text or ev.finish_reason:
                     yield {"choices": [{"index": ev.index, "text": ev.text, "logprobs": lp,
                                         "finish_reason": ev.finish_reason}]}
-                usage.add(ev)
 
         return openai_stream(chunks(), events, head, _include_usage(body), usage)
 
@@ -248,4 +281,4 @@ async def completions(body: CompletionRequest, request: Request):
             "logprobs": completion_logprobs(tk, c["tokens"], len(echo)) if logprobs is not None else None}
            for i, c in enumerate(choices)]
     return {"id": rid, "object": "text_completion", "created": created, "model": s.name,
-            "system_fingerprint": "gemrun", "choices": out, "usage": usage.chat()}
+            "system_fingerprint": "gemrun", "choices": out, "usage": usage.chat(), "timings": usage.timings()}
