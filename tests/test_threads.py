@@ -85,6 +85,7 @@ def test_spinning_threads_go_to_sleep_when_work_stops():
 
 POOLS = """
 import asyncio, json, os, torch
+from concurrent.futures import ThreadPoolExecutor
 import gemrun
 from gemrun.engine import Engine
 from gemrun.generate import stop_ids_for
@@ -114,6 +115,9 @@ service = Service(m, engine, "m")
 
 
 async def prompt_work():
+    # one executor thread: with more, the second call could start another thread (the first one's idle mark comes
+    # after its result) and be counted as a pool's worker
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=1))
     await service._off_loop(lambda: None)  # the loop's worker thread exists from here on
     idle = threads()
     await service._off_loop(parallel)  # a prompt worker's parallel work (an image's encoder)
