@@ -115,19 +115,15 @@ def api_ttfts(m, turns: int, new_tokens: int, think: bool, seed: int = 0) -> lis
     """The conversation of `conversation_ttfts` through the Python API: from the call to the first event."""
     from gemrun.sampling import SamplingParams
 
-    def ask_api() -> tuple[float, str]:
+    rng, messages, out = random.Random(seed), [], []
+    for _ in range(turns):
+        messages.append(user_turn(rng, new_tokens))
         t0, first, text = time.perf_counter(), None, ""
         for kind, value in m.chat_events(messages, SamplingParams(temperature=0, max_tokens=32),
                                          think=True if think else None):
             first = first or time.perf_counter() - t0
             text += value if kind == "content" else ""
-        return first or time.perf_counter() - t0, text
-
-    rng, messages, out = random.Random(seed), [], []
-    for _ in range(turns):
-        messages.append(user_turn(rng, new_tokens))
-        ttft, text = ask_api()
-        out.append({"ttft_s": round(ttft, 4), "prompt_tokens": m.last_stats.prompt_tokens,
+        out.append({"ttft_s": round(first or time.perf_counter() - t0, 4), "prompt_tokens": m.last_stats.prompt_tokens,
                     "cached_tokens": m.last_stats.cached_tokens, "prefill_s": m.last_stats.prefill_seconds})
         messages.append({"role": "assistant", "content": text})
     return out
@@ -227,7 +223,7 @@ def main() -> None:
                "cached_tokens": w["cached_tokens"]}
         if k in only:
             row |= {"new_tokens_only_s": round(only[k], 4), "warm_over_new_only": round(w["ttft_s"] / only[k], 2)}
-            if w["prefill_s"]:  # the warm turn's own prefill (reuse included) against the new tokens' alone, and
+            if w["prefill_s"]:  # the warm turn's own prefill (over the reused cache) against the new tokens' alone, and
                 # the rest of its TTFT: the request's fixed work, which a request with nothing to prefill pays too
                 row |= {"warm_prefill_s": round(w["prefill_s"], 4),
                         "warm_prefill_over_new_only": round(w["prefill_s"] / only[k], 2),

@@ -105,8 +105,7 @@ def _ids(key: list[int]) -> bytes:
 def _common(a: bytes, b: bytes, limit: int) -> int:
     """Length in tokens of the common prefix of the ids a and b (`_ids`), at most `limit`: a binary search of
     equal prefixes, each compared by memcmp (a tensor compare and nonzero took ~0.13 ms at 2,000 tokens)."""
-    lo, hi = 0, min(len(a), len(b)) // 8
-    hi = max(0, min(hi, limit))
+    lo, hi = 0, max(0, min(len(a) // 8, len(b) // 8, limit))
     if a[:8 * hi] == b[:8 * hi]:
         return hi
     while hi - lo > 1:  # a's and b's first lo tokens are equal, their first hi are not
